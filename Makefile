@@ -1,0 +1,22 @@
+# The two commands the README opens with: `make demo` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test lint format bench
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml requirements/ci-constraints.txt scripts/setup_env.sh
+	bash scripts/setup_env.sh $(VENV)
+
+demo: setup
+	$(PY) scripts/demo.py
+
+test: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(PY) -m pytest -q
+
+lint:
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .

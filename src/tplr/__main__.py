@@ -1,0 +1,3 @@
+from tplr.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Token shard formats, memory-mapped dataset, sampler, batch loader and shard manager."""

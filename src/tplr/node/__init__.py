@@ -1,0 +1,1 @@
+"""Window clock, node lifecycle, miner and validator."""

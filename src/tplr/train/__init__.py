@@ -1,0 +1,1 @@
+"""GPT model, training worker, optimizers, compression and checkpoints."""

@@ -1,0 +1,62 @@
+"""Shared fixtures: a real S3 API server (moto, server mode) on a free loopback port,
+and per-test isolation of the AWS_* / R2_* / tplr environment variables."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import boto3
+import pytest
+from moto.server import ThreadedMotoServer
+
+TEST_ACCESS_KEY = "testing-access-key"
+TEST_SECRET_KEY = "testing-secret-key"
+
+_ISOLATED_PREFIXES = ("AWS_", "R2_", "DATASET_", "DOWNLOAD_", "UPLOAD_", "TPLR_", "METRICS_")
+
+
+@pytest.fixture(autouse=True)
+def isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory) -> Iterator[None]:
+    """No test sees the developer's credentials or tplr settings, and none leaks its own."""
+    for name in list(os.environ):
+        if name.startswith(_ISOLATED_PREFIXES):
+            monkeypatch.delenv(name, raising=False)
+    home = tmp_path_factory.mktemp("home")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(home / "aws_config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(home / "aws_credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    yield
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """Start moto's S3 server once per session; yields its endpoint URL."""
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_client(s3_server: str):
+    """A plain boto3 client for arranging test state (never the code under test)."""
+    return boto3.client(
+        "s3",
+        endpoint_url=s3_server,
+        aws_access_key_id=TEST_ACCESS_KEY,
+        aws_secret_access_key=TEST_SECRET_KEY,
+        region_name="us-east-1",
+    )
+
+
+@pytest.fixture
+def bucket(s3_client) -> str:
+    """A fresh, empty bucket per test."""
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    s3_client.create_bucket(Bucket=name)
+    return name
