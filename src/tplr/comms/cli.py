@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from tplr.comms import cli_fetch, cli_put
 from tplr.units import parse_size
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    cli_fetch.register(subparsers)
+    cli_put.register(subparsers)
     p = subparsers.add_parser(
         "manifest",
         help="write manifest.json (sizes, per-part hashes) for local files",
