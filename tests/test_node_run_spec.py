@@ -1,0 +1,226 @@
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+from conftest import TEST_ACCESS_KEY, TEST_SECRET_KEY
+from pydantic import SecretStr
+
+from tplr.comms.config import BucketConfig
+from tplr.comms.errors import PreconditionFailed
+from tplr.comms.local_store import LocalStore
+from tplr.comms.s3_store import S3Store
+from tplr.comms.store import ObjectInfo
+from tplr.errors import ConfigError
+from tplr.node.clock import FakeClock
+from tplr.node.run_spec import (
+    RUN_SPEC_KEY,
+    RunSpec,
+    RunSpecConflict,
+    RunSpecInvalid,
+    RunSpecTimeout,
+    SupportsPutIfAbsent,
+    check_local_overrides,
+    publish_run_spec,
+    read_run_spec,
+    resolve_run_spec,
+    wait_for_run_spec,
+)
+from tplr.node.run_spec import log as run_spec_log
+
+
+def make_spec(**changes) -> RunSpec:
+    values = {
+        "run_id": "test-run",
+        "genesis_s": 1_700_000_000.0,
+        "window_seconds": 60.0,
+        "inner_steps": 30,
+        "inner_lr": 6e-4,
+        "outer_lr": 0.7,
+        "micro_batch_size": 4,
+        "batch_size": 16,
+        "sequence_length": 128,
+        "model": "tiny",
+        "windows_per_shard": 10,
+        "seed": 7,
+    }
+    values.update(changes)
+    return RunSpec(**values)
+
+
+class ConditionalLocalStore(LocalStore):
+    """LocalStore plus an atomic create-if-absent (hard link of a complete temp file)."""
+
+    async def put_if_absent(self, key: str, data: bytes) -> ObjectInfo:
+        def link() -> None:
+            self.root.mkdir(parents=True, exist_ok=True)
+            tmp = self.root / f".{uuid.uuid4().hex}.tmp"
+            tmp.write_bytes(data)
+            try:
+                os.link(tmp, self.root / key)
+            except FileExistsError:
+                raise PreconditionFailed(f"{key} exists", location=self.url(key)) from None
+            finally:
+                tmp.unlink()
+
+        await asyncio.to_thread(link)
+        return await self.head(key)
+
+
+class ConditionalS3Store(S3Store):
+    """S3Store plus ``PutObject`` with ``If-None-Match: *`` (what AWS S3 and R2 support)."""
+
+    async def put_if_absent(self, key: str, data: bytes) -> ObjectInfo:
+        async with self._request("PUT", key):
+            await self._client.put_object(
+                Bucket=self.bucket_name, Key=key, Body=data, IfNoneMatch="*"
+            )
+        return await self.head(key)
+
+
+def s3_bucket_config(s3_server: str, bucket: str) -> BucketConfig:
+    return BucketConfig(
+        bucket_name=bucket,
+        access_key_id=SecretStr(TEST_ACCESS_KEY),
+        secret_access_key=SecretStr(TEST_SECRET_KEY),
+        endpoint_url=s3_server,
+        region="us-east-1",
+    )
+
+
+@pytest.fixture(params=["local", "local-conditional", "s3", "s3-conditional"])
+async def store(request, tmp_path: Path):
+    kind = request.param
+    if kind.startswith("local"):
+        cls = ConditionalLocalStore if kind.endswith("conditional") else LocalStore
+        yield cls(tmp_path / "store")
+        return
+    s3_server = request.getfixturevalue("s3_server")
+    bucket = request.getfixturevalue("bucket")
+    cls = ConditionalS3Store if kind.endswith("conditional") else S3Store
+    async with cls(s3_bucket_config(s3_server, bucket)) as s3:
+        yield s3
+
+
+async def test_lead_creates_run_json_once_and_a_second_creator_does_not_overwrite(store):
+    clock = FakeClock(auto_advance=True)
+    first = make_spec()
+    published = await publish_run_spec(store, first, clock=clock)
+    assert published.created and published.spec == first
+    assert published.location == store.url(RUN_SPEC_KEY)
+    assert await read_run_spec(store) == first
+
+    second = make_spec(run_id="other-run", genesis_s=1_800_000_000.0)
+    again = await publish_run_spec(store, second, clock=clock)
+    assert not again.created
+    assert again.spec == first
+    assert await read_run_spec(store) == first
+
+
+async def test_conditional_stores_take_the_atomic_path(store):
+    assert isinstance(store, SupportsPutIfAbsent) == type(store).__name__.startswith("Conditional")
+    if isinstance(store, SupportsPutIfAbsent):
+        await store.put_if_absent("probe", b"one")
+        with pytest.raises(PreconditionFailed):
+            await store.put_if_absent("probe", b"two")
+        assert await store.get("probe") == b"one"
+
+
+async def test_two_racing_creators_agree_on_one_spec(store):
+    clock = FakeClock()
+    specs = [make_spec(run_id=f"racer-{n}") for n in range(2)]
+    racers = [asyncio.create_task(publish_run_spec(store, s, clock=clock)) for s in specs]
+    if not isinstance(store, SupportsPutIfAbsent):
+        await clock.wait_for_sleepers(2, timeout_s=10)  # both wrote, both settle
+        clock.advance(5)
+    results = await asyncio.gather(*racers)
+    assert sum(result.created for result in results) == 1
+    stored = await read_run_spec(store)
+    assert {result.spec for result in results} == {stored}
+
+
+async def test_followers_wait_for_run_json_on_the_fake_clock(tmp_path, caplog):
+    store = LocalStore(tmp_path)
+    clock = FakeClock()
+    caplog.set_level(logging.INFO, logger=run_spec_log.name)
+    waiter = asyncio.create_task(
+        wait_for_run_spec(store, clock=clock, poll_interval_s=5, log_every_s=30)
+    )
+    for _ in range(3):
+        await clock.wait_for_sleepers(1)
+        clock.advance(5)
+    assert not waiter.done()
+    waiting_lines = [r.getMessage() for r in caplog.records if "waiting for run.json" in r.message]
+    assert waiting_lines and "--lead" in waiting_lines[0] and str(tmp_path) in waiting_lines[0]
+    assert len(waiting_lines) == 1  # logged again only every log_every_s
+
+    await store.put(RUN_SPEC_KEY, make_spec().to_json())
+    await clock.wait_for_sleepers(1)
+    clock.advance(5)
+    assert await asyncio.wait_for(waiter, timeout=5) == make_spec()
+
+
+async def test_waiting_gives_up_after_the_timeout(tmp_path):
+    clock = FakeClock(auto_advance=True)
+    with pytest.raises(RunSpecTimeout, match="within 60s") as info:
+        await wait_for_run_spec(LocalStore(tmp_path), clock=clock, timeout_s=60)
+    assert "--lead" in info.value.hint
+
+
+def test_conflicting_local_override_names_field_and_both_values():
+    spec = make_spec()
+    with pytest.raises(RunSpecConflict) as info:
+        check_local_overrides(spec, {"inner_steps": 50, "seed": None, "window_seconds": "60"})
+    error = info.value
+    assert error.conflicts == [("inner_steps", 30, 50)]
+    assert "inner_steps: run has 30, local setting is 50" in str(error)
+    assert "run.json" in error.hint
+    # equal values (after coercion from env strings) and unset values are fine
+    check_local_overrides(spec, {"inner_steps": "30", "outer_lr": 0.7, "seed": None})
+    with pytest.raises(ConfigError, match="unknown run setting 'inner_stepz'"):
+        check_local_overrides(spec, {"inner_stepz": 3})
+
+
+def test_invalid_run_json_names_the_field():
+    bad = make_spec().model_dump()
+    bad["compression_topk"] = 10_000
+    with pytest.raises(RunSpecInvalid, match="compression_topk"):
+        RunSpec.from_json(RunSpec.model_construct(**bad).model_dump_json())
+    with pytest.raises(RunSpecInvalid, match=r"s3://b/run.json .*window_seconds"):
+        RunSpec.from_json(b'{"run_id": "x", "window_seconds": -1}', source="s3://b/run.json")
+    with pytest.raises(RunSpecInvalid, match="not a valid run spec"):
+        RunSpec.from_json(b"\x80\x03pickle")
+
+
+def test_spec_builds_the_clock_and_compression_settings():
+    spec = make_spec(upload_deadline_fraction=0.5, compression_chunk_size=256)
+    windows = spec.window_clock(FakeClock(spec.genesis_s + 61))
+    assert windows.current_window() == 1
+    assert windows.upload_deadline_s(1) == spec.genesis_s + 90
+    settings = spec.compression_settings()
+    assert (settings.chunk_size, settings.topk) == (256, 32)
+    assert RunSpec.from_json(spec.to_json()) == spec
+
+
+async def test_resolve_run_spec_for_lead_and_followers(tmp_path):
+    store = LocalStore(tmp_path)
+    clock = FakeClock(auto_advance=True)
+    with pytest.raises(ConfigError, match="needs the run's hyperparameters"):
+        await resolve_run_spec(store, lead=True, clock=clock)
+    spec = await resolve_run_spec(store, lead=True, clock=clock, proposed=make_spec())
+    assert spec == make_spec()
+    follower = await resolve_run_spec(
+        store, lead=False, clock=clock, local_overrides={"model": "tiny"}
+    )
+    assert follower == spec
+    with pytest.raises(RunSpecConflict, match="model: run has 'tiny', local setting is 'small'"):
+        await resolve_run_spec(store, lead=False, clock=clock, local_overrides={"model": "small"})
+    # a restarted lead with a different proposal adopts the existing run
+    restarted = await resolve_run_spec(
+        store, lead=True, clock=clock, proposed=make_spec(genesis_s=1_900_000_000.0)
+    )
+    assert restarted == spec
