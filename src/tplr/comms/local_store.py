@@ -62,7 +62,10 @@ def validate_key(key: str, *, prefix: bool = False) -> None:
     """Refuse keys that could address anything outside the store's root."""
     what = "prefix" if prefix else "key"
     if not isinstance(key, str) or (not key and not prefix):
-        raise InvalidRequest(f"invalid {what} {key!r}: must be a non-empty string")
+        raise InvalidRequest(
+            f"invalid {what} {key!r}: must be a non-empty string",
+            hint="use a relative, '/'-separated key such as 'dataset/train_000000.npy'",
+        )
     problem = None
     if len(key.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES:
         problem = f"longer than {MAX_KEY_BYTES} bytes"
@@ -184,8 +187,8 @@ class LocalStore:
     def _publish(self, tmp: Path, key: str, etag: str) -> ObjectInfo:
         """Rename a complete, fsynced temp file to ``key`` and record its ETag."""
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             tmp.replace(path)
         except OSError:
             tmp.unlink(missing_ok=True)

@@ -1,0 +1,187 @@
+"""LocalStore specifics on real directories: key safety (traversal, symlink escapes),
+internal files never listed, the ETag index, atomic publishing, R2 part-size rules.
+The shared ObjectStore contract runs on LocalStore too, in test_s3_store.py."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from tplr.comms.errors import InvalidRequest, NotFound
+from tplr.comms.local_store import INTERNAL_DIR, LocalStore, multipart_etag
+from tplr.comms.store import CompletedPart
+
+BAD_KEYS = [
+    "../x",
+    "/etc/passwd",
+    "a/../../b",
+    "a/./b",
+    "..",
+    "a//b",
+    "a/",
+    "",
+    "a\\..\\b",
+    "a\x00b",
+    f"{INTERNAL_DIR}/meta/x.json",
+    "k" * 1025,
+]
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    return tmp_path / "store"
+
+
+@pytest.mark.parametrize("key", BAD_KEYS)
+async def test_unsafe_keys_are_refused_everywhere(root: Path, key: str):
+    store = LocalStore(root)
+    attempts = [
+        store.put(key, b"x"),
+        store.get(key),
+        store.head(key),
+        store.delete(key),
+        store.get_range(key, 0, memoryview(bytearray(1))),
+        store.create_multipart(key),
+    ]
+    for attempt in attempts:
+        with pytest.raises(InvalidRequest, match="invalid key") as err:
+            await attempt
+        assert err.value.hint
+    assert not (root.parent / "x").exists() and not (root.parent / "b").exists()
+
+
+@pytest.mark.parametrize("prefix", ["../", "/etc/", "a/../", "a//"])
+async def test_unsafe_list_prefixes_are_refused(root: Path, prefix: str):
+    with pytest.raises(InvalidRequest, match="invalid prefix"):
+        [info async for info in LocalStore(root).list(prefix)]
+
+
+async def test_symlink_escapes_are_refused_and_not_listed(root: Path, tmp_path: Path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_bytes(b"top secret")
+    store = LocalStore(root)
+    await store.put("inside/ok", b"fine")
+    (root / "dirlink").symlink_to(outside, target_is_directory=True)
+    (root / "inside" / "filelink").symlink_to(outside / "secret")
+    (root / "inside" / "goodlink").symlink_to(root / "inside" / "ok")
+    for key in ("dirlink/secret", "inside/filelink"):
+        with pytest.raises(InvalidRequest, match="outside the store root"):
+            await store.get(key)
+        with pytest.raises(InvalidRequest, match="outside the store root"):
+            await store.put(key, b"overwrite")
+    assert (outside / "secret").read_bytes() == b"top secret"
+    assert await store.get("inside/goodlink") == b"fine"  # a link within the root is fine
+    assert [i.key async for i in store.list()] == ["inside/goodlink", "inside/ok"]
+
+
+async def test_internal_files_are_never_listed_or_left_behind(root: Path):
+    store = LocalStore(root)
+    await store.put("a", b"1")
+    upload_id = await store.create_multipart("b")
+    await store.upload_part("b", upload_id, 1, b"part")
+    assert [i.key async for i in store.list()] == ["a"]
+    assert [i.key async for i in store.list(".tplr")] == []
+    await store.abort_multipart("b", upload_id)
+    assert list((root / INTERNAL_DIR / "tmp").iterdir()) == []  # no temp file outlives a write
+
+
+async def test_put_replaces_atomically_and_failed_put_keeps_old(root: Path):
+    store = LocalStore(root)
+    await store.put("a", b"old")
+    with pytest.raises(InvalidRequest, match="conflicts"):
+        await store.put("a/b", b"cannot live under a file")
+    assert await store.get("a") == b"old"
+    await store.put("dir/x", b"1")
+    with pytest.raises(InvalidRequest, match="conflicts"):
+        await store.put("dir", b"cannot replace a folder")
+    assert list((root / INTERNAL_DIR / "tmp").iterdir()) == []
+    await store.delete("dir")  # a folder is not an object: nothing happens
+    await store.delete("a/b")  # under a file: there is no such object
+    assert await store.get("dir/x") == b"1"
+
+
+async def test_etag_of_files_placed_by_hand_and_changed_later(root: Path):
+    root.mkdir()
+    (root / "hand.bin").write_bytes(b"placed without the store")
+    store = LocalStore(root)
+    info = await store.head("hand.bin")
+    assert info.etag == hashlib.md5(b"placed without the store").hexdigest()
+    assert (root / INTERNAL_DIR / "meta" / "hand.bin.json").exists()  # cached for next time
+    time.sleep(0.01)
+    (root / "hand.bin").write_bytes(b"changed behind the store's back")
+    again = await store.head("hand.bin")
+    assert again.etag == hashlib.md5(b"changed behind the store's back").hexdigest()
+    assert [i.etag async for i in store.list()] == [again.etag]
+
+
+async def test_multipart_etag_survives_a_new_store_instance(root: Path):
+    store = LocalStore(root)
+    upload_id = await store.create_multipart("m")
+    etags = [await store.upload_part("m", upload_id, n, bytes([n]) * 10) for n in (1, 2)]
+    info = await store.complete_multipart(
+        "m", upload_id, [CompletedPart(n, e) for n, e in enumerate(etags, 1)]
+    )
+    assert (await LocalStore(root).head("m")).etag == info.etag == multipart_etag(etags)
+    assert not (root / INTERNAL_DIR / "uploads" / upload_id).exists()
+
+
+async def test_complete_enforces_r2_part_rules(root: Path):
+    store = LocalStore(root)
+    upload_id = await store.create_multipart("m")
+    small = await store.upload_part("m", upload_id, 1, b"x" * 10)
+    big = await store.upload_part("m", upload_id, 2, b"y" * 20)
+    with pytest.raises(InvalidRequest, match="same size"):
+        await store.complete_multipart(
+            "m", upload_id, [CompletedPart(1, small), CompletedPart(2, big)]
+        )
+    with pytest.raises(InvalidRequest, match="ascending"):
+        await store.complete_multipart(
+            "m", upload_id, [CompletedPart(2, big), CompletedPart(1, small)]
+        )
+    with pytest.raises(InvalidRequest, match="not uploaded or have another ETag"):
+        await store.complete_multipart("m", upload_id, [CompletedPart(1, "0" * 32)])
+    with pytest.raises(InvalidRequest, match=r"outside 1\.\.10000"):
+        await store.upload_part("m", upload_id, 0, b"x")
+    with pytest.raises(NotFound, match="does not exist"):  # an upload id of another key
+        await store.upload_part("other", upload_id, 1, b"x")
+    with pytest.raises(NotFound):
+        await store.head("m")  # nothing was published by the failed completions
+
+
+async def test_large_reads_leave_the_event_loop_free(root: Path):
+    """get_range of 64 MiB runs in a thread: a ticker on the loop keeps ticking."""
+    root.mkdir()
+    with open(root / "big", "wb") as fh:
+        fh.truncate(64 * 1024 * 1024)
+    store = LocalStore(root)
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0)
+            ticks += 1
+
+    task = asyncio.create_task(ticker())
+    buf = bytearray(64 * 1024 * 1024)
+    for _ in range(3):
+        await store.get_range("big", 0, memoryview(buf))
+    task.cancel()
+    assert ticks > 100
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")
+async def test_unreadable_file_is_access_denied(root: Path):
+    from tplr.comms.errors import AccessDenied
+
+    store = LocalStore(root)
+    await store.put("locked", b"x")
+    (root / "locked").chmod(0)
+    with pytest.raises(AccessDenied, match="permission denied"):
+        await store.get("locked")
