@@ -204,6 +204,8 @@ def test_spec_builds_the_clock_and_compression_settings():
     settings = spec.compression_settings()
     assert (settings.chunk_size, settings.topk) == (256, 32)
     assert RunSpec.from_json(spec.to_json()) == spec
+    scoring = make_spec(score_ema_alpha=0.5, peers_top_n=4).scoring_config()
+    assert (scoring.ema_alpha, scoring.top_n, scoring.missing_decay) == (0.5, 4, 0.9)
 
 
 async def test_resolve_run_spec_for_lead_and_followers(tmp_path):

@@ -26,6 +26,7 @@ from tplr.comms.errors import NotFound, PreconditionFailed, StoreError
 from tplr.comms.store import ObjectInfo, ObjectStore
 from tplr.errors import ConfigError, TplrError
 from tplr.node.clock import Clock, WindowClock
+from tplr.node.scoring import ScoringConfig
 from tplr.train.compression import VALUE_DTYPES, CompressionSettings
 
 log = logging.getLogger(__name__)
@@ -125,6 +126,14 @@ class RunSpec(BaseModel):
             topk=self.compression_topk,
             error_feedback_beta=self.error_feedback_beta,
             value_dtype=VALUE_DTYPES[self.compression_value_dtype],
+        )
+
+    def scoring_config(self) -> ScoringConfig:
+        return ScoringConfig(
+            ema_alpha=self.score_ema_alpha,
+            missing_decay=self.score_missing_decay,
+            top_n=self.peers_top_n,
+            min_score=self.peers_min_score,
         )
 
     def window_clock(self, clock: Clock | None = None) -> WindowClock:
