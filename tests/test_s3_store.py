@@ -32,7 +32,9 @@ from tplr.comms.errors import (
 from tplr.comms.local_store import LocalStore, multipart_etag
 from tplr.comms.s3_store import S3Store
 from tplr.comms.store import CompletedPart, ObjectStore
+from tplr.comms.store_url import bucket_config_for, open_store_for_url, parse_store_url
 from tplr.comms.transfer_config import TransferConfig
+from tplr.errors import ConfigError
 
 MiB = 1024 * 1024
 
@@ -361,3 +363,122 @@ async def test_server_failures_map_to_typed_errors_in_one_attempt(scripted, key,
         assert f"s3://bkt/{key}" in str(err.value) and endpoint in str(err.value)
         assert server.requests[key] == 1  # botocore made no retries of its own
         assert (s3.throttle.rate is not None) == throttled  # SlowDown slowed the store down
+
+
+# -- store_url: URLs and credentials --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "scheme", "bucket", "key"),
+    [
+        ("s3://my-bucket/a/b.bin", "s3", "my-bucket", "a/b.bin"),
+        ("s3://my-bucket/dir with space/x#1?.bin", "s3", "my-bucket", "dir with space/x#1?.bin"),
+        ("s3://my-bucket", "s3", "my-bucket", ""),
+    ],
+)
+def test_parse_s3_urls(url, scheme, bucket, key):
+    parsed = parse_store_url(url)
+    assert (parsed.scheme, parsed.bucket, parsed.key) == (scheme, bucket, key)
+
+
+def test_parse_local_urls(tmp_path):
+    for url in (
+        f"file://{tmp_path}/x.bin",
+        f"file://localhost{tmp_path}/x.bin",
+        f"{tmp_path}/x.bin",
+    ):
+        parsed = parse_store_url(url)
+        assert (parsed.scheme, parsed.root, parsed.key) == ("file", tmp_path, "x.bin")
+    folder = parse_store_url(f"file://{tmp_path}/sub%20dir/")
+    assert (folder.root, folder.key) == (tmp_path / "sub dir", "")
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("s3://AB/k", "invalid bucket name"),
+        ("s3:///k", "invalid bucket name"),
+        ("gs://bucket/k", "unsupported URL scheme"),
+        ("file://otherhost/x", "names host"),
+        ("", "empty path"),
+    ],
+)
+def test_bad_urls(url, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        parse_store_url(url)
+    assert err.value.hint
+
+
+def r2_env(prefix: str, bucket: str, kinds: tuple[str, ...], **extra: str) -> dict[str, str]:
+    env = {f"{prefix}BUCKET_NAME": bucket, f"{prefix}ACCOUNT_ID": "acc123", **extra}
+    for kind in kinds:
+        env[f"{prefix}{kind}_ACCESS_KEY_ID"] = f"{kind.lower()}-key"
+        env[f"{prefix}{kind}_SECRET_ACCESS_KEY"] = f"{kind.lower()}-secret"
+    return env
+
+
+def test_credentials_from_the_deployment_r2_names():
+    env = {
+        **r2_env("R2_DATASET_", "dataset", ("READ",), R2_DATASET_REQUESTS_PER_SECOND="50"),
+        **r2_env("R2_GRADIENTS_", "grads", ("READ", "WRITE")),
+        "AWS_ACCESS_KEY_ID": "aws-key",
+        "AWS_SECRET_ACCESS_KEY": "aws-secret",
+        "AWS_ENDPOINT_URL": "http://127.0.0.1:9000",
+    }
+    dataset = bucket_config_for("dataset", env=env)
+    assert dataset.access_key_id.get_secret_value() == "read-key"
+    assert dataset.resolved_endpoint() == "https://acc123.r2.cloudflarestorage.com"
+    assert (dataset.region, dataset.requests_per_second) == ("auto", 50.0)
+    assert bucket_config_for("grads", env=env).access_key_id.get_secret_value() == "read-key"
+    writer = bucket_config_for("grads", access="write", env=env)
+    assert writer.access_key_id.get_secret_value() == "write-key"
+    other = bucket_config_for("other", access="write", env=env)  # falls back to AWS_*
+    assert other.access_key_id.get_secret_value() == "aws-key"
+    assert other.resolved_endpoint() == "http://127.0.0.1:9000" and other.region == "us-east-1"
+    flag = bucket_config_for("dataset", endpoint_url="http://override:1", env=env)
+    assert flag.resolved_endpoint() == "http://override:1"
+
+
+@pytest.mark.parametrize(
+    ("env", "bucket", "access", "names"),
+    [
+        ({}, "b-1", "read", ["AWS_ACCESS_KEY_ID", "R2_DATASET_READ_ACCESS_KEY_ID"]),
+        ({}, "b-1", "write", ["AWS_SECRET_ACCESS_KEY", "R2_GRADIENTS_WRITE_SECRET_ACCESS_KEY"]),
+        (r2_env("R2_GRADIENTS_", "g-1", ("READ",)), "g-1", "write", ["R2_GRADIENTS_WRITE_"]),
+        (r2_env("R2_DATASET_", "d-1", ("READ",)), "d-1", "write", ["only read", "AWS_"]),
+        ({"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"}, "b-1", "read", ["ENDPOINT"]),
+        (r2_env("R2_DATASET_", "d-1", ("READ",), R2_DATASET_REQUESTS_PER_SECOND="-1"), "d-1",
+         "read", ["R2_DATASET_REQUESTS_PER_SECOND"]),
+    ],
+)  # fmt: skip
+def test_missing_credentials_name_the_variables(env, bucket, access, names):
+    with pytest.raises(ConfigError) as err:
+        bucket_config_for(bucket, access=access, env=env)
+    text = str(err.value)
+    for name in names:
+        assert name in text
+    assert "secret" not in text.replace("SECRET", "")
+
+
+async def test_open_store_for_url_gives_the_right_store(s3_server, bucket, tmp_path):
+    env = {
+        "AWS_ACCESS_KEY_ID": TEST_ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY": TEST_SECRET_KEY,
+        "AWS_ENDPOINT_URL": s3_server,
+    }
+    async with open_store_for_url(f"s3://{bucket}/dir/k", env=env, access="write") as (s3, key):
+        assert isinstance(s3, S3Store) and key == "dir/k"
+        await s3.put(key, b"via url")
+    async with open_store_for_url(f"file://{tmp_path}/out.bin") as (local, key):
+        assert isinstance(local, LocalStore) and local.root == tmp_path and key == "out.bin"
+    with pytest.raises(ConfigError, match="no credentials"):
+        async with open_store_for_url(f"s3://{bucket}/k", env={}):
+            pass
+
+
+def test_reading_env_happens_only_when_called(monkeypatch, s3_server):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "late-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "late-secret")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    config = bucket_config_for("late-bucket")
+    assert config.access_key_id.get_secret_value() == "late-key"

@@ -1,0 +1,238 @@
+"""Turn ``s3://BUCKET/KEY``, ``file:///abs/path`` or a plain local path into a store and key.
+
+Credentials come from the environment, read only when :func:`open_store_for_url` is
+called (never at import):
+
+- the R2 names of a deployment, when the URL's bucket is the configured one:
+  ``R2_DATASET_BUCKET_NAME`` with ``R2_DATASET_READ_ACCESS_KEY_ID`` /
+  ``R2_DATASET_READ_SECRET_ACCESS_KEY``, or ``R2_GRADIENTS_BUCKET_NAME`` with the
+  ``R2_GRADIENTS_WRITE_*`` (writing) or ``R2_GRADIENTS_READ_*`` keys (reading; the write
+  keys also serve), plus that bucket's ``*_ACCOUNT_ID`` / ``*_ENDPOINT_URL``;
+- otherwise the generic ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` with
+  ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` (or ``AWS_REGION`` for AWS itself).
+
+An explicit ``endpoint_url`` (``--endpoint-url``) overrides the endpoint from the environment.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+from urllib.parse import unquote, urlsplit
+
+from pydantic import SecretStr
+
+from tplr.comms.config import BucketConfig
+from tplr.comms.local_store import LocalStore
+from tplr.comms.s3_store import S3Store
+from tplr.comms.store import ObjectStore
+from tplr.comms.transfer_config import TransferConfig
+from tplr.errors import ConfigError
+
+Access = Literal["read", "write"]
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
+# Buckets of a templar deployment: env prefix -> key kinds usable for (reading, writing).
+_R2_BUCKETS = {
+    "R2_DATASET_": {"read": ("READ",), "write": ()},
+    "R2_GRADIENTS_": {"read": ("READ", "WRITE"), "write": ("WRITE",)},
+}
+
+
+@dataclass(frozen=True, slots=True)
+class StoreUrl:
+    """A parsed location: an S3 bucket and key, or a local root folder and key."""
+
+    scheme: Literal["s3", "file"]
+    key: str
+    bucket: str | None = None
+    root: Path | None = None
+
+
+def parse_store_url(url: str) -> StoreUrl:
+    """Parse ``s3://BUCKET/KEY``, ``file:///abs/path`` or a local path.
+
+    A local path ``/data/x.bin`` becomes root ``/data`` and key ``x.bin``; one that ends
+    in ``/`` (a folder) becomes that folder with an empty key (a prefix for listing).
+    """
+    if url.startswith("s3://"):
+        bucket, _, key = url.removeprefix("s3://").partition("/")
+        if not _BUCKET_RE.match(bucket):
+            raise ConfigError(
+                f"invalid bucket name {bucket!r} in {url!r}",
+                hint="write s3://BUCKET/KEY; bucket names are 3-63 lowercase letters,"
+                " digits, '.' or '-'",
+            )
+        return StoreUrl(scheme="s3", bucket=bucket, key=key)
+    if url.startswith("file:"):
+        parts = urlsplit(url)
+        if parts.netloc not in ("", "localhost"):
+            raise ConfigError(
+                f"file URL {url!r} names host {parts.netloc!r}",
+                hint="use file:///absolute/path (three slashes) for a local file",
+            )
+        path_text = unquote(parts.path)
+    elif "://" in url:
+        raise ConfigError(
+            f"unsupported URL scheme in {url!r}",
+            hint="use s3://BUCKET/KEY, file:///absolute/path or a plain local path",
+        )
+    else:
+        path_text = url
+    if not path_text:
+        raise ConfigError(f"empty path in {url!r}", hint="name a file or a folder")
+    path = Path(path_text).expanduser().absolute()
+    if path_text.endswith("/"):
+        return StoreUrl(scheme="file", key="", root=path)
+    return StoreUrl(scheme="file", key=path.name, root=path.parent)
+
+
+def _get(env: Mapping[str, str], name: str) -> str | None:
+    value = env.get(name)
+    return value.strip() if value and value.strip() else None
+
+
+def _rate(env: Mapping[str, str], name: str) -> float | None:
+    text = _get(env, name)
+    if text is None:
+        return None
+    try:
+        rate = float(text)
+    except ValueError:
+        rate = 0.0
+    if rate <= 0:
+        raise ConfigError(f"{name}={text!r} is not a positive number of requests per second")
+    return rate
+
+
+def _r2_bucket_config(
+    env: Mapping[str, str], prefix: str, bucket: str, access: Access, endpoint_url: str | None
+) -> BucketConfig | None:
+    """The deployment's own settings for ``bucket``, if it is the configured one."""
+    if _get(env, f"{prefix}BUCKET_NAME") != bucket:
+        return None
+    kinds = _R2_BUCKETS[prefix][access]
+    for kind in kinds:
+        key_id = _get(env, f"{prefix}{kind}_ACCESS_KEY_ID")
+        secret = _get(env, f"{prefix}{kind}_SECRET_ACCESS_KEY")
+        if key_id and secret:
+            endpoint = endpoint_url or _get(env, f"{prefix}ENDPOINT_URL")
+            account = _get(env, f"{prefix}ACCOUNT_ID")
+            if not (endpoint or account):
+                raise ConfigError(
+                    f"no endpoint for s3://{bucket}",
+                    hint=f"set {prefix}ACCOUNT_ID (Cloudflare R2) or {prefix}ENDPOINT_URL,"
+                    " or pass --endpoint-url",
+                )
+            return BucketConfig(
+                bucket_name=bucket,
+                access_key_id=SecretStr(key_id),
+                secret_access_key=SecretStr(secret),
+                account_id=account,
+                endpoint_url=endpoint,
+                requests_per_second=_rate(env, f"{prefix}REQUESTS_PER_SECOND"),
+            )
+    return None
+
+
+def _generic_bucket_config(
+    env: Mapping[str, str], bucket: str, endpoint_url: str | None
+) -> BucketConfig | None:
+    key_id, secret = _get(env, "AWS_ACCESS_KEY_ID"), _get(env, "AWS_SECRET_ACCESS_KEY")
+    if not (key_id and secret):
+        return None
+    endpoint = endpoint_url or _get(env, "AWS_ENDPOINT_URL_S3") or _get(env, "AWS_ENDPOINT_URL")
+    region = _get(env, "AWS_REGION") or _get(env, "AWS_DEFAULT_REGION")
+    if not endpoint and region:
+        endpoint = f"https://s3.{region}.amazonaws.com"
+    if not endpoint:
+        raise ConfigError(
+            f"no endpoint for s3://{bucket}",
+            hint="set AWS_ENDPOINT_URL (e.g. https://ACCOUNT_ID.r2.cloudflarestorage.com),"
+            " or AWS_REGION for AWS S3, or pass --endpoint-url",
+        )
+    if not region:  # R2 names its region 'auto'; most other servers expect us-east-1
+        region = "auto" if ".r2.cloudflarestorage.com" in endpoint else "us-east-1"
+    return BucketConfig(
+        bucket_name=bucket,
+        access_key_id=SecretStr(key_id),
+        secret_access_key=SecretStr(secret),
+        endpoint_url=endpoint,
+        region=region,
+    )
+
+
+def bucket_config_for(
+    bucket: str,
+    *,
+    access: Access = "read",
+    endpoint_url: str | None = None,
+    env: Mapping[str, str] | None = None,
+) -> BucketConfig:
+    """Credentials and endpoint for ``bucket`` from the environment (see module doc)."""
+    env = os.environ if env is None else env
+    for prefix in _R2_BUCKETS:
+        found = _r2_bucket_config(env, prefix, bucket, access, endpoint_url)
+        if found is not None:
+            return found
+    found = _generic_bucket_config(env, bucket, endpoint_url)
+    if found is not None:
+        return found
+    raise _missing_credentials(env, bucket, access)
+
+
+def _missing_credentials(env: Mapping[str, str], bucket: str, access: Access) -> ConfigError:
+    """Name exactly which variables would make ``bucket`` usable."""
+    message = f"no credentials to {access} s3://{bucket}"
+    generic = "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_ENDPOINT_URL or --endpoint-url)"
+    for prefix, kinds in _R2_BUCKETS.items():
+        if _get(env, f"{prefix}BUCKET_NAME") != bucket:
+            continue
+        if not kinds[access]:
+            return ConfigError(
+                f"{message}: the {prefix}* keys only read this bucket",
+                hint=f"set {generic} to keys that may {access} it",
+            )
+        wanted = " and ".join(
+            f"{prefix}{kinds[access][0]}_{part}" for part in ("ACCESS_KEY_ID", "SECRET_ACCESS_KEY")
+        )
+        return ConfigError(
+            f"{message}: {prefix}BUCKET_NAME names it but its keys are not set",
+            hint=f"set {wanted} (see .env.example), or {generic}",
+        )
+    write_keys = "R2_GRADIENTS_WRITE_ACCESS_KEY_ID, R2_GRADIENTS_WRITE_SECRET_ACCESS_KEY"
+    read_keys = "R2_DATASET_READ_ACCESS_KEY_ID, R2_DATASET_READ_SECRET_ACCESS_KEY"
+    r2 = (
+        f"R2_GRADIENTS_BUCKET_NAME={bucket} with {write_keys} and R2_GRADIENTS_ACCOUNT_ID"
+        if access == "write"
+        else f"R2_DATASET_BUCKET_NAME={bucket} with {read_keys} and R2_DATASET_ACCOUNT_ID"
+        " (or the R2_GRADIENTS_* equivalents)"
+    )
+    return ConfigError(message, hint=f"set {generic}; or {r2}")
+
+
+@contextlib.asynccontextmanager
+async def open_store_for_url(
+    url: str,
+    *,
+    endpoint_url: str | None = None,
+    transfer: TransferConfig | None = None,
+    max_connections: int = 16,
+    env: Mapping[str, str] | None = None,
+    access: Access = "read",
+) -> AsyncIterator[tuple[ObjectStore, str]]:
+    """``async with open_store_for_url(url) as (store, key):`` for any supported URL."""
+    location = parse_store_url(url)
+    if location.scheme == "file":
+        assert location.root is not None
+        async with LocalStore(location.root) as local:
+            yield local, location.key
+        return
+    assert location.bucket is not None
+    config = bucket_config_for(location.bucket, access=access, endpoint_url=endpoint_url, env=env)
+    async with S3Store(config, transfer, max_connections=max_connections) as s3:
+        yield s3, location.key
