@@ -214,6 +214,22 @@ async def test_store_outside_async_with_is_a_clear_error(s3_server, bucket):
         await s3.head("k")
 
 
+async def test_open_range_streams_chunks_and_leaves_caller_errors_alone(s3_server, bucket):
+    data = payload(3 * MiB + 5)
+    async with S3Store(bucket_config(s3_server, bucket)) as s3:
+        await s3.put("k", data)
+        async with s3.open_range("k", 5, 3 * MiB) as chunks:
+            received = [chunk async for chunk in chunks]
+        assert len(received) > 1 and b"".join(received) == data[5 : 5 + 3 * MiB]
+        with pytest.raises(OSError, match="No space left"):  # not turned into TransientError
+            async with s3.open_range("k", 0, 3 * MiB) as chunks:
+                async for _ in chunks:
+                    raise OSError(28, "No space left on device")
+        assert await s3.get("k") == data  # an abandoned body did not poison the pool
+        async with s3.open_range("k", 7, 0) as chunks:
+            assert [chunk async for chunk in chunks] == []
+
+
 @pytest.fixture(scope="module")
 def s3_auth_server() -> Iterator[tuple[str, dict[str, str]]]:
     """A second, separate moto server that enforces IAM auth (its own process, so the

@@ -291,17 +291,30 @@ class S3Store:
     async def get_range(
         self, key: str, offset: int, into: memoryview, *, if_match: str | None = None
     ) -> None:
-        length = len(into)
-        if offset < 0:
-            raise InvalidRequest(f"negative offset {offset} for {self.url(key)}")
+        received = 0
+        async with self.open_range(key, offset, len(into), if_match=if_match) as chunks:
+            async for chunk in chunks:
+                into[received : received + len(chunk)] = chunk
+                received += len(chunk)
+
+    @contextlib.asynccontextmanager
+    async def open_range(
+        self, key: str, offset: int, length: int, *, if_match: str | None = None
+    ) -> AsyncIterator[AsyncIterator[bytes]]:
+        """Stream ``[offset, offset + length)`` with one ranged GET, in the chunks the socket
+        delivers: ``async with store.open_range(k, 0, n) as chunks: async for c in chunks``.
+
+        Exactly ``length`` bytes arrive, else the iteration raises ``TransientError``
+        (short body); ``PreconditionFailed`` if the ETag is not ``if_match``. Errors that
+        the caller's own loop body raises pass through untouched.
+        """
+        if offset < 0 or length < 0:
+            raise InvalidRequest(f"invalid range {offset}+{length} for {self.url(key)}")
         if length == 0:  # "bytes=N-(N-1)" is not a valid range: check the object instead
-            info = await self.head(key)
-            if if_match is not None and info.etag != _unquote(if_match):
-                raise PreconditionFailed(
-                    f"object changed: {self.url(key)} has ETag {info.etag}, expected {if_match}",
-                    location=self.url(key),
-                )
+            await self._check_if_match(key, if_match)
+            yield _BodyChunks(None, 0, "", self.url(key), self.endpoint)
             return
+        where = f"GET {self.url(key)} bytes {offset}-{offset + length - 1}"
         extra = {"IfMatch": f'"{_unquote(if_match)}"'} if if_match is not None else {}
         async with self._request("GET", key):
             response = await self._client.get_object(
@@ -310,44 +323,30 @@ class S3Store:
                 Range=f"bytes={offset}-{offset + length - 1}",
                 **extra,
             )
-            received = await self._read_body_into(response, into, key, offset)
-        if received < length:
-            raise TransientError(
-                f"short read: GET {self.url(key)} bytes {offset}-{offset + length - 1} returned"
-                f" {received} of {length} bytes (endpoint {self.endpoint})",
+        async with response["Body"] as body:  # released, or closed if not read to the end
+            self._check_range_answer(response, offset, length, where, key)
+            yield _BodyChunks(body.content, length, where, self.url(key), self.endpoint)
+
+    async def _check_if_match(self, key: str, if_match: str | None) -> None:
+        info = await self.head(key)
+        if if_match is not None and info.etag != _unquote(if_match):
+            raise PreconditionFailed(
+                f"object changed: {self.url(key)} has ETag {info.etag}, expected {if_match}",
                 location=self.url(key),
             )
 
-    async def _read_body_into(
-        self, response: dict[str, Any], into: memoryview, key: str, offset: int
-    ) -> int:
-        """Copy the streamed body chunk by chunk into ``into``; returns the bytes received."""
+    def _check_range_answer(
+        self, response: dict[str, Any], offset: int, length: int, where: str, key: str
+    ) -> None:
         status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         declared = int(response.get("ContentLength", 0))
-        if declared > len(into) or (offset > 0 and status != 206):
+        if declared > length or (offset > 0 and status != 206):
             raise InvalidRequest(
-                f"endpoint {self.endpoint} ignored the Range header of GET {self.url(key)}"
-                f" (HTTP {status}, {declared} bytes for a {len(into)}-byte range)",
+                f"endpoint {self.endpoint} ignored the Range header of {where}"
+                f" (HTTP {status}, {declared} bytes)",
                 location=self.url(key),
                 hint="use an S3-compatible endpoint that supports ranged GETs",
             )
-        body = response["Body"]
-        received = 0
-        async with body:
-            stream = body.content  # the aiohttp StreamReader: chunks as they arrive
-            while received < len(into):
-                chunk = await stream.readany()
-                if not chunk:
-                    break
-                end = received + len(chunk)
-                if end > len(into):
-                    raise InvalidRequest(
-                        f"GET {self.url(key)} returned more bytes than the range asked for",
-                        location=self.url(key),
-                    )
-                into[received:end] = chunk
-                received = end
-        return received
 
     async def get(self, key: str) -> bytes:
         async with self._request("GET", key):
@@ -428,6 +427,43 @@ class S3Store:
     async def delete(self, key: str) -> None:
         async with self._request("DELETE", key):
             await self._client.delete_object(Bucket=self.bucket_name, Key=key)
+
+
+class _BodyChunks:
+    """The body of a ranged GET as ``bytes`` chunks: exactly ``length`` bytes, or a typed
+    error. Failures of the connection are mapped here, where they happen, so that the
+    caller's own errors (a full disk, say) are never mistaken for network trouble."""
+
+    def __init__(self, content: Any, length: int, where: str, location: str, endpoint: str):
+        self._content = content  # the aiohttp StreamReader
+        self._length = self._remaining = length
+        self._where, self._location, self._endpoint = where, location, endpoint
+
+    def __aiter__(self) -> _BodyChunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._remaining == 0:
+            raise StopAsyncIteration
+        try:
+            chunk = await self._content.readany()
+        except S3_FAILURES as exc:
+            raise map_s3_error(
+                exc, location=self._location, endpoint=self._endpoint, operation="GET"
+            ) from exc
+        if not chunk:
+            raise TransientError(
+                f"short read: {self._where} ended after {self._length - self._remaining} of"
+                f" {self._length} bytes (endpoint {self._endpoint})",
+                location=self._location,
+            )
+        if len(chunk) > self._remaining:
+            raise InvalidRequest(
+                f"{self._where} returned more bytes than the range asked for",
+                location=self._location,
+            )
+        self._remaining -= len(chunk)
+        return chunk
 
 
 def _page_objects(page: dict[str, Any]) -> Iterator[ObjectInfo]:
