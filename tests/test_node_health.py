@@ -82,10 +82,13 @@ async def test_metrics_endpoint_serves_the_node_metrics():
         assert name in sample_names or name in families, name
 
 
-def test_checkpoint_age_is_nan_before_the_first_checkpoint():
+def test_unknown_values_are_nan_not_zero():
     registry = CollectorRegistry()
-    NodeMetrics(role="miner", uid=1, registry=registry, clock=FakeClock())
+    metrics = NodeMetrics(role="miner", uid=1, registry=registry, clock=FakeClock())
     assert math.isnan(registry.get_sample_value("tplr_checkpoint_age_seconds"))
+    metrics.observe_training(loss=2.0, tokens_per_second=10.0, mfu=None)  # CPU: no MFU
+    assert math.isnan(registry.get_sample_value("tplr_mfu_ratio"))
+    assert registry.get_sample_value("tplr_loss") == 2.0
 
 
 async def test_healthz_turns_503_after_stalled_windows_on_the_fake_clock():

@@ -59,18 +59,25 @@ class NodeMetrics:
         self._scored_uids: set[int] = set()
         self.info = Info("tplr_node", "Identity of this node.", registry=registry)
         self.info.info({"role": role, "uid": str(uid), "run_id": run_id, "version": __version__})
-        self.window = Gauge("tplr_window", "Current window of the run.", registry=registry)
+        self._create_training_metrics(registry)
+        self._create_exchange_metrics(registry)
+        self._create_state_metrics(registry)
+
+    def _create_training_metrics(self, registry: CollectorRegistry) -> None:
         self.loss = Gauge("tplr_loss", "Mean training loss of the last window.", registry=registry)
         self.tokens_per_second = Gauge(
             "tplr_tokens_per_second", "Training throughput (tokens/s).", registry=registry
         )
         self.mfu = Gauge("tplr_mfu_ratio", "Model FLOPs utilisation, 0 to 1.", registry=registry)
+        self.mfu.set(math.nan)  # unknown until measured (CPU, unknown GPU)
         self.inner_step_seconds = Histogram(
             "tplr_inner_step_seconds",
             "Duration of one inner optimizer step.",
             buckets=_STEP_BUCKETS_S,
             registry=registry,
         )
+
+    def _create_exchange_metrics(self, registry: CollectorRegistry) -> None:
         self.upload_seconds = Histogram(
             "tplr_upload_seconds",
             "Duration of the gradient payload upload.",
@@ -97,6 +104,9 @@ class NodeMetrics:
         )
         for reason in RejectReason:  # every reason exported from the start (rate() works)
             self.peers_rejected.labels(reason=reason.value)
+
+    def _create_state_metrics(self, registry: CollectorRegistry) -> None:
+        self.window = Gauge("tplr_window", "Last window the node completed.", registry=registry)
         self.outer_step_norm = Gauge(
             "tplr_outer_step_norm", "L2 norm of the last aggregated outer step.", registry=registry
         )
@@ -130,10 +140,14 @@ class NodeMetrics:
         self.window.set(window)
         self.last_progress_timestamp.set(self._clock.now())
 
-    def observe_training(self, *, loss: float, tokens_per_second: float, mfu: float) -> None:
+    def observe_training(
+        self, *, loss: float, tokens_per_second: float, mfu: float | None = None
+    ) -> None:
+        """From the worker's TrainStats; ``mfu`` is None off CUDA (the gauge keeps NaN)."""
         self.loss.set(loss)
         self.tokens_per_second.set(tokens_per_second)
-        self.mfu.set(mfu)
+        if mfu is not None:
+            self.mfu.set(mfu)
 
     def record_upload(self, *, seconds: float, payload_bytes: int) -> None:
         self.upload_seconds.observe(seconds)
