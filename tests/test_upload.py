@@ -4,13 +4,14 @@ through a small fault-injecting HTTP proxy on loopback) and real LocalStore fold
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import subprocess
 import sys
 import tracemalloc
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -277,10 +278,25 @@ class RecordingMetrics:
     parts: list[int] = field(default_factory=list)
     retries: Counter[str] = field(default_factory=Counter)
     integrity_failures: int = 0
+    other_requests: int = 0
+    active: int = 0
+    most_active: int = 0
 
     def observe_part(self, direction: str, size_bytes: int, seconds: float) -> None:
         assert direction == "upload" and seconds >= 0
         self.parts.append(size_bytes)
+
+    def observe_request(self, direction: str) -> None:
+        self.other_requests += 1
+
+    @contextlib.contextmanager
+    def track_active(self, direction: str) -> Iterator[None]:
+        self.active += 1
+        self.most_active = max(self.most_active, self.active)
+        try:
+            yield
+        finally:
+            self.active -= 1
 
     def observe_retry(self, direction: str, reason: str) -> None:
         self.retries[reason] += 1
@@ -306,6 +322,8 @@ async def test_transient_faults_are_retried_part_by_part(proxy, bucket, tmp_path
     assert result.retries == 3 and result.parts == 3
     assert metrics.retries == Counter({"transient": 1, "throttled": 1, "integrity": 1})
     assert metrics.integrity_failures == 1 and sorted(metrics.parts) == [2 * MiB, 5 * MiB, 5 * MiB]
+    assert metrics.other_requests == 3 + 2  # the 3 failed tries, create and complete
+    assert (metrics.most_active, metrics.active) == (1, 0)
     assert [fault_proxy.seen[f"UploadPart {n}"] for n in (1, 2, 3)] == [2, 2, 2]
     assert s3_client.get_object(Bucket=bucket, Key="k")["Body"].read() == data
 

@@ -197,6 +197,7 @@ class S3Store:
         self._max_connections = max_connections
         self.throttle = throttle or AdaptiveThrottle(bucket.requests_per_second)
         self._list_page_size = list_page_size
+        self._bucket_exists = False
         self._stack: contextlib.AsyncExitStack | None = None
         self._client_obj: Any = None
 
@@ -246,6 +247,7 @@ class S3Store:
         async with self.throttle:
             try:
                 yield
+                self._bucket_exists = True
             except S3_FAILURES as exc:
                 error = map_s3_error(
                     exc, location=self.url(key), endpoint=self.endpoint, operation=operation
@@ -274,8 +276,12 @@ class S3Store:
         """A HEAD 404 has no body: ask the bucket itself so the error says which is missing.
 
         Only a missing bucket is raised; any other answer (e.g. keys that may not
-        HeadBucket) leaves the caller's original "key not found" error standing.
+        HeadBucket) leaves the caller's original "key not found" error standing. Once a
+        request has succeeded the bucket is known to exist, so polling for a key that is
+        not there yet costs one request, not two.
         """
+        if self._bucket_exists:
+            return
         try:
             async with self._request("HEAD bucket", key):
                 await self._client.head_bucket(Bucket=self.bucket_name)

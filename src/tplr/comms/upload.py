@@ -21,6 +21,7 @@ Multipart in detail:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -51,13 +52,38 @@ Progress = Callable[[int], None]
 
 
 class UploadMetrics(Protocol):
-    """What the upload reports; the transfer metrics class implements it."""
+    """What the upload reports (``direction="upload"``); implemented by
+    :class:`tplr.comms.transfer_metrics.TransferMetrics`."""
 
     def observe_part(self, direction: str, size_bytes: int, seconds: float) -> None: ...
+
+    def observe_request(self, direction: str) -> None: ...
 
     def observe_retry(self, direction: str, reason: str) -> None: ...
 
     def observe_integrity_failure(self, direction: str) -> None: ...
+
+    def track_active(self, direction: str) -> contextlib.AbstractContextManager[None]: ...
+
+
+class _NoMetrics:
+    def observe_part(self, direction: str, size_bytes: int, seconds: float) -> None:
+        return None
+
+    def observe_request(self, direction: str) -> None:
+        return None
+
+    def observe_retry(self, direction: str, reason: str) -> None:
+        return None
+
+    def observe_integrity_failure(self, direction: str) -> None:
+        return None
+
+    def track_active(self, direction: str) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+
+_NO_METRICS = _NoMetrics()
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,14 +118,14 @@ def plan_part_size(size: int, configured_part_size: int) -> int:
 class _Attempts:
     """Counts retries (for the result) and forwards them to metrics."""
 
-    def __init__(self, metrics: UploadMetrics | None) -> None:
+    def __init__(self, metrics: UploadMetrics) -> None:
         self.retries = 0
         self._metrics = metrics
 
     def on_retry(self, error: StoreError, attempt: int, delay_s: float) -> None:
         self.retries += 1
-        if self._metrics is not None:
-            self._metrics.observe_retry("upload", reason_of(error))
+        self._metrics.observe_request("upload")  # the failed attempt
+        self._metrics.observe_retry("upload", reason_of(error))
 
 
 async def upload_bytes(
@@ -119,6 +145,7 @@ async def upload_bytes(
             hint="write it to a file and use upload_file (multipart)",
         )
     policy = policy or (config or TransferConfig()).retry_policy()
+    metrics = metrics or _NO_METRICS
     attempts = _Attempts(metrics)
     started = time.monotonic()
     md5 = await asyncio.to_thread(lambda: hashlib.md5(data).hexdigest())
@@ -137,8 +164,7 @@ async def upload_bytes(
         retry_on=(IntegrityError,),
     )
     seconds = time.monotonic() - started
-    if metrics is not None:
-        metrics.observe_part("upload", len(data), seconds)
+    metrics.observe_part("upload", len(data), seconds)
     return UploadResult(key, len(data), info.etag, seconds, attempts.retries)
 
 
@@ -158,30 +184,37 @@ async def upload_file(
     ``verify_etag=False`` is for servers whose ETags are not MD5s (AWS SSE-KMS/SSE-C).
     """
     config = config or TransferConfig()
+    metrics = metrics or _NO_METRICS
     src = Path(src)
     before = await asyncio.to_thread(_stat_source, src)
-    if before.st_size < config.upload_multipart_threshold:
-        data = await asyncio.to_thread(src.read_bytes)
-        await asyncio.to_thread(_check_unchanged, src, before)
-        result = await upload_bytes(
-            store, data, key, config=config, policy=policy, metrics=metrics, verify_etag=verify_etag
+    with metrics.track_active("upload"):
+        if before.st_size < min(config.upload_multipart_threshold, MAX_SINGLE_PUT):
+            data = await asyncio.to_thread(src.read_bytes)
+            await asyncio.to_thread(_check_unchanged, src, before)
+            result = await upload_bytes(
+                store,
+                data,
+                key,
+                config=config,
+                policy=policy,
+                metrics=metrics,
+                verify_etag=verify_etag,
+            )
+            if progress is not None:
+                progress(len(data))
+            return result
+        upload = _MultipartUpload(
+            store,
+            src,
+            key,
+            before,
+            config=config,
+            policy=policy or config.retry_policy(),
+            metrics=metrics,
+            progress=progress,
+            verify_etag=verify_etag,
         )
-        if progress is not None:
-            progress(len(data))
-        return result
-    upload = _MultipartUpload(
-        store,
-        src,
-        key,
-        before,
-        config=config,
-        policy=policy or config.retry_policy(),
-        attempts=_Attempts(metrics),
-        metrics=metrics,
-        progress=progress,
-        verify_etag=verify_etag,
-    )
-    return await upload.run()
+        return await upload.run()
 
 
 def _stat_source(src: Path) -> os.stat_result:
@@ -216,14 +249,13 @@ def _check_etag(
     *,
     got: str,
     expected: str,
-    metrics: UploadMetrics | None,
+    metrics: UploadMetrics,
     what: str = "",
 ) -> None:
     """An ETag other than the MD5 we computed means the server holds other bytes."""
     if got == expected:
         return
-    if metrics is not None:
-        metrics.observe_integrity_failure("upload")
+    metrics.observe_integrity_failure("upload")
     raise IntegrityError(
         f"{what}{store.url(key)} has ETag {got} after upload, expected {expected} from the"
         " local MD5s: the server received different bytes",
@@ -293,8 +325,7 @@ class _MultipartUpload:
         *,
         config: TransferConfig,
         policy: RetryPolicy,
-        attempts: _Attempts,
-        metrics: UploadMetrics | None,
+        metrics: UploadMetrics,
         progress: Progress | None,
         verify_etag: bool,
     ) -> None:
@@ -303,7 +334,8 @@ class _MultipartUpload:
         self.part_size = plan_part_size(self.size, config.upload_part_size)
         self.part_count = -(-self.size // self.part_size)
         self.workers = config.upload_max_workers
-        self.policy, self.attempts, self.metrics = policy, attempts, metrics
+        self.policy, self.metrics = policy, metrics
+        self.attempts = _Attempts(metrics)
         self.progress, self.verify_etag = progress, verify_etag
         self.slots = asyncio.Semaphore(self.workers)
         self.digests: list[str] = [""] * self.part_count
@@ -323,10 +355,12 @@ class _MultipartUpload:
         upload_id = await self._retried(
             lambda: self.store.create_multipart(self.key), f"start upload of {self.where}"
         )
+        self.metrics.observe_request("upload")
         try:
             await self._upload_parts(upload_id)
             await asyncio.to_thread(_check_unchanged, self.src, self.stat)
             info = await self._complete(upload_id)
+            self.metrics.observe_request("upload")
         except BaseException:
             await self._abort(upload_id)
             raise
@@ -385,8 +419,7 @@ class _MultipartUpload:
 
             await self._retried(attempt, f"part {number}/{self.part_count} of {self.where}")
             self.digests[index] = md5
-            if self.metrics is not None:
-                self.metrics.observe_part("upload", length, time.monotonic() - started)
+            self.metrics.observe_part("upload", length, time.monotonic() - started)
             if self.progress is not None:
                 self.progress(length)
         finally:
