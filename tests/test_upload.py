@@ -7,8 +7,10 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import signal
 import subprocess
 import sys
+import time
 import tracemalloc
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -443,3 +445,31 @@ def test_put_cli_errors_are_one_line_with_a_hint(s3_server, tmp_path, dest, env_
     assert "Traceback" not in done.stderr and TEST_SECRET_KEY not in done.stderr
     if env_kind == "none":
         assert "AWS_ACCESS_KEY_ID" in lines[1] and "R2_GRADIENTS_WRITE_ACCESS_KEY_ID" in lines[1]
+
+
+def test_put_cli_sigterm_aborts_the_multipart_upload(s3_server, bucket, s3_client, tmp_path):
+    with open(tmp_path / "big.bin", "wb") as fh:
+        for _ in range(20):
+            fh.write(os.urandom(5 * MiB))
+    command = [sys.executable, "-m", "tplr", "put", str(tmp_path / "big.bin"), f"s3://{bucket}/big"]
+    flags = ["--workers", "1", "--part-size", "5MiB", "--multipart-threshold", "5MiB"]
+    proc = subprocess.Popen(
+        command + flags,
+        env={**os.environ, **aws_env(s3_server)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not s3_client.list_multipart_uploads(Bucket=bucket).get("Uploads"):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, stderr
+    assert "upload was aborted" in stderr and "Traceback" not in stderr
+    assert s3_client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+    assert "Contents" not in s3_client.list_objects_v2(Bucket=bucket)

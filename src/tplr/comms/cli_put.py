@@ -6,11 +6,12 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import signal
 import sys
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TextIO, TypeVar
+from typing import TextIO
 
 from pydantic import ValidationError
 
@@ -19,8 +20,8 @@ from tplr.comms.upload import Progress, UploadResult, upload_file
 from tplr.errors import ConfigError
 from tplr.units import format_size, parse_size
 
-T = TypeVar("T")
 log = logging.getLogger(__name__)
+EXIT_TERMINATED = 143
 
 _FLAG_OF_FIELD = {
     "upload_max_workers": "--workers (UPLOAD_MAX_WORKERS)",
@@ -143,15 +144,6 @@ def progress_reporter(
     yield update
 
 
-def run_async(coro: Coroutine[Any, Any, T]) -> T:
-    """Run on uvloop when it is installed (the node's loop), else on asyncio's."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    return uvloop.run(coro)
-
-
 async def _put(
     args: argparse.Namespace, config: TransferConfig, url: str, size: int
 ) -> UploadResult:
@@ -176,6 +168,8 @@ async def _put(
 
 
 def _cmd_put(args: argparse.Namespace) -> int:
+    import uvloop
+
     src: Path = args.src
     if not src.is_file():
         problem = "is not a regular file" if src.exists() else "does not exist"
@@ -183,10 +177,29 @@ def _cmd_put(args: argparse.Namespace) -> int:
     config = transfer_config_from_args(args)
     url = destination_url(args.dest, src)
     size = src.stat().st_size
-    result = run_async(_put(args, config, url, size))
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        try:  # Ctrl-C: the Runner cancels the upload (which aborts), then KeyboardInterrupt
+            result = runner.run(_put_until_sigterm(args, config, url, size))
+        except asyncio.CancelledError:
+            print("terminated: the upload was aborted, nothing was published", file=sys.stderr)
+            return EXIT_TERMINATED
     print(
-        f"put {args.src} -> {url}: {result.size} bytes ({format_size(result.size)}) in"
+        f"put {src} -> {url}: {result.size} bytes ({format_size(result.size)}) in"
         f" {result.seconds:.2f} s, {result.megabytes_per_second:.1f} MB/s,"
         f" {result.retries} retries, {result.parts} part(s), ETag {result.etag}"
     )
     return 0
+
+
+async def _put_until_sigterm(
+    args: argparse.Namespace, config: TransferConfig, url: str, size: int
+) -> UploadResult:
+    """SIGTERM cancels the upload like Ctrl-C does, so a multipart upload gets aborted."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    try:
+        return await _put(args, config, url, size)
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
