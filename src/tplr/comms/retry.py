@@ -43,13 +43,20 @@ class RetryPolicy:
 
 def reason_of(error: BaseException) -> str:
     """A short, low-cardinality label for metrics: ``throttled``, ``transient``, …"""
-    name = type(error).__name__
-    return {
-        "Throttled": "throttled",
-        "TransientError": "transient",
-        "PreconditionFailed": "changed",
-        "IntegrityError": "integrity",
-    }.get(name, name.lower())
+    from tplr.comms import errors
+
+    for cls, label in (
+        (errors.Throttled, "throttled"),
+        (errors.PreconditionFailed, "changed"),
+        (errors.IntegrityError, "integrity"),
+        (errors.InsufficientSpace, "disk_space"),
+        (errors.NotFound, "not_found"),
+        (errors.AccessDenied, "access_denied"),
+        (errors.TransientError, "transient"),
+    ):
+        if isinstance(error, cls):
+            return label
+    return "other"
 
 
 async def retry(

@@ -1,0 +1,135 @@
+"""Discovery of a dataset prefix's shards, and how the ranks of a host agree on them.
+
+Rank 0 reads ``manifest.json`` under the prefix (or, when there is none, lists the
+prefix), groups the files into ordered shards and splits off the validation shards.
+The result is a :class:`ShardCatalog`, broadcast to the other local ranks through a
+:class:`RankChannel` so that only rank 0 ever touches the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import asdict, dataclass
+from typing import Protocol
+
+from tplr.comms.errors import NotFound
+from tplr.comms.manifest import MANIFEST_NAME, Manifest
+from tplr.comms.store import ObjectStore
+from tplr.data.layout import DatasetLayoutError, ShardGroup, plan_layout
+
+
+@dataclass(frozen=True, slots=True)
+class ShardSpec:
+    """One shard: its files (keys relative to the dataset prefix) and their sizes."""
+
+    index: int  # position in the schedule (train) or among the validation shards
+    keys: tuple[str, ...]
+    sizes: tuple[int, ...]
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(self.sizes)
+
+
+@dataclass(frozen=True, slots=True)
+class ShardCatalog:
+    train: tuple[ShardSpec, ...]
+    val: tuple[ShardSpec, ...]
+    manifest_json: str | None  # the dataset manifest, verbatim, when the prefix has one
+
+    def manifest(self) -> Manifest | None:
+        if self.manifest_json is None:
+            return None
+        return Manifest.from_json(self.manifest_json, source=MANIFEST_NAME)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> ShardCatalog:
+        data = json.loads(text)
+
+        def specs(items: list[dict]) -> tuple[ShardSpec, ...]:
+            return tuple(
+                ShardSpec(int(s["index"]), tuple(s["keys"]), tuple(s["sizes"])) for s in items
+            )
+
+        return cls(specs(data["train"]), specs(data["val"]), data["manifest_json"])
+
+
+async def discover_catalog(store: ObjectStore, prefix: str, val_shards: int | None) -> ShardCatalog:
+    """Read the manifest (or list the prefix) and build the ordered train/val shards."""
+    manifest: Manifest | None = None
+    manifest_json: str | None = None
+    try:
+        raw = await store.get(prefix + MANIFEST_NAME)
+    except NotFound:
+        sizes = {
+            info.key[len(prefix) :]: info.size
+            async for info in store.list(prefix)
+            if info.key != prefix + MANIFEST_NAME
+        }
+    else:
+        manifest_json = raw.decode("utf-8")
+        manifest = Manifest.from_json(manifest_json, source=store.url(prefix + MANIFEST_NAME))
+        sizes = {key: entry.size for key, entry in manifest.files.items()}
+    if not sizes:
+        raise DatasetLayoutError(
+            f"{store.url(prefix)} is empty: no manifest.json and no shard files",
+            hint="check DATASET_BINS_PATH and the bucket name, or upload shards with "
+            "`tplr shards upload`",
+        )
+    layout = plan_layout(sizes, val_shards=val_shards, manifest=manifest)
+
+    def specs(groups: tuple[ShardGroup, ...]) -> tuple[ShardSpec, ...]:
+        return tuple(
+            ShardSpec(position, group.keys, tuple(sizes[k] for k in group.keys))
+            for position, group in enumerate(groups)
+        )
+
+    return ShardCatalog(specs(layout.train), specs(layout.val), manifest_json)
+
+
+class RankChannel(Protocol):
+    """How rank 0 hands a value to the other local ranks (never blocking the loop)."""
+
+    rank: int
+    world_size: int
+
+    async def broadcast(self, value: str | None) -> str: ...
+
+
+class SingleRank:
+    """The channel of a single-process run."""
+
+    rank = 0
+    world_size = 1
+
+    async def broadcast(self, value: str | None) -> str:
+        if value is None:
+            raise ValueError("rank 0 must provide the value to broadcast")
+        return value
+
+
+class TorchDistChannel:
+    """Broadcast over an initialised ``torch.distributed`` group, off the event loop."""
+
+    def __init__(self, group: object | None = None) -> None:
+        import torch.distributed as dist
+
+        self._dist = dist
+        self._group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+
+    async def broadcast(self, value: str | None) -> str:
+        box: list[str | None] = [value if self.rank == 0 else None]
+
+        def _bcast() -> None:
+            self._dist.broadcast_object_list(box, src=0, group=self._group)
+
+        await asyncio.to_thread(_bcast)
+        if box[0] is None:
+            raise RuntimeError("rank 0 broadcast nothing")
+        return box[0]
