@@ -24,12 +24,12 @@ from enum import StrEnum
 
 import numpy as np
 import torch
-import xxhash
 from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
 from tplr import __version__
+from tplr.data.sampler import sample_ids_digest
 from tplr.errors import TplrError
 from tplr.node.clock import WindowClock
 from tplr.train.compression import CompressedTensor, CompressionSettings
@@ -86,11 +86,11 @@ def payload_key(window: int, uid: int) -> str:
 
 
 def sample_digest(sample_ids: Iterable[int] | np.ndarray) -> str:
-    """Digest of the ordered sample ids a miner trained on (xxh3-128 of little-endian u64)."""
+    """Digest of the ordered sample ids a miner trained on: the sampler's receipt digest
+    (blake2b-256 of the ids as little-endian uint64), so miners and validators agree."""
     if not isinstance(sample_ids, np.ndarray):
         sample_ids = np.fromiter(sample_ids, dtype=np.uint64)
-    ids = np.ascontiguousarray(sample_ids, dtype="<u8")
-    return "xxh3_128:" + xxhash.xxh3_128_hexdigest(ids.tobytes())
+    return "blake2b:" + sample_ids_digest(sample_ids)
 
 
 @dataclass(frozen=True, slots=True)
