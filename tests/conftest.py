@@ -14,7 +14,21 @@ from moto.server import ThreadedMotoServer
 TEST_ACCESS_KEY = "testing-access-key"
 TEST_SECRET_KEY = "testing-secret-key"
 
-_ISOLATED_PREFIXES = ("AWS_", "R2_", "DATASET_", "DOWNLOAD_", "UPLOAD_", "TPLR_", "METRICS_")
+_ISOLATED_PREFIXES = (
+    "AWS_",
+    "R2_",
+    "DATASET_",
+    "DOWNLOAD_",
+    "UPLOAD_",
+    "TRANSFER_",
+    "TPLR_",
+    "METRICS_",
+    "HEALTH_",
+    "PEERS_",
+    "NODE_",
+    "TRAIN_",
+    "RUN_",
+)
 
 
 @pytest.fixture(autouse=True)
