@@ -31,6 +31,32 @@ def max_token_id(tokens: np.ndarray, *, chunk_tokens: int = FULL_SCAN_CHUNK_TOKE
     return best
 
 
+def first_token_at_or_above(
+    tokens: np.ndarray, limit: int, *, chunk_tokens: int = FULL_SCAN_CHUNK_TOKENS
+) -> tuple[int, int] | None:
+    """``(position, id)`` of the first token id ``>= limit``, scanning in chunks."""
+    for start in range(0, tokens.shape[0], chunk_tokens):
+        chunk = tokens[start : start + chunk_tokens]
+        over = chunk >= limit
+        if over.any():
+            position = int(over.argmax())
+            return start + position, int(chunk[position])
+    return None
+
+
+def raise_if_over_vocab(tokens: np.ndarray, vocab_size: int, *, path: Path | str) -> None:
+    """Full-scan check: :class:`ShardFormatError` naming the first id ``>= vocab_size``."""
+    found = first_token_at_or_above(tokens, vocab_size)
+    if found is not None:
+        position, value = found
+        raise ShardFormatError(
+            path,
+            f"token id {value} at token position {position} is >= the model's vocabulary "
+            f"size {vocab_size}",
+            hint=_VOCAB_HINT,
+        )
+
+
 def sample_block_starts(num_tokens: int, block_tokens: int, blocks: int) -> list[int]:
     """Evenly spaced block starts covering the first and the last ``block_tokens``."""
     if num_tokens <= block_tokens * blocks:

@@ -1,0 +1,124 @@
+"""Token metadata in ``manifest.json``: per-file fields and a top-level ``dataset`` section.
+
+Per tokens file: ``format``, ``dtype``, ``tokens``, ``sequences``, ``seq_len``,
+``max_token_id``, ``shard_index``. Per sample ids file: ``format`` ``"sample-ids"``,
+``dtype`` ``"uint64"``, ``sequences``, ``shard_index``. Top level::
+
+    "dataset": {"tokenizer": "gpt2", "vocab_size": 50257, "eot_token_id": 50256,
+                "seq_len": 1024, "val_shards": 1, "format": "templar",
+                "dtype": "uint16", "shards": 12, "tokens": 1200000000}
+
+``seq_len`` is what ``--seq-len`` said: for templar shards the stored sequence length,
+for llm.c streams the model context (samples are windows of ``seq_len + 1``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tplr.comms.manifest import (
+    DEFAULT_PART_SIZE,
+    MANIFEST_NAME,
+    Manifest,
+    build_manifest,
+    write_manifest_atomic,
+)
+from tplr.data.formats import ShardFormatError
+
+SAMPLE_IDS_FORMAT = "sample-ids"
+
+
+class DatasetInfo(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    tokenizer: str
+    vocab_size: int = Field(gt=0)
+    eot_token_id: int | None = None
+    seq_len: int = Field(gt=0)
+    val_shards: int = Field(default=1, ge=0)
+    format: str
+    dtype: str
+    shards: int = Field(ge=0)
+    tokens: int = Field(ge=0)
+
+
+@dataclass(frozen=True, slots=True)
+class ShardRecord:
+    """What was written for one shard."""
+
+    index: int
+    format: str
+    dtype: str
+    tokens_path: Path
+    ids_path: Path | None
+    num_tokens: int
+    num_sequences: int
+    seq_len: int
+    max_token_id: int
+
+    def metadata(self, root: Path) -> dict[str, dict]:
+        meta = {
+            self.tokens_path.relative_to(root).as_posix(): {
+                "format": self.format,
+                "dtype": self.dtype,
+                "tokens": self.num_tokens,
+                "sequences": self.num_sequences,
+                "seq_len": self.seq_len,
+                "max_token_id": self.max_token_id,
+                "shard_index": self.index,
+            }
+        }
+        if self.ids_path is not None:
+            meta[self.ids_path.relative_to(root).as_posix()] = {
+                "format": SAMPLE_IDS_FORMAT,
+                "dtype": "uint64",
+                "sequences": self.num_sequences,
+                "shard_index": self.index,
+            }
+        return meta
+
+    def paths(self) -> list[Path]:
+        return [self.tokens_path] if self.ids_path is None else [self.tokens_path, self.ids_path]
+
+
+def write_dataset_manifest(
+    root: Path,
+    records: list[ShardRecord],
+    info: DatasetInfo,
+    *,
+    part_size: int = DEFAULT_PART_SIZE,
+) -> Manifest:
+    """Hash the shards' files and write ``root/manifest.json`` atomically, last."""
+    metadata: dict[str, dict] = {}
+    files: list[Path] = []
+    for record in records:
+        metadata.update(record.metadata(root))
+        files.extend(record.paths())
+    manifest = build_manifest(root, files, part_size=part_size, metadata=metadata)
+    manifest = Manifest.model_validate({**manifest.model_dump(), "dataset": info.model_dump()})
+    write_manifest_atomic(manifest, root / MANIFEST_NAME)
+    return manifest
+
+
+def dataset_info(manifest: Manifest, *, source: str = MANIFEST_NAME) -> DatasetInfo | None:
+    """The manifest's ``dataset`` section, or None when it has none (a plain manifest)."""
+    section = (manifest.model_extra or {}).get("dataset")
+    if section is None:
+        return None
+    try:
+        return DatasetInfo.model_validate(section)
+    except ValidationError as exc:
+        raise ShardFormatError(
+            source,
+            f"has an invalid 'dataset' section: {exc.errors()[0]['msg']}",
+            hint="regenerate it with `tplr shards prepare` or `convert`",
+        ) from exc
+
+
+def entry_metadata(manifest: Manifest, key: str) -> dict:
+    """The token metadata fields of one manifest entry ({} when absent)."""
+    entry = manifest.files.get(key)
+    return dict(entry.model_extra or {}) if entry is not None else {}
