@@ -1,0 +1,77 @@
+"""How an object is cut into parts and how many are fetched at once.
+
+Defaults scale with the object so that no tuning is needed to fill a link:
+
+- part size: ``size / 64`` rounded up to a whole MiB, kept within 8-64 MiB (a part is one
+  ranged GET, so its latency is paid once per 8-64 MiB, and it is the unit that is
+  verified, journaled and re-fetched on error). Objects up to 8 MiB are one part.
+- workers: one per part, at most 64 (many parallel streams are what beats a per-stream
+  bandwidth limit; memory does not grow with them because parts are streamed).
+
+A manifest fixes the part size (its per-part hashes are the verification unit), and so
+does an MD5-based multipart ETag when its part size can be inferred (each part's MD5 is
+then computed while it streams). ``DOWNLOAD_PART_SIZE`` / ``DOWNLOAD_MAX_WORKERS``
+(``--part-size`` / ``--workers``) override the defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MiB = 1024 * 1024
+MIN_AUTO_PART_BYTES = 8 * MiB
+MAX_AUTO_PART_BYTES = 64 * MiB
+MAX_AUTO_WORKERS = 64
+STREAM_FALLBACK_BUFFER_BYTES = 4 * MiB
+
+
+@dataclass(frozen=True, slots=True)
+class Part:
+    index: int
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class DownloadPlan:
+    size: int
+    part_size: int
+    workers: int
+
+    @property
+    def part_count(self) -> int:
+        return -(-self.size // self.part_size)
+
+    def part(self, index: int) -> Part:
+        offset = index * self.part_size
+        return Part(index, offset, min(self.part_size, self.size - offset))
+
+    def parts(self) -> list[Part]:
+        return [self.part(i) for i in range(self.part_count)]
+
+
+def auto_part_size(size: int) -> int:
+    """The default part size for an object of ``size`` bytes (see module doc)."""
+    if size <= MIN_AUTO_PART_BYTES:
+        return max(size, 1)
+    per_worker = -(-size // MAX_AUTO_WORKERS)
+    rounded = -(-per_worker // MiB) * MiB
+    return min(max(rounded, MIN_AUTO_PART_BYTES), MAX_AUTO_PART_BYTES)
+
+
+def plan_download(
+    size: int,
+    *,
+    part_size: int | None = None,
+    workers: int | None = None,
+    fixed_part_size: int | None = None,
+) -> DownloadPlan:
+    """Choose part size and worker count.
+
+    ``fixed_part_size`` (from a manifest) wins over ``part_size`` (configured), which wins
+    over the size-based default. ``workers`` defaults to one per part, at most 64.
+    """
+    chosen = fixed_part_size or part_size or auto_part_size(size)
+    part_count = -(-size // chosen)
+    chosen_workers = workers or min(MAX_AUTO_WORKERS, max(part_count, 1))
+    return DownloadPlan(size=size, part_size=chosen, workers=max(1, chosen_workers))
