@@ -7,8 +7,8 @@ Multipart in detail:
 - Parts are all ``part_size`` bytes except a smaller last one (R2 rejects anything else).
   The part size starts at ``upload_part_size`` and grows, in whole MiB, so that an object
   never needs more than 10,000 parts.
-- Parts are read with positioned reads (``os.preadv``) and hashed in worker threads, into
-  a pool of ``upload_max_workers + 2`` reusable buffers: memory stays at
+- Parts are read with positioned reads (``os.pread``) and hashed in worker threads; at
+  most ``upload_max_workers + 2`` parts are in memory at once, so memory stays at
   ``(workers + 2) * part_size`` whatever the file size.
 - At most ``upload_max_workers`` part requests are in flight. A part waiting to retry
   sleeps outside that slot. A part whose ETag is not its MD5 (corrupted in transit) is
@@ -265,36 +265,29 @@ def _check_etag(
     )
 
 
-def _read_and_hash(fd: int, view: memoryview, offset: int, src: Path) -> str:
-    """Fill ``view`` from ``fd`` at ``offset`` (positioned reads) and return its hex MD5."""
-    filled = 0
-    while filled < len(view):
-        n = os.preadv(fd, [view[filled:]], offset + filled)
-        if n == 0:
-            raise IntegrityError(
-                f"{src} shrank while it was being uploaded (nothing at offset {offset + filled})",
-                location=str(src),
-                hint="upload it again once nothing writes to it",
-            )
-        filled += n
-    return hashlib.md5(view).hexdigest()
+def _read_part(fd: int, offset: int, length: int, src: Path) -> tuple[bytes, str]:
+    """Read ``length`` bytes of ``fd`` at ``offset`` (positioned reads) and their hex MD5.
 
-
-class _BufferPool:
-    """At most ``count`` part buffers, allocated on first use and reused."""
-
-    def __init__(self, count: int, size: int) -> None:
-        self._size = size
-        self._free: list[bytearray] = []
-        self._available = asyncio.Semaphore(count)
-
-    async def acquire(self) -> bytearray:
-        await self._available.acquire()
-        return self._free.pop() if self._free else bytearray(self._size)
-
-    def release(self, buffer: bytearray) -> None:
-        self._free.append(buffer)
-        self._available.release()
+    The part is returned as ``bytes`` on purpose: aiohttp sends ``bytes`` without
+    copying, while a ``bytearray`` body is copied once more on the event loop.
+    """
+    data = os.pread(fd, length, offset)
+    if len(data) < length:  # short reads are rare on regular files: collect the rest
+        pieces = [data]
+        received = len(data)
+        while received < length:
+            more = os.pread(fd, length - received, offset + received)
+            if not more:
+                raise IntegrityError(
+                    f"{src} shrank while it was being uploaded (nothing at offset"
+                    f" {offset + received})",
+                    location=str(src),
+                    hint="upload it again once nothing writes to it",
+                )
+            pieces.append(more)
+            received += len(more)
+        data = b"".join(pieces)
+    return data, hashlib.md5(data).hexdigest()
 
 
 def _primary_error(group: BaseExceptionGroup) -> BaseException:
@@ -379,27 +372,25 @@ class _MultipartUpload:
         )
 
     async def _upload_parts(self, upload_id: str) -> None:
-        pool = _BufferPool(self.workers + EXTRA_BUFFERS, self.part_size)
+        parts_in_memory = asyncio.Semaphore(self.workers + EXTRA_BUFFERS)
         fd = await asyncio.to_thread(os.open, self.src, os.O_RDONLY)
         try:
             async with asyncio.TaskGroup() as group:
                 for index in range(self.part_count):
-                    buffer = await pool.acquire()  # bounds memory and the tasks alive
-                    group.create_task(self._upload_part(upload_id, fd, index, buffer, pool))
+                    await parts_in_memory.acquire()  # bounds memory and the tasks alive
+                    group.create_task(self._upload_part(upload_id, fd, index, parts_in_memory))
         except BaseExceptionGroup as errors:
             raise _primary_error(errors) from errors
         finally:
             os.close(fd)
 
     async def _upload_part(
-        self, upload_id: str, fd: int, index: int, buffer: bytearray, pool: _BufferPool
+        self, upload_id: str, fd: int, index: int, parts_in_memory: asyncio.Semaphore
     ) -> None:
         try:
             offset = index * self.part_size
             length = min(self.part_size, self.size - offset)
-            view = memoryview(buffer)[:length]
-            md5 = await asyncio.to_thread(_read_and_hash, fd, view, offset, self.src)
-            data = buffer if length == len(buffer) else bytes(view)
+            data, md5 = await asyncio.to_thread(_read_part, fd, offset, length, self.src)
             number = index + 1
             started = time.monotonic()
 
@@ -423,7 +414,7 @@ class _MultipartUpload:
             if self.progress is not None:
                 self.progress(length)
         finally:
-            pool.release(buffer)
+            parts_in_memory.release()
 
     async def _complete(self, upload_id: str) -> ObjectInfo:
         parts = [CompletedPart(n, d) for n, d in enumerate(self.digests, start=1)]
