@@ -473,3 +473,20 @@ def test_put_cli_sigterm_aborts_the_multipart_upload(s3_server, bucket, s3_clien
     assert "upload was aborted" in stderr and "Traceback" not in stderr
     assert s3_client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
     assert "Contents" not in s3_client.list_objects_v2(Bucket=bucket)
+
+
+async def test_upload_feeds_the_shared_transfer_metrics(tmp_path):
+    from prometheus_client import CollectorRegistry
+
+    from tplr.comms.transfer_metrics import TransferMetrics
+
+    registry = CollectorRegistry()
+    metrics = TransferMetrics(registry=registry)
+    write_file(tmp_path / "src.bin", 11 * MiB)
+    store = LocalStore(tmp_path / "store")
+    await upload_file(store, tmp_path / "src.bin", "k", config=SMALL_PARTS, metrics=metrics)
+    labels = {"direction": "upload"}
+    assert registry.get_sample_value("tplr_transfer_bytes_total", labels) == 11 * MiB
+    assert registry.get_sample_value("tplr_transfer_part_seconds_count", labels) == 3
+    assert registry.get_sample_value("tplr_transfer_requests_total", labels) == 3 + 2
+    assert registry.get_sample_value("tplr_transfer_active", labels) == 0

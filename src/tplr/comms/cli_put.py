@@ -4,23 +4,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import logging
 import signal
 import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import TextIO
 
 from pydantic import ValidationError
 
 from tplr.comms.transfer_config import TransferConfig
-from tplr.comms.upload import Progress, UploadResult, upload_file
+from tplr.comms.upload import UploadResult, upload_file
 from tplr.errors import ConfigError
 from tplr.units import format_size, parse_size
 
-log = logging.getLogger(__name__)
 EXIT_TERMINATED = 143
 
 _FLAG_OF_FIELD = {
@@ -79,6 +73,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="skip the ETag check, for servers whose ETags are not MD5s (AWS SSE-KMS)",
     )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or log lines")
     p.set_defaults(func=_cmd_put)
 
 
@@ -113,40 +108,10 @@ def destination_url(dest: str, src: Path) -> str:
     return dest
 
 
-@contextlib.contextmanager
-def progress_reporter(
-    total_bytes: int, label: str, *, stream: TextIO | None = None, log_every_s: float = 10.0
-) -> Iterator[Progress]:
-    """A byte counter: a tqdm bar on a terminal, else a log line every ``log_every_s``."""
-    stream = stream or sys.stderr
-    if stream.isatty():
-        from tqdm import tqdm
-
-        with tqdm(
-            total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc=label, file=stream
-        ) as bar:
-            yield bar.update
-        return
-    started = last = time.monotonic()
-    done = 0
-
-    def update(n_bytes: int) -> None:
-        nonlocal done, last
-        done += n_bytes
-        now = time.monotonic()
-        if now - last >= log_every_s:
-            last = now
-            rate = done / 1e6 / max(now - started, 1e-9)
-            share = 100.0 * done / total_bytes if total_bytes else 100.0
-            sizes = f"{format_size(done)} of {format_size(total_bytes)}"
-            log.info("%s: %s (%.0f%%), %.1f MB/s", label, sizes, share, rate)
-
-    yield update
-
-
 async def _put(
     args: argparse.Namespace, config: TransferConfig, url: str, size: int
 ) -> UploadResult:
+    from tplr.comms.progress import make_progress
     from tplr.comms.store_url import open_store_for_url
 
     async with open_store_for_url(
@@ -156,15 +121,19 @@ async def _put(
         max_connections=max(16, config.upload_max_workers + 2),
         access="write",
     ) as (store, key):
-        with progress_reporter(size, f"put {args.src.name}") as progress:
+        progress = make_progress(False if args.no_progress else None)
+        progress.start(f"put {args.src.name}", size, 0)
+        try:
             return await upload_file(
                 store,
                 args.src,
                 key,
                 config=config,
-                progress=progress,
+                progress=progress.advance,
                 verify_etag=not args.no_verify,
             )
+        finally:
+            progress.close()
 
 
 def _cmd_put(args: argparse.Namespace) -> int:
