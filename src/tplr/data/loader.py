@@ -187,7 +187,7 @@ class BatchLoader:
         count = config.prefetch_batches + 1
         self._slots = [_Slot(self._assembler.new_host_buffer()) for _ in range(count)]
         self._pool = ThreadPoolExecutor(config.workers, thread_name_prefix="tplr-batches")
-        self._pending: deque[tuple[int, Future]] = deque()
+        self._pending: deque[Future] = deque()
         self._next_batch = 0
         self._closed = False
         self._lock = threading.Lock()
@@ -212,22 +212,8 @@ class BatchLoader:
 
     def _submit_next(self) -> None:
         if self._next_batch < len(self):
-            future = self._pool.submit(self._produce, self._next_batch)
-            self._pending.append((self._next_batch, future))
+            self._pending.append(self._pool.submit(self._produce, self._next_batch))
             self._next_batch += 1
-
-    def _steal_one(self) -> bool:
-        """Run one not-yet-started batch on this thread; False when all are running."""
-        for position, (number, future) in enumerate(self._pending):
-            if future.cancel():  # it had not started: this thread owns its slot now
-                done: Future = Future()
-                try:
-                    done.set_result(self._produce(number))
-                except Exception as exc:  # re-raised in order, by result()
-                    done.set_exception(exc)
-                self._pending[position] = (number, done)
-                return True
-        return False
 
     def __iter__(self) -> Iterator[Batch | HostBatch]:
         return self
@@ -243,10 +229,7 @@ class BatchLoader:
             if not self._pending:
                 self.close()
                 raise StopIteration
-            head = self._pending[0][1]
-            # Starved: help with queued batches instead of sleeping (order is unchanged).
-            while not head.done() and self._steal_one():
-                head = self._pending[0][1]
+            head = self._pending[0]
         try:
             batch = head.result()
         except BaseException:
@@ -263,7 +246,7 @@ class BatchLoader:
 
     def close(self) -> None:
         self._closed = True
-        for _, future in self._pending:
+        for future in self._pending:
             future.cancel()
         self._pending.clear()
         self._pool.shutdown(wait=True, cancel_futures=True)
