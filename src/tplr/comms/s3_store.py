@@ -1,6 +1,7 @@
 """``S3Store``: the :class:`~tplr.comms.store.ObjectStore` for R2, AWS S3, MinIO, any S3 API.
 
-One long-lived aioboto3 client per store (one credential set, one bucket), opened by
+One long-lived aiobotocore client (the engine under aioboto3) per store: one credential
+set, one bucket; all stores share one botocore session, so its models load once. Opened by
 ``async with S3Store(...) as store:``. Every method makes exactly one attempt: botocore's
 own retries are off, and retries happen only in :mod:`tplr.comms.retry` (callers). Every
 request passes through the store's :class:`~tplr.comms.throttle.AdaptiveThrottle`, which
@@ -20,12 +21,13 @@ from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
-import aioboto3
 import aiohttp
 from aiobotocore.config import AioConfig
+from aiobotocore.session import AioSession, get_session
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
+    DataNotFoundError,
     IncompleteReadError,
     ParamValidationError,
     ReadTimeoutError,
@@ -182,6 +184,33 @@ def client_config(transfer: TransferConfig, max_connections: int) -> AioConfig:
     )
 
 
+_session: AioSession | None = None
+_session_ready = False
+
+
+async def _shared_session() -> AioSession:
+    """One botocore session per process, so its JSON models (megabytes) are parsed once,
+    and the first time in a worker thread rather than on the event loop."""
+    global _session, _session_ready
+    if _session is None:
+        _session = get_session()
+    if not _session_ready:
+        await asyncio.to_thread(_load_models, _session)
+        _session_ready = True
+    return _session
+
+
+def _load_models(session: AioSession) -> None:
+    loader = session.get_component("data_loader")
+    try:
+        loader.load_service_model("s3", "service-2")
+        loader.load_service_model("s3", "endpoint-rule-set-1")
+        loader.load_data("endpoints")
+        loader.load_data("partitions")
+    except DataNotFoundError as exc:  # another botocore layout: clients load what they need
+        log.debug("botocore models not preloaded: %s", exc)
+
+
 class S3Store:
     """A bucket behind an S3 API endpoint. Use as ``async with S3Store(...) as store``."""
 
@@ -214,16 +243,15 @@ class S3Store:
     async def __aenter__(self) -> S3Store:
         if self._client_obj is not None:
             return self
-        session = aioboto3.Session(
-            aws_access_key_id=self.bucket.access_key_id.get_secret_value(),
-            aws_secret_access_key=self.bucket.secret_access_key.get_secret_value(),
-            region_name=self.bucket.region,
-        )
+        session = await _shared_session()
         async with contextlib.AsyncExitStack() as stack:
             client = await stack.enter_async_context(
-                session.client(
+                session.create_client(
                     "s3",
                     endpoint_url=self.endpoint,
+                    region_name=self.bucket.region,
+                    aws_access_key_id=self.bucket.access_key_id.get_secret_value(),
+                    aws_secret_access_key=self.bucket.secret_access_key.get_secret_value(),
                     config=client_config(self._transfer, self._max_connections),
                 )
             )

@@ -44,7 +44,7 @@ MiB = 1024 * 1024
 MAX_PARTS = 10_000
 MAX_PART_SIZE = 5 * 1024**3
 MAX_SINGLE_PUT = 5 * 1024**3
-EXTRA_BUFFERS = 2
+EXTRA_PARTS_IN_MEMORY = 2
 _ABORT_POLICY = RetryPolicy(max_attempts=3, base_delay_s=0.2, max_delay_s=1.0, total_timeout_s=15.0)
 
 Progress = Callable[[int], None]
@@ -372,7 +372,7 @@ class _MultipartUpload:
         )
 
     async def _upload_parts(self, upload_id: str) -> None:
-        parts_in_memory = asyncio.Semaphore(self.workers + EXTRA_BUFFERS)
+        parts_in_memory = asyncio.Semaphore(self.workers + EXTRA_PARTS_IN_MEMORY)
         fd = await asyncio.to_thread(os.open, self.src, os.O_RDONLY)
         try:
             async with asyncio.TaskGroup() as group:
