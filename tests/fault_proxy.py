@@ -208,7 +208,7 @@ class FaultProxy:
             _abort(writer)
             return False
         if fault is not None and fault.kind == "status":
-            await self._send_error(writer, fault)
+            await self._send_error(writer, fault, with_body=method != "HEAD")
             return True
         response = await self._forward(request)
         return await self._send(writer, request, response, fault)
@@ -227,7 +227,9 @@ class FaultProxy:
         finally:
             up_writer.close()
 
-    async def _send_error(self, writer: asyncio.StreamWriter, fault: Fault) -> None:
+    async def _send_error(
+        self, writer: asyncio.StreamWriter, fault: Fault, *, with_body: bool
+    ) -> None:
         body = (
             f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{fault.code}</Code>"
             "<Message>injected by the fault proxy</Message></Error>"
@@ -236,7 +238,7 @@ class FaultProxy:
         writer.write(
             f"HTTP/1.1 {fault.status} {reason}\r\nContent-Type: application/xml\r\n"
             f"Content-Length: {len(body)}\r\n\r\n".encode()
-            + body
+            + (body if with_body else b"")
         )
         await writer.drain()
 

@@ -22,6 +22,7 @@ from tplr.errors import ConfigError
 from tplr.units import format_size, parse_size
 
 EXIT_TERMINATED = 143
+DEFAULT_CHECKPOINT_INTERVAL_S = 5.0  # as in tplr.comms.download, not imported for --help speed
 _FLAG_FOR_FIELD = {"download_max_workers": "--workers", "download_part_size": "--part-size"}
 
 
@@ -52,6 +53,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar or log lines")
     p.add_argument(
         "--fsync", action="store_true", help="flush the file to disk before publishing it"
+    )
+    p.add_argument(
+        "--checkpoint-interval",
+        type=float,
+        default=DEFAULT_CHECKPOINT_INTERVAL_S,
+        metavar="SECONDS",
+        help="how often completed parts are made durable and journaled for resume"
+        f" (default {DEFAULT_CHECKPOINT_INTERVAL_S:g})",
     )
     p.set_defaults(func=_cmd_fetch)
 
@@ -84,6 +93,11 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
     import uvloop
 
     config = transfer_config_from(args)
+    if not args.checkpoint_interval > 0:
+        raise ConfigError(
+            "--checkpoint-interval must be a positive number of seconds,"
+            f" got {args.checkpoint_interval}"
+        )
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         try:
             return runner.run(_fetch_until_signal(args, config))
@@ -154,6 +168,7 @@ async def _fetch(args: argparse.Namespace, config) -> int:
             verify=args.verify,
             progress=False if args.no_progress else None,
             fsync_on_publish=args.fsync,
+            checkpoint_interval_s=args.checkpoint_interval,
         )
     resumed = f", {result.parts_resumed} parts resumed" if result.parts_resumed else ""
     note = f" ({result.note})" if result.note else ""

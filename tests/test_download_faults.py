@@ -1,0 +1,211 @@
+"""Downloads through the fault-injecting proxy in front of the real moto S3 server:
+every fault ends bit-exact (after retrying only what failed) or with the right typed
+error, and cancellation leaves no final file and a journal the next run resumes from."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from fault_proxy import Fault, FaultProxy
+from prometheus_client import CollectorRegistry
+from test_download import PART, bucket_config, payload, sample
+
+from tplr.comms.download import download
+from tplr.comms.download_sidecar import sidecar_paths
+from tplr.comms.errors import AccessDenied, IntegrityError, NotFound, TransientError
+from tplr.comms.journal import JournalHeader, read_journal
+from tplr.comms.manifest import build_manifest
+from tplr.comms.s3_store import S3Store
+from tplr.comms.transfer_config import TransferConfig
+from tplr.comms.transfer_metrics import TransferMetrics
+
+SIZE = 6 * PART + 1234  # 7 parts, the last one short
+KEY = "shards/obj.bin"
+
+
+def config(**extra) -> TransferConfig:
+    values = dict(
+        download_part_size=PART,
+        download_max_workers=3,
+        transfer_max_attempts=4,
+        transfer_read_timeout_s=0.5,
+        transfer_connect_timeout_s=2,
+    )
+    values.update(extra)
+    return TransferConfig(**values)
+
+
+@pytest.fixture
+async def proxy(s3_server) -> AsyncIterator[FaultProxy]:
+    async with FaultProxy(s3_server) as running:
+        yield running
+
+
+@pytest.fixture
+def data(s3_client, bucket) -> bytes:
+    body = payload(SIZE, seed=5)
+    s3_client.put_object(Bucket=bucket, Key=KEY, Body=body)
+    return body
+
+
+async def fetch(proxy: FaultProxy, bucket: str, dest: Path, **kwargs):
+    cfg = kwargs.pop("config", None) or config()
+    registry = CollectorRegistry()
+    metrics = TransferMetrics(registry)
+    async with S3Store(bucket_config(proxy.url, bucket), cfg, max_connections=8) as store:
+        result = await download(
+            store, KEY, dest, config=cfg, metrics=metrics, progress=False, **kwargs
+        )
+        return result, registry, store
+
+
+def retries(registry: CollectorRegistry, reason: str) -> float:
+    return sample(registry, "tplr_transfer_retries_total", direction="download", reason=reason)
+
+
+@pytest.mark.parametrize(
+    ("fault", "reason", "wasted"),
+    [
+        (Fault("reset", range_start=PART, after_bytes=1000), "transient", 1000),
+        (Fault("status", range_start=PART, status=500, code="InternalError"), "transient", 0),
+        (Fault("status", range_start=PART, status=503, code="ServiceUnavailable"), "transient", 0),
+        (Fault("status", range_start=PART, status=503, code="SlowDown"), "throttled", 0),
+        (Fault("status", range_start=PART, status=429, code="TooManyRequests"), "throttled", 0),
+        (Fault("truncate", range_start=PART, after_bytes=1000), "transient", 1000),
+        (Fault("stall", range_start=PART, after_bytes=1000, stall_s=30), "transient", 1000),
+    ],
+    ids=["reset-mid-body", "500", "503", "503-slowdown", "429", "truncated", "stall"],
+)
+async def test_transient_fault_is_retried_alone(
+    proxy, bucket, data, tmp_path, fault, reason, wasted
+):
+    proxy.add(Fault(**{**fault.__dict__, "hits": 0}))
+    result, metrics, store = await fetch(proxy, bucket, tmp_path / "o.bin")
+    assert (tmp_path / "o.bin").read_bytes() == data
+    assert result.retries == 1 and retries(metrics, reason) == 1
+    starts = [start for _, _, start in proxy.stats.gets()]
+    assert len(starts) == 7 + 1 and starts.count(PART) == 2  # only the faulty part again
+    assert proxy.stats.body_bytes_sent == SIZE + wasted
+    assert (store.throttle.rate is not None) == (reason == "throttled")
+
+
+async def test_connection_reset_before_the_answer(proxy, bucket, data, tmp_path):
+    """aiohttp itself replays an idempotent GET once when a reused keep-alive connection
+    drops before answering, so two resets in a row are needed to reach our retry."""
+    proxy.add(Fault("reset", range_start=PART, times=2))
+    result, metrics, _ = await fetch(proxy, bucket, tmp_path / "o.bin")
+    assert (tmp_path / "o.bin").read_bytes() == data
+    starts = [start for _, _, start in proxy.stats.gets()]
+    assert starts.count(PART) == 3 and len(starts) == 7 + 2
+    assert result.retries in (1, 2) and retries(metrics, "transient") == result.retries
+    assert proxy.stats.body_bytes_sent == SIZE
+
+
+async def test_persistent_failure_raises_and_keeps_the_rest_for_resume(
+    proxy, bucket, data, tmp_path
+):
+    proxy.add(Fault("status", range_start=3 * PART, times=None, status=500))
+    dest = tmp_path / "o.bin"
+    with pytest.raises(TransientError, match="500"):
+        await fetch(proxy, bucket, dest, config=config(transfer_max_attempts=3))
+    assert [start for _, _, start in proxy.stats.gets()].count(3 * PART) == 3
+    assert not dest.exists()
+    partial, journal = sidecar_paths(dest)
+    header = JournalHeader(KEY, SIZE, hashlib.md5(data).hexdigest(), PART)
+    done = read_journal(journal, header)
+    assert 3 not in done and len(done) >= 1 and partial.stat().st_size == SIZE
+    proxy.faults.clear()
+    before = proxy.stats.body_bytes_sent
+    result, _, _ = await fetch(proxy, bucket, dest)
+    assert dest.read_bytes() == data and result.parts_resumed == len(done)
+    resumed_bytes = sum(min(PART, SIZE - i * PART) for i in done)
+    assert proxy.stats.body_bytes_sent - before == SIZE - resumed_bytes
+
+
+async def test_object_replaced_mid_download_restarts_cleanly(
+    proxy, bucket, data, s3_client, tmp_path
+):
+    new = payload(SIZE + 5000, seed=9)
+
+    async def replace() -> None:
+        await asyncio.to_thread(s3_client.put_object, Bucket=bucket, Key=KEY, Body=new)
+
+    proxy.add(Fault("hook", range_start=4 * PART, hook=replace))
+    result, _, _ = await fetch(proxy, bucket, tmp_path / "o.bin")
+    assert (tmp_path / "o.bin").read_bytes() == new  # never a mix of both versions
+    assert result.etag == hashlib.md5(new).hexdigest() and result.size == len(new)
+    assert result.parts_resumed == 0
+
+
+async def test_corrupt_part_is_refetched_alone_then_gives_up(proxy, bucket, data, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "obj.bin").write_bytes(data)
+    manifest = build_manifest(src, part_size=PART)
+    proxy.add(Fault("corrupt", range_start=2 * PART, after_bytes=777))
+    result, metrics, _ = await fetch(proxy, bucket, tmp_path / "o.bin", manifest=manifest)
+    assert (tmp_path / "o.bin").read_bytes() == data and result.verified == "manifest"
+    starts = [start for _, _, start in proxy.stats.gets()]
+    assert starts.count(2 * PART) == 2 and len(starts) == 8
+    assert proxy.stats.body_bytes_sent == SIZE + PART
+    assert retries(metrics, "integrity") == 1
+    assert sample(metrics, "tplr_transfer_integrity_failures_total", direction="download") == 1
+
+    proxy.add(Fault("corrupt", range_start=PART, times=None, after_bytes=5))
+    with pytest.raises(IntegrityError, match="3 times in a row") as err:
+        await fetch(proxy, bucket, tmp_path / "p.bin", manifest=manifest)
+    assert "does not match its manifest hash" in str(err.value)
+    assert not (tmp_path / "p.bin").exists()
+
+
+async def test_missing_key_and_bucket_fail_at_once(proxy, bucket, data, tmp_path):
+    with pytest.raises(NotFound, match=r"shards/absent\.bin"):
+        async with S3Store(bucket_config(proxy.url, bucket), config()) as store:
+            await download(store, "shards/absent.bin", tmp_path / "o", progress=False)
+    assert [m for m, _, _ in proxy.stats.requests] == ["HEAD", "HEAD"]  # key, then bucket
+    with pytest.raises(NotFound, match="bucket 'no-such-bucket-zz' does not exist"):
+        async with S3Store(bucket_config(proxy.url, "no-such-bucket-zz"), config()) as store:
+            await download(store, KEY, tmp_path / "o", progress=False)
+    assert not list(tmp_path.iterdir())
+
+
+async def test_refused_request_is_not_retried(proxy, bucket, data, tmp_path):
+    proxy.add(Fault("status", method="HEAD", status=403, code="AccessDenied"))
+    with pytest.raises(AccessDenied, match=f"s3://{bucket}/{KEY}"):
+        await fetch(proxy, bucket, tmp_path / "o.bin")
+    assert len(proxy.stats.requests) == 1
+
+
+async def test_cancel_leaves_no_final_file_and_a_valid_journal(proxy, bucket, data, tmp_path):
+    dest = tmp_path / "o.bin"
+    partial, journal = sidecar_paths(dest)
+    header = JournalHeader(KEY, SIZE, hashlib.md5(data).hexdigest(), PART)
+    proxy.rate_bytes_per_s = 400_000  # ~0.16 s per part
+    task = asyncio.create_task(
+        fetch(
+            proxy, bucket, dest, config=config(download_max_workers=2), checkpoint_interval_s=0.05
+        )
+    )
+    async with asyncio.timeout(20):
+        while len(read_journal(journal, header)) < 2:
+            await asyncio.sleep(0.02)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not dest.exists()
+    done = read_journal(journal, header)
+    assert 2 <= len(done) < 7 and partial.stat().st_size == SIZE
+    for index in done:  # every journaled part is really on disk
+        offset = index * PART
+        assert partial.read_bytes()[offset : offset + PART] == data[offset : offset + PART]
+    proxy.rate_bytes_per_s = None
+    before = proxy.stats.body_bytes_sent
+    result, _, _ = await fetch(proxy, bucket, dest)
+    assert dest.read_bytes() == data and result.parts_resumed == len(done)
+    assert proxy.stats.body_bytes_sent - before == result.fetched_bytes
+    assert result.fetched_bytes == SIZE - sum(min(PART, SIZE - i * PART) for i in done)
+    assert not partial.exists() and not journal.exists()
