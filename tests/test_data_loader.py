@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -11,7 +12,13 @@ from test_data_helpers import LLAMA3_MAGIC, LLAMA3_VERSION, ramp, write_llmc, wr
 
 from tplr.data.dataset import SampleIndexError, SharedShardedDataset
 from tplr.data.formats import ShardFormatError
-from tplr.data.loader import BatchAssembler, BatchLoader, HostBatch, LoaderConfig
+from tplr.data.loader import (
+    BatchAssembler,
+    BatchLoader,
+    HostBatch,
+    LoaderConfig,
+    StaleBatchError,
+)
 from tplr.data.sampler import window_sample_indices
 
 
@@ -149,7 +156,7 @@ def test_uint16_host_rows_keep_ids_above_32767(tmp_path):
 def _slot_of(buffer):
     from tplr.data.loader import _Slot
 
-    return _Slot(buffer)
+    return _Slot(buffer, batch_number=0)
 
 
 def test_batches_are_deterministic_given_the_indices(llmc_dataset):
@@ -198,19 +205,41 @@ def test_close_early_stops_the_threads(llmc_dataset):
 
 
 def test_host_batches_feed_the_training_worker(templar_dataset):
-    """The trainer's BatchFeed accepts the loader's batches as (inputs, targets) pairs."""
+    """The trainer's BatchFeed takes the loader's host batches as (inputs, targets) pairs;
+    it reads ahead, so it holds up to depth + 2 batches: hold_batches says so."""
     from tplr.train.feed import BatchFeed, BatchSpec
 
-    indices = np.arange(0, 24)
+    indices = np.arange(0, 32)
     spec = BatchSpec(vocab_size=70_000, max_seq_len=15, batch_size=8, seq_len=15)
-    config = LoaderConfig(batch_size=8, output="host")
+    config = LoaderConfig(batch_size=8, output="host", prefetch_batches=1, hold_batches=4)
     with (
         BatchLoader(templar_dataset, indices, config=config) as loader,
-        BatchFeed(iter(loader), 3, spec=spec, device=torch.device("cpu"), depth=0) as feed,
+        BatchFeed(iter(loader), 4, spec=spec, device=torch.device("cpu"), depth=2) as feed,
     ):
-        for number in range(3):
+        time.sleep(0.3)  # let the feed read ahead as far as it can
+        for number in range(4):
             inputs, targets = feed.next_batch()
             ref_inputs, ref_targets = reference_batch(
                 ramp(300 * 16, modulo=70_000), 16, indices[number * 8 : (number + 1) * 8]
             )
             assert torch.equal(inputs, ref_inputs) and torch.equal(targets, ref_targets)
+
+
+def test_a_host_batch_held_too_long_is_refused(templar_dataset):
+    config = LoaderConfig(batch_size=2, output="host", prefetch_batches=1, hold_batches=1)
+    with BatchLoader(templar_dataset, np.arange(12), config=config) as loader:
+        first = next(loader)
+        first.to_device("cpu")  # fine while it is the batch in use
+        next(loader)
+        next(loader)  # refills the first batch's buffer
+        with pytest.raises(StaleBatchError, match="host batch 0 was used after its buffer"):
+            first.to_device("cpu")
+    config = config.model_copy(update={"hold_batches": 3})
+    with BatchLoader(templar_dataset, np.arange(12), config=config) as loader:
+        held = [next(loader) for _ in range(3)]
+        for number, batch in enumerate(held):
+            inputs, _ = batch.to_device("cpu")
+            expected, _ = reference_batch(
+                ramp(300 * 16, modulo=70_000), 16, range(number * 2, number * 2 + 2)
+            )
+            assert torch.equal(inputs, expected)

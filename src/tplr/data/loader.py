@@ -31,6 +31,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from tplr.data.dataset import SharedShardedDataset
+from tplr.errors import TplrError
 
 HOST_TORCH_DTYPES = {np.dtype("<u2"): torch.uint16, np.dtype("<u4"): torch.int32}
 
@@ -44,6 +45,15 @@ class LoaderConfig(BaseModel):
     prefetch_batches: int = Field(default=2, ge=1, le=64)
     workers: int = Field(default=1, ge=1, le=32)
     output: Literal["int64", "host"] = "int64"
+    # Host batches live in reused buffers: how many the consumer may hold at once (the
+    # one in use plus any it reads ahead, e.g. depth + 2 for the trainer's BatchFeed).
+    hold_batches: int = Field(default=1, ge=1, le=64)
+
+
+class StaleBatchError(TplrError):
+    """A host batch was used after its reused buffer had been refilled."""
+
+    hint = "raise LoaderConfig.hold_batches to the number of batches the consumer holds at once"
 
 
 class Batch(tuple):
@@ -71,6 +81,7 @@ class _Slot:
 
     rows: torch.Tensor  # (B, row_len), pinned on CUDA hosts
     copied: object | None = None  # torch.cuda.Event
+    batch_number: int = -1  # the batch whose rows the buffer holds now
 
 
 class HostBatch(Batch):
@@ -82,15 +93,26 @@ class HostBatch(Batch):
 
     rows: torch.Tensor
     _slot: _Slot
+    _number: int
 
     def __new__(cls, rows: torch.Tensor, indices: np.ndarray, slot: _Slot) -> HostBatch:
         batch = super().__new__(cls, rows[:, :-1], rows[:, 1:], indices)
         batch.rows = rows
         batch._slot = slot
+        batch._number = slot.batch_number
         return batch
+
+    def check_fresh(self) -> None:
+        """Raise :class:`StaleBatchError` if the buffer now holds a later batch."""
+        if self._slot.batch_number != self._number:
+            raise StaleBatchError(
+                f"host batch {self._number} was used after its buffer was refilled with batch "
+                f"{self._slot.batch_number}"
+            )
 
     def to_device(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
         """int64 ``(inputs, targets)``, each ``(B, T)`` contiguous, on ``device``."""
+        self.check_fresh()
         device = torch.device(device)
         if device.type != "cuda":
             inputs, targets = _widen_on_host(self.rows.numpy())
@@ -183,8 +205,8 @@ class BatchLoader:
         self._indices = dataset.check_indices(indices)
         is_cuda = self.device.type == "cuda"
         self._assembler = BatchAssembler(dataset, config.batch_size, pin_memory=is_cuda)
-        # one slot per batch in flight plus the one the consumer holds
-        count = config.prefetch_batches + 1
+        # one slot per batch in flight plus those the consumer holds
+        count = config.prefetch_batches + config.hold_batches
         self._slots = [_Slot(self._assembler.new_host_buffer()) for _ in range(count)]
         self._pool = ThreadPoolExecutor(config.workers, thread_name_prefix="tplr-batches")
         self._pending: deque[Future] = deque()
@@ -204,6 +226,7 @@ class BatchLoader:
         if slot.copied is not None:  # only set on CUDA: wait for the last copy out of it
             slot.copied.synchronize()  # type: ignore[attr-defined]
             slot.copied = None
+        slot.batch_number = number
         indices = self._batch_indices(number)
         if self.config.output == "int64" and self.device.type == "cpu":
             inputs, targets = self._assembler.int64_batch(indices, slot.rows, checked=True)
