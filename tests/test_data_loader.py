@@ -99,7 +99,7 @@ def test_vocab_check_at_open(tmp_path):
 # --- batches ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("workers", [1, 3])
+@pytest.mark.parametrize("workers", [0, 1, 3])
 @pytest.mark.parametrize("prefetch", [1, 4])
 def test_int64_batches_equal_the_reference_bit_for_bit(llmc_dataset, workers, prefetch):
     ds = llmc_dataset

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from types import TracebackType
@@ -43,7 +43,9 @@ class LoaderConfig(BaseModel):
 
     batch_size: int = Field(ge=1, le=1 << 16)
     prefetch_batches: int = Field(default=2, ge=1, le=64)
-    workers: int = Field(default=1, ge=1, le=32)
+    # background threads assembling batches; 0 assembles each batch in the caller's thread
+    # when it is asked for (no handoff: best when the consumer has nothing to overlap)
+    workers: int = Field(default=1, ge=0, le=32)
     output: Literal["int64", "host"] = "int64"
     # Host batches live in reused buffers: how many the consumer may hold at once (the
     # one in use plus any it reads ahead, e.g. depth + 2 for the trainer's BatchFeed).
@@ -147,6 +149,20 @@ def _widen_on_host(rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     return inputs, targets
 
 
+class _Deferred:
+    """A batch to produce on demand, in the thread that asks for it (``workers=0``)."""
+
+    def __init__(self, produce: Callable[[int], Batch | HostBatch], number: int) -> None:
+        self._produce = produce
+        self._number = number
+
+    def result(self) -> Batch | HostBatch:
+        return self._produce(self._number)
+
+    def cancel(self) -> bool:
+        return True
+
+
 class BatchAssembler:
     """Gathers rows of ``dataset`` into host buffers; thread-safe for distinct buffers."""
 
@@ -208,8 +224,12 @@ class BatchLoader:
         # one slot per batch in flight plus those the consumer holds
         count = config.prefetch_batches + config.hold_batches
         self._slots = [_Slot(self._assembler.new_host_buffer()) for _ in range(count)]
-        self._pool = ThreadPoolExecutor(config.workers, thread_name_prefix="tplr-batches")
-        self._pending: deque[Future] = deque()
+        self._pool = (
+            ThreadPoolExecutor(config.workers, thread_name_prefix="tplr-batches")
+            if config.workers
+            else None
+        )
+        self._pending: deque[Future | _Deferred] = deque()
         self._next_batch = 0
         self._closed = False
         self._lock = threading.Lock()
@@ -235,7 +255,10 @@ class BatchLoader:
 
     def _submit_next(self) -> None:
         if self._next_batch < len(self):
-            self._pending.append(self._pool.submit(self._produce, self._next_batch))
+            if self._pool is not None:
+                self._pending.append(self._pool.submit(self._produce, self._next_batch))
+            else:  # workers=0: produced when result() is called, in the caller's thread
+                self._pending.append(_Deferred(self._produce, self._next_batch))
             self._next_batch += 1
 
     def __iter__(self) -> Iterator[Batch | HostBatch]:
@@ -272,7 +295,8 @@ class BatchLoader:
         for future in self._pending:
             future.cancel()
         self._pending.clear()
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
     def __enter__(self) -> BatchLoader:
         return self
