@@ -101,7 +101,7 @@ def convert_llmc_to_templar(
     held_out = min(1, len(sources) - 1) if val_shards is None else val_shards
     if not 0 <= held_out < len(sources):
         raise ConfigError(f"--val-shards {held_out} must be >= 0 and below the number of sources")
-    ensure_empty_dir(dst)
+    ensure_empty_dir(dst, flag="DST")
     records, dropped = [], 0
     for src, index in zip(sources, numbers, strict=True):
         record, lost = _convert_one(src, dst, index, seq_len)

@@ -25,13 +25,13 @@ def shard_file_names(fmt: TokenFormat, index: int) -> tuple[str, str | None]:
     return f"train_{index:06d}.bin", None
 
 
-def ensure_empty_dir(out_dir: Path) -> None:
+def ensure_empty_dir(out_dir: Path, *, flag: str = "--out") -> None:
     """Create ``out_dir``, or accept it if empty: a dataset folder never mixes runs."""
     if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"--out {out_dir} exists and is not a directory")
+        raise ConfigError(f"{flag} {out_dir} exists and is not a directory")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ConfigError(
-            f"--out {out_dir} is not empty",
+            f"{flag} {out_dir} is not empty",
             hint="write a dataset into an empty (or new) folder, so shards never mix",
         )
     out_dir.mkdir(parents=True, exist_ok=True)
