@@ -214,10 +214,15 @@ class FaultProxy:
     faults: list[Fault] = field(default_factory=list)
     seen: Counter[str] = field(default_factory=Counter)
     session: aiohttp.ClientSession | None = None
+    opaque_etags: bool = False  # behave like a server whose ETags are not MD5s (SSE-KMS)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         self.seen[describe(request)] += 1
+        if self.opaque_etags and describe(request) == "Complete":
+            if body.count(b"<ETag>") != body.count(b'<ETag>"opaque-'):
+                return web.Response(status=400, body=b"<Error><Code>InvalidPart</Code></Error>")
+            body = body.replace(b'"opaque-', b'"')
         for fault in self.faults:
             if fault.times != 0 and fault.matches(request):
                 fault.times -= 1
@@ -233,6 +238,9 @@ class FaultProxy:
         ) as upstream:
             payload = await upstream.read()
             out = {k: v for k, v in upstream.headers.items() if k.lower() not in skip}
+            if self.opaque_etags and "etag" in upstream.headers:
+                out = {k: v for k, v in out.items() if k.lower() != "etag"}
+                out["ETag"] = '"opaque-' + upstream.headers["etag"].strip('"') + '"'
             response = web.Response(status=upstream.status, body=payload, headers=out)
             if request.method == "HEAD":
                 response.headers["Content-Length"] = upstream.headers.get("Content-Length", "0")
@@ -361,6 +369,24 @@ async def test_corrupted_single_put_is_sent_again(proxy, bucket, tmp_path, s3_cl
         result = await upload_file(s3, tmp_path / "src.bin", "k", policy=FAST_RETRY)
     assert result.retries == 1 and fault_proxy.seen["PUT"] == 2
     assert s3_client.get_object(Bucket=bucket, Key="k")["Body"].read() == data
+
+
+@pytest.mark.parametrize("size", [1000, 11 * MiB])
+async def test_servers_whose_etags_are_not_md5s(proxy, bucket, tmp_path, s3_client, size):
+    """Verification off: parts are completed with the ETags the server gave, not MD5s.
+    Verification on: such a server is reported as an integrity problem, and aborted."""
+    fault_proxy, endpoint = proxy
+    fault_proxy.opaque_etags = True
+    data = write_file(tmp_path / "src.bin", size)
+    async with s3_store(endpoint, bucket) as s3:
+        result = await upload_file(
+            s3, tmp_path / "src.bin", "k", config=SMALL_PARTS, policy=FAST_RETRY, verify_etag=False
+        )
+        assert result.etag.startswith("opaque-") and result.retries == 0
+        assert s3_client.get_object(Bucket=bucket, Key="k")["Body"].read() == data
+        with pytest.raises(IntegrityError, match="ETag opaque-"):
+            await upload_file(s3, tmp_path / "src.bin", "k2", config=SMALL_PARTS, policy=FAST_RETRY)
+    assert s3_client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
 
 
 # -- tplr put ------------------------------------------------------------------------------

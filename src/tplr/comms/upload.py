@@ -331,7 +331,8 @@ class _MultipartUpload:
         self.attempts = _Attempts(metrics)
         self.progress, self.verify_etag = progress, verify_etag
         self.slots = asyncio.Semaphore(self.workers)
-        self.digests: list[str] = [""] * self.part_count
+        self.digests: list[str] = [""] * self.part_count  # local MD5s, for the final check
+        self.part_etags: list[str] = [""] * self.part_count  # what the server answered
         self.where = store.url(key)
 
     async def _retried(self, attempt: Callable[[], Awaitable[T]], describe: str) -> T:
@@ -408,8 +409,8 @@ class _MultipartUpload:
                     )
                 return etag
 
-            await self._retried(attempt, f"part {number}/{self.part_count} of {self.where}")
-            self.digests[index] = md5
+            etag = await self._retried(attempt, f"part {number}/{self.part_count} of {self.where}")
+            self.digests[index], self.part_etags[index] = md5, etag
             self.metrics.observe_part("upload", length, time.monotonic() - started)
             if self.progress is not None:
                 self.progress(length)
@@ -417,7 +418,7 @@ class _MultipartUpload:
             parts_in_memory.release()
 
     async def _complete(self, upload_id: str) -> ObjectInfo:
-        parts = [CompletedPart(n, d) for n, d in enumerate(self.digests, start=1)]
+        parts = [CompletedPart(n, etag) for n, etag in enumerate(self.part_etags, start=1)]
         expected = multipart_etag(self.digests)
         tried = False
 
