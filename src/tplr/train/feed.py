@@ -5,6 +5,10 @@ so a caller's data for the next call is not eaten), optionally in a background t
 runs ``depth`` batches ahead. Host tensors are checked (shape, dtype, token-id range) before
 they reach the device, pinned on CUDA and copied with ``non_blocking=True``; "host format"
 uint16/int32 tokens are upcast to int64 on the device.
+
+A batch object with its own ``to_device(device)`` (``tplr.data``'s ``HostBatch``: views of a
+reused pinned buffer guarded by a CUDA event) is moved by that method, never re-pinned; its
+loader must allow ``depth + 2`` held batches (``LoaderConfig.hold_batches``).
 """
 
 from __future__ import annotations
@@ -135,10 +139,12 @@ class BatchFeed:
     def next_batch(self) -> Batch:
         """The next micro-batch on the device; raises what the reader raised."""
         item = self._next_from_thread() if self._thread is not None else self._read_host()
+        if hasattr(item, "to_device"):  # the loader's own fast path (one copy + upcast)
+            return item.to_device(self._device)
         inputs, targets = item
         return to_device(inputs, self._device), to_device(targets, self._device)
 
-    def _read_host(self) -> Batch:
+    def _read_host(self) -> object:
         index = self._read
         if index >= self._count:
             raise BatchesExhaustedError(f"feed asked for more than its {self._count} batches")
@@ -150,7 +156,9 @@ class BatchFeed:
             ) from None
         self._read += 1
         inputs, targets = check_batch(raw, self._spec, index)
-        if self._pin and inputs.device.type == "cpu":
+        if hasattr(raw, "to_device"):
+            return raw
+        if self._pin and inputs.device.type == "cpu" and not inputs.is_pinned():
             inputs, targets = inputs.pin_memory(), targets.pin_memory()
         return inputs, targets
 
@@ -169,7 +177,7 @@ class BatchFeed:
             except queue.Full:
                 continue
 
-    def _next_from_thread(self) -> Batch:
+    def _next_from_thread(self) -> object:
         while True:
             try:
                 item = self._queue.get(timeout=_POLL_S)
@@ -183,4 +191,4 @@ class BatchFeed:
                         raise BatchesExhaustedError("the batch feed stopped early") from None
         if isinstance(item, BaseException):
             raise item
-        return item  # type: ignore[return-value]
+        return item

@@ -1,8 +1,9 @@
 """The model's vocabulary against the data's: the manifest says what the shards hold.
 
-Shard manifests (``tplr.comms.manifest``) may carry ``vocab_size`` and ``max_token_id``, at
-the top level and/or per file. A model whose ``vocab_size`` is smaller would index past its
-embedding (a device-side assert on GPU), so the worker's callers check before training.
+Shard manifests (``tplr.comms.manifest``) may carry ``vocab_size`` and ``max_token_id``: at
+the top level, in the ``dataset`` section and/or per file. A model whose ``vocab_size`` is
+smaller would index past its embedding (a device-side assert on GPU), so the worker's callers
+check before training.
 """
 
 from __future__ import annotations
@@ -37,9 +38,12 @@ def _int_field(extra: dict | None, key: str) -> int | None:
 
 
 def vocab_from_manifest(manifest: Manifest) -> DataVocab:
-    """Largest ``vocab_size`` and ``max_token_id`` declared anywhere in the manifest."""
-    vocab_sizes = [_int_field(manifest.model_extra, "vocab_size")]
-    max_ids = [_int_field(manifest.model_extra, "max_token_id")]
+    """Largest ``vocab_size`` and ``max_token_id`` declared anywhere in the manifest:
+    top level, the ``dataset`` section (``tplr shards prepare``) or any file entry."""
+    top = manifest.model_extra or {}
+    section = top.get("dataset") if isinstance(top.get("dataset"), dict) else {}
+    vocab_sizes = [_int_field(top, "vocab_size"), _int_field(section, "vocab_size")]
+    max_ids = [_int_field(top, "max_token_id"), _int_field(section, "max_token_id")]
     for entry in manifest.files.values():
         vocab_sizes.append(_int_field(entry.model_extra, "vocab_size"))
         max_ids.append(_int_field(entry.model_extra, "max_token_id"))

@@ -1,0 +1,204 @@
+"""Training throughput: our TrainWorker against a bare reference loop, side by side.
+
+Both run the same model (same config and init), the same optimizer, clipping, precision and
+compile setting, on the same pre-made batches. The bare loop is nothing else: no metrics,
+no prefetch thread, no batch checks, no schedule, no loss accounting. Rounds alternate the
+order (ours first, then bare first) so drift on a shared, noisy machine cancels; the ratio
+of summed tokens/s is what matters. On CUDA it also prints MFU.
+
+    .venv/bin/python scripts/bench_train.py                 # CPU-sized model
+    .venv/bin/python scripts/bench_train.py --model small   # GPT-2 small (use on a GPU)
+
+Bar: ours >= 0.95x the bare loop (our machinery costs <= 5%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from prometheus_client import CollectorRegistry
+
+from tplr.train.config import ModelConfig, TrainConfig
+from tplr.train.flops import mfu
+from tplr.train.metrics import TrainMetrics
+from tplr.train.model import GPT
+from tplr.train.optim import build_optimizers
+from tplr.train.worker import TrainWorker
+
+CPU_BENCH_SHAPE = {"n_layer": 4, "n_head": 4, "d_model": 192, "max_seq_len": 128}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="cpu-bench", help="preset or cpu-bench (default)")
+    parser.add_argument("--vocab-size", type=int, default=None)
+    parser.add_argument("--seq-len", type=int, default=None)
+    parser.add_argument("--micro-batch-size", type=int, default=None)
+    parser.add_argument("--accumulation", type=int, default=2, help="micro-steps per step")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per round")
+    parser.add_argument("--rounds", type=int, default=16)
+    parser.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"])
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default 1 on CPU: on a shared box, OpenMP barriers make "
+        "multi-threaded wall times swing 10x; the torch default on GPU)",
+    )
+    return parser.parse_args()
+
+
+def build_configs(args: argparse.Namespace, on_cuda: bool) -> tuple[ModelConfig, TrainConfig]:
+    if args.model == "cpu-bench":
+        model_config = ModelConfig.preset(
+            "tiny", vocab_size=args.vocab_size or 4096, **CPU_BENCH_SHAPE
+        )
+    else:
+        model_config = ModelConfig.preset(args.model, vocab_size=args.vocab_size or 50257)
+    seq_len = args.seq_len or model_config.max_seq_len
+    micro = args.micro_batch_size or (16 if on_cuda else 8)
+    train_config = TrainConfig(
+        optimizer=args.optimizer,
+        micro_batch_size=micro,
+        global_batch_size=micro * args.accumulation,
+        seq_len=seq_len,
+        device=args.device,
+        compile=args.compile,
+        warmup_steps=0,
+        total_steps=1_000_000,
+    )
+    return model_config, train_config
+
+
+class BareLoop:
+    """The reference: forward, backward, clip, step. Nothing else."""
+
+    def __init__(self, worker: TrainWorker) -> None:
+        config = worker.config
+        self.device = worker.device
+        self.accum = worker.accumulation_steps
+        torch.manual_seed(config.seed)
+        with torch.device(self.device):
+            self.model = GPT(worker.model_config)
+        self.module = torch.compile(self.model) if worker.compile_enabled else self.model
+        self.optimizers = build_optimizers(self.model, config, device=self.device)
+        self.clip = config.grad_clip_norm
+        self.dtype = worker.autocast_dtype
+
+    def run(self, batches: list, steps: int) -> torch.Tensor:
+        autocast = (
+            torch.autocast(self.device.type, dtype=self.dtype)
+            if self.dtype is not None
+            else contextlib.nullcontext()
+        )
+        index = 0
+        for _ in range(steps):
+            for _ in range(self.accum):
+                inputs, targets = batches[index % len(batches)]
+                index += 1
+                inputs = inputs.to(self.device, non_blocking=True).long()
+                targets = targets.to(self.device, non_blocking=True).long()
+                with autocast:
+                    loss = self.module(inputs, targets)
+                (loss / self.accum).backward()
+            if self.clip is not None:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip, foreach=True)
+            for optimizer in self.optimizers:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+
+def timed(run: Callable[[], object], device: torch.device) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds, all threads) of one run."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started, cpu_started = time.perf_counter(), time.process_time()
+    result = run()
+    if isinstance(result, torch.Tensor):
+        result.item()  # sync point: wait for the last step to finish
+    return time.perf_counter() - started, time.process_time() - cpu_started
+
+
+def make_batches(model_config: ModelConfig, config: TrainConfig, count: int, pin: bool) -> list:
+    generator = torch.Generator().manual_seed(0)
+    shape = (config.micro_batch_size, config.seq_len + 1)
+    batches = []
+    for _ in range(count):
+        tokens = torch.randint(0, model_config.vocab_size, shape, generator=generator)
+        tokens = tokens.to(torch.int32)  # host format, upcast on the device by both loops
+        inputs, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+        if pin:
+            inputs, targets = inputs.pin_memory(), targets.pin_memory()
+        batches.append((inputs, targets))
+    return batches
+
+
+def main() -> None:
+    args = parse_args()
+    on_cuda = args.device != "cpu" and torch.cuda.is_available()
+    if args.threads or not on_cuda:
+        torch.set_num_threads(args.threads or 1)
+    model_config, config = build_configs(args, on_cuda)
+    worker = TrainWorker(model_config, config, metrics=TrainMetrics(CollectorRegistry()))
+    bare = BareLoop(worker)
+    steps = args.steps or (20 if on_cuda else 2)
+    batches = make_batches(model_config, config, steps * worker.accumulation_steps, on_cuda)
+    tokens_per_round = steps * config.global_batch_size * config.seq_len
+
+    def ours() -> None:
+        worker.train_steps(iter(batches), steps)
+
+    def reference() -> torch.Tensor:
+        return bare.run(batches, steps)
+
+    print(
+        f"device {worker.device} | model {args.model} ({model_config.d_model}d x "
+        f"{model_config.n_layer}L, vocab {model_config.padded_vocab_size}) | seq {config.seq_len}"
+        f" | micro {config.micro_batch_size} x accum {worker.accumulation_steps} | "
+        f"{config.optimizer} | compile {worker.compile_enabled} | {steps} steps x "
+        f"{args.rounds} rounds | threads {torch.get_num_threads()}"
+    )
+    timed(ours, worker.device)  # warm-up: compile, allocator, kernel selection
+    timed(reference, worker.device)
+    rounds, cpu_rounds = [], []
+    for round_index in range(args.rounds):
+        order = [("ours", ours), ("bare", reference)]
+        seconds, cpu_seconds = {}, {}
+        for name, run in order if round_index % 2 == 0 else reversed(order):
+            seconds[name], cpu_seconds[name] = timed(run, worker.device)
+        rounds.append(seconds)
+        cpu_rounds.append(cpu_seconds)
+        print(
+            f"  round {round_index:2d}: ours {tokens_per_round / seconds['ours']:10,.0f} tok/s"
+            f" | bare {tokens_per_round / seconds['bare']:10,.0f} tok/s"
+            f" | ratio {seconds['bare'] / seconds['ours']:.3f}"
+        )
+    report(rounds, tokens_per_round, worker)
+    cpu_ratio = sum(r["bare"] for r in cpu_rounds) / sum(r["ours"] for r in cpu_rounds)
+    print(f"CPU-time ratio bare/ours (contention-robust cross-check): {cpu_ratio:.3f}")
+
+
+def report(rounds: list[dict[str, float]], tokens_per_round: int, worker: TrainWorker) -> None:
+    """Median of per-round paired ratios (robust to bursts of load that hit one round)."""
+    for name in ("ours", "bare"):
+        rate = statistics.median(tokens_per_round / r[name] for r in rounds)
+        util = mfu(rate, worker.flops_per_token, worker.peak_flops)
+        extra = "" if util is None else f" | MFU {util:.1%}"
+        print(f"{name}: {rate:12,.0f} tokens/s (median round){extra}")
+    ratio = statistics.median(r["bare"] / r["ours"] for r in rounds)
+    total = sum(r["bare"] for r in rounds) / sum(r["ours"] for r in rounds)
+    verdict = "PASS" if ratio >= 0.95 else "FAIL"
+    print(f"ratio ours/bare: {ratio:.3f} median of paired rounds, {total:.3f} over all rounds")
+    print(f"{verdict}: bar is ours >= 0.95x bare")
+
+
+if __name__ == "__main__":
+    main()

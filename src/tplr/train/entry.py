@@ -1,0 +1,220 @@
+"""``python -m tplr.train --data DIR``: train on local shards, with or without torchrun.
+
+    torchrun --standalone --nproc_per_node=8 -m tplr.train --data /data/fineweb10B
+    python -m tplr.train --data /data/fineweb10B --model small --steps 5000
+
+Logs loss, tokens/s and MFU, evaluates on the validation shard every ``--eval-every-steps``
+and writes checkpoints with ``--save`` (resume with ``--resume``). The global batch is the
+same for any number of GPUs: fewer GPUs accumulate more micro-steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from tplr.errors import TplrError
+from tplr.train.config import ModelConfig, TrainConfig, build_config, flag_for
+from tplr.train.distributed import LaunchEnv, distributed_context
+from tplr.train.errors import TrainConfigError
+from tplr.train.local_data import (
+    BatchPlan,
+    LocalDataset,
+    data_vocab,
+    open_local_dataset,
+    read_local_manifest,
+    train_batches,
+    validation_batches,
+)
+from tplr.train.vocab import check_vocab
+from tplr.train.worker import TrainStats, TrainWorker
+
+log = logging.getLogger("tplr.train")
+GPT2_VOCAB_SIZE = 50257
+# TrainConfig fields settable by a flag of the same name (``--micro-batch-size``)
+_TRAIN_FLAGS: dict[str, type] = {
+    "optimizer": str,
+    "lr": float,
+    "muon_lr": float,
+    "weight_decay": float,
+    "grad_clip_norm": float,
+    "warmup_steps": int,
+    "min_lr_ratio": float,
+    "micro_batch_size": int,
+    "global_batch_size": int,
+    "device": str,
+    "dtype": str,
+    "log_every_steps": int,
+    "peak_tflops": float,
+    "seed": int,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m tplr.train", description=__doc__)
+    parser.add_argument("--data", type=Path, required=True, help="folder of token shards")
+    parser.add_argument(
+        "--model", default="small", help="preset: " + ", ".join(ModelConfig.preset_names())
+    )
+    parser.add_argument("--vocab-size", type=int, help="default: the manifest's, else 50257")
+    parser.add_argument("--seq-len", type=int, help="tokens per sample (default: model's)")
+    parser.add_argument("--steps", type=int, default=1000, help="total optimizer steps")
+    parser.add_argument("--eval-every-steps", type=int, default=250, help="0 = never")
+    parser.add_argument("--eval-batches", type=int, default=20, help="per rank")
+    parser.add_argument("--val-shards", type=int, help="shards held out (default 1)")
+    parser.add_argument("--save", type=Path, help="checkpoint file, rewritten atomically")
+    parser.add_argument("--save-every-steps", type=int, default=0, help="0 = at the end only")
+    parser.add_argument("--resume", type=Path, help="checkpoint to continue from")
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile (default: on for CUDA, off on CPU)",
+    )
+    parser.add_argument("--log-level", default="INFO")
+    for field, kind in _TRAIN_FLAGS.items():
+        parser.add_argument("--" + field.replace("_", "-"), dest=field, type=kind)
+    return parser
+
+
+def _check_counts(args: argparse.Namespace) -> None:
+    for name, minimum in (
+        ("steps", 1),
+        ("eval_batches", 1),
+        ("eval_every_steps", 0),
+        ("save_every_steps", 0),
+    ):
+        value = getattr(args, name)
+        if value < minimum:
+            raise TrainConfigError(f"{flag_for(name)} is {value}; it must be >= {minimum}")
+
+
+def _configs(args: argparse.Namespace, vocab_size: int) -> tuple[ModelConfig, dict]:
+    _check_counts(args)
+    model_config = ModelConfig.preset(args.model, vocab_size=vocab_size)
+    if args.seq_len and args.seq_len > model_config.max_seq_len:
+        model_config = ModelConfig.preset(
+            args.model, vocab_size=vocab_size, max_seq_len=args.seq_len
+        )
+    values = {k: getattr(args, k) for k in _TRAIN_FLAGS if getattr(args, k) is not None}
+    values.update(compile=args.compile, total_steps=args.steps)
+    return model_config, values
+
+
+def _load_data(args: argparse.Namespace) -> tuple[LocalDataset, ModelConfig, dict]:
+    if not args.data.is_dir():
+        raise TrainConfigError(f"--data {args.data} is not a folder", hint="pass the shard folder")
+    manifest = read_local_manifest(args.data)
+    vocab = data_vocab(manifest)
+    model_config, values = _configs(args, args.vocab_size or vocab.vocab_size or GPT2_VOCAB_SIZE)
+    check_vocab(model_config, vocab, source=f"the manifest in {args.data}")
+    seq_len = args.seq_len or model_config.max_seq_len
+    data = open_local_dataset(
+        args.data,
+        seq_len=seq_len,
+        vocab_size=model_config.vocab_size,
+        manifest=manifest,
+        val_shards=args.val_shards,
+    )
+    values["seq_len"] = data.context_len
+    return data, model_config, values
+
+
+def _next_stop(step: int, args: argparse.Namespace) -> int:
+    stops = [args.steps]
+    for every in (args.eval_every_steps, args.save_every_steps):
+        if every:
+            stops.append((step // every + 1) * every)
+    return min(stops)
+
+
+def _log_chunk(stats: TrainStats, worker: TrainWorker) -> None:
+    util = "n/a" if stats.mfu is None else f"{stats.mfu:.1%}"
+    log.info(
+        "step %d/%d | loss %.4f | %s tok/s (%s per device) | MFU %s",
+        stats.step,
+        worker.config.total_steps,
+        stats.loss,
+        f"{stats.global_tokens_per_s:,.0f}",
+        f"{stats.tokens_per_s:,.0f}",
+        util,
+    )
+
+
+def train(args: argparse.Namespace, env: LaunchEnv) -> None:
+    data, model_config, values = _load_data(args)
+    config = build_config(TrainConfig, values)
+    with distributed_context(env, device=config.device, timeout_s=config.dist_timeout_s) as ctx:
+        worker = TrainWorker(model_config, config, context=ctx)
+        if args.resume:
+            worker.load_checkpoint(args.resume)
+        plan = BatchPlan(
+            seed=config.seed,
+            global_batch_size=config.global_batch_size,
+            micro_batch_size=config.micro_batch_size,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+            device=ctx.device,
+            hold_batches=config.prefetch_batches + 2,
+        )
+        if ctx.is_main:
+            log.info(
+                "training %s (%s) on %s: %d train / %d val shards, seq %d, global batch %d = "
+                "%d micro x %d ranks x %d accumulation",
+                args.model,
+                model_config.padded_vocab_size,
+                ctx.device,
+                len(data.train),
+                len(data.val),
+                config.seq_len,
+                config.global_batch_size,
+                config.micro_batch_size,
+                ctx.world_size,
+                worker.accumulation_steps,
+            )
+        while worker.step < args.steps:
+            stop = _next_stop(worker.step, args)
+            batches = train_batches(data, plan, worker.step, stop - worker.step)
+            with contextlib.closing(batches):
+                stats = worker.train_steps(batches, stop - worker.step)
+            if ctx.is_main:
+                _log_chunk(stats, worker)
+            _evaluate_and_save(worker, data, plan, args, final=worker.step >= args.steps)
+
+
+def _evaluate_and_save(
+    worker: TrainWorker, data: LocalDataset, plan: BatchPlan, args: argparse.Namespace, final: bool
+) -> None:
+    step = worker.step
+    if data.val and args.eval_every_steps and (step % args.eval_every_steps == 0 or final):
+        batches = validation_batches(data, plan, args.eval_batches)
+        with contextlib.closing(batches):
+            loss = worker.evaluate(batches)
+        if worker.context.is_main:
+            log.info("step %d | val loss %.4f", step, loss)
+    due = args.save_every_steps and step % args.save_every_steps == 0
+    if args.save and (due or final):
+        worker.save_checkpoint(args.save)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    env = LaunchEnv.from_environ(os.environ)
+    try:
+        train(args, env)
+    except TplrError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        if exc.hint:
+            print(f"hint: {exc.hint}", file=sys.stderr)
+        return 2
+    return 0
