@@ -409,8 +409,9 @@ def dataset_opener(seq_len: int, *, vocab_size: int | None = None) -> OpenShard:
             paths[0],
             ids_path=paths[1] if len(paths) > 1 else None,
             seq_len=seq_len,
-            shard_index=spec.index,
+            shard_index=spec.number,
             vocab_size=vocab_size,
+            recorded_max_token_id=spec.max_token_id,
         )
 
     return _open

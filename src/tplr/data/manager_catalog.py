@@ -26,6 +26,8 @@ class ShardSpec:
     index: int  # position in the schedule (train) or among the validation shards
     keys: tuple[str, ...]
     sizes: tuple[int, ...]
+    number: int  # the shard number in its file names (seeds derived llm.c sample ids)
+    max_token_id: int | None = None  # recorded in the manifest, when it has one
 
     @property
     def size_bytes(self) -> int:
@@ -52,7 +54,14 @@ class ShardCatalog:
 
         def specs(items: list[dict]) -> tuple[ShardSpec, ...]:
             return tuple(
-                ShardSpec(int(s["index"]), tuple(s["keys"]), tuple(s["sizes"])) for s in items
+                ShardSpec(
+                    int(s["index"]),
+                    tuple(s["keys"]),
+                    tuple(s["sizes"]),
+                    int(s["number"]),
+                    s.get("max_token_id"),
+                )
+                for s in items
             )
 
         return cls(specs(data["train"]), specs(data["val"]), data["manifest_json"])
@@ -84,11 +93,24 @@ async def discover_catalog(store: ObjectStore, prefix: str, val_shards: int | No
 
     def specs(groups: tuple[ShardGroup, ...]) -> tuple[ShardSpec, ...]:
         return tuple(
-            ShardSpec(position, group.keys, tuple(sizes[k] for k in group.keys))
+            ShardSpec(
+                position,
+                group.keys,
+                tuple(sizes[k] for k in group.keys),
+                group.index,
+                _recorded_max(manifest, group.tokens_key),
+            )
             for position, group in enumerate(groups)
         )
 
     return ShardCatalog(specs(layout.train), specs(layout.val), manifest_json)
+
+
+def _recorded_max(manifest: Manifest | None, key: str) -> int | None:
+    if manifest is None or key not in manifest.files:
+        return None
+    value = (manifest.files[key].model_extra or {}).get("max_token_id")
+    return int(value) if value is not None else None
 
 
 class RankChannel(Protocol):
