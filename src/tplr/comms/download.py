@@ -40,11 +40,16 @@ from tplr.comms.download_parts import (
     PartFetcher,
     Verification,
 )
-from tplr.comms.download_plan import STREAM_FALLBACK_BUFFER_BYTES, plan_download
+from tplr.comms.download_plan import (
+    STREAM_FALLBACK_BUFFER_BYTES,
+    DownloadPlan,
+    Part,
+    plan_download,
+)
 from tplr.comms.download_sidecar import Sidecar
-from tplr.comms.download_source import range_opener
+from tplr.comms.download_source import range_source
 from tplr.comms.errors import IntegrityError, PreconditionFailed
-from tplr.comms.journal import JournalHeader
+from tplr.comms.journal import JournalHeader, PartRecord
 from tplr.comms.manifest import Manifest
 from tplr.comms.progress import Progress, make_progress
 from tplr.comms.retry import reason_of, retry
@@ -232,42 +237,18 @@ class _Download:
             workers=self.config.download_max_workers,
             fixed_part_size=verification.fixed_part_size(self.config.download_part_size),
         )
-        header = JournalHeader(self.key, info.size, info.etag, plan.part_size)
-        sidecar = Sidecar(self.dest, header)
+        sidecar = Sidecar(self.dest, JournalHeader(self.key, info.size, info.etag, plan.part_size))
         await asyncio.to_thread(self.dest.parent.mkdir, parents=True, exist_ok=True)
         done = await asyncio.to_thread(sidecar.open, self.probe)
-        slots = self.shared_slots or TransferSlots(plan.workers)
-        fetcher = PartFetcher(
-            store=self.store,
-            key=self.key,
-            etag=info.etag,
-            sidecar=sidecar,
-            verification=verification,
-            part_md5=verification.wants_part_md5(plan.part_size),
-            policy=self.policy,
-            metrics=self.metrics,
-            progress=self.progress,
-            slots=slots,
-            pool=BufferPool(slots.limit, min(plan.part_size, STREAM_FALLBACK_BUFFER_BYTES)),
-            opener=range_opener(self.store),
-            on_retry=self.on_retry,
-        )
-        missing = [p for p in plan.parts() if p.index not in done]
-        resumed_bytes = info.size - sum(p.length for p in missing)
         if done:
             count = (len(done), plan.part_count)
             log.info("%s: resuming, %d of %d parts already present", self.location, *count)
+        resumed_bytes = sum(plan.part(i).length for i in done)
         self.progress.start(PurePosixPath(self.key).name, info.size, resumed_bytes)
         try:
-            await self.fetch(fetcher, sidecar, missing)
-            records = {**done, **fetcher.completed}
-            checked, note = await verification.verify_object(sidecar, info, records, plan)
-            await asyncio.to_thread(sidecar.publish, fsync=self.fsync_on_publish)
-        except ObjectReplaced:
-            await asyncio.to_thread(sidecar.discard)
-            raise
-        except ObjectIntegrityError:
-            await asyncio.to_thread(sidecar.discard)
+            checked, note = await self.transfer(info, plan, verification, sidecar, done)
+        except (ObjectReplaced, ObjectIntegrityError):
+            await asyncio.to_thread(sidecar.discard)  # nothing of it can be trusted
             raise
         finally:
             self.progress.close()
@@ -284,6 +265,38 @@ class _Download:
             verified=checked,
             note=note,
         )
+
+    async def transfer(
+        self,
+        info: ObjectInfo,
+        plan: DownloadPlan,
+        verification: Verification,
+        sidecar: Sidecar,
+        done: dict[int, PartRecord],
+    ) -> tuple[str, str]:
+        """Fetch the missing parts, verify the object and publish it."""
+        slots = self.shared_slots or TransferSlots(plan.workers)
+        async with range_source(self.store, self.key, self.config) as opener:
+            fetcher = PartFetcher(
+                store=self.store,
+                key=self.key,
+                etag=info.etag,
+                sidecar=sidecar,
+                verification=verification,
+                part_md5=verification.wants_part_md5(plan.part_size),
+                policy=self.policy,
+                metrics=self.metrics,
+                progress=self.progress,
+                slots=slots,
+                pool=BufferPool(slots.limit, min(plan.part_size, STREAM_FALLBACK_BUFFER_BYTES)),
+                opener=opener,
+                on_retry=self.on_retry,
+            )
+            await self.fetch(fetcher, sidecar, [p for p in plan.parts() if p.index not in done])
+        records = {**done, **fetcher.completed}
+        checked, note = await verification.verify_object(sidecar, info, records, plan)
+        await asyncio.to_thread(sidecar.publish, fsync=self.fsync_on_publish)
+        return checked, note
 
     def choose_verification(self, info: ObjectInfo) -> Verification:
         mode = self.verify
@@ -319,7 +332,7 @@ class _Download:
             metrics=self.metrics,
         )
 
-    async def fetch(self, fetcher: PartFetcher, sidecar: Sidecar, missing: list) -> None:
+    async def fetch(self, fetcher: PartFetcher, sidecar: Sidecar, missing: list[Part]) -> None:
         """Fetch ``missing`` parts; checkpoint periodically and on any exit but success."""
         all_fetched = asyncio.Event()
         lock = asyncio.Lock()

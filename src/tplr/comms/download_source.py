@@ -1,26 +1,33 @@
-"""Where a part's bytes come from: one streamed ranged GET, or buffer-sized ``get_range`` calls.
+"""Where a part's bytes come from, fastest first.
 
-A store that can stream a range implements :class:`RangeStreamingStore` (``open_range``):
-the part is one request and its body arrives in socket-sized ``bytes`` chunks, so memory
-stays small even for 64 MiB parts and the request's latency is paid once per part. Any
-other :class:`~tplr.comms.store.ObjectStore` is read through ``get_range`` into a buffer
-lent by a :class:`~tplr.comms.buffers.BufferPool`, one buffer-sized request at a time.
+1. A store that can presign a GET URL (``S3Store``): ranged GETs of that one URL on
+   keep-alive connections that receive straight into reusable buffers
+   (:mod:`tplr.comms.download_http`): one request per part, no copy in user space.
+2. A store that streams a range (:class:`RangeStreamingStore`, ``open_range``): one
+   request per part, its body in the chunks the socket delivers.
+3. Any :class:`~tplr.comms.store.ObjectStore`: ``get_range`` into a buffer lent by a
+   :class:`~tplr.comms.buffers.BufferPool`, one buffer-sized request at a time (the
+   local store; memory stays ``slots x buffer``).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from tplr.comms.buffers import BufferPool
+from tplr.comms.download_http import URL_EXPIRES_S, PresignedRangeReader
+from tplr.comms.errors import StoreError, Throttled
 from tplr.comms.store import ObjectStore
+from tplr.comms.transfer_config import TransferConfig
 
 Chunk = bytes | memoryview
 """``bytes`` chunks may be kept; a ``memoryview`` is only valid until the next chunk."""
 
-RangeOpener = Callable[..., AbstractAsyncContextManager[AsyncIterator[bytes]]]
+RangeOpener = Callable[..., AbstractAsyncContextManager[AsyncIterator[Chunk]]]
+"""``opener(key, offset, length, if_match=...)``: ``async with`` it to iterate chunks."""
 
 
 @runtime_checkable
@@ -29,26 +36,81 @@ class RangeStreamingStore(Protocol):
 
     def open_range(
         self, key: str, offset: int, length: int, *, if_match: str | None = None
-    ) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
-        """Yield exactly ``length`` bytes as ``bytes`` chunks, or raise a typed error:
-        ``TransientError`` for a short body, ``PreconditionFailed`` if the ETag is not
-        ``if_match``."""
-        ...
+    ) -> AbstractAsyncContextManager[AsyncIterator[bytes]]: ...
 
 
-def range_opener(store: ObjectStore) -> RangeOpener | None:
-    """The store's streaming GET, if it has one."""
-    if isinstance(store, RangeStreamingStore):
-        return store.open_range
+@runtime_checkable
+class PresigningStore(Protocol):
+    """Optional store capability: a URL that GETs ``key`` without credentials until it
+    expires, plus what the range reader needs to behave like the store."""
+
+    async def presigned_get_url(self, key: str, expires_s: int) -> str: ...
+
+
+def _presigner(store: ObjectStore) -> Callable[[str, int], Awaitable[str]] | None:
+    if isinstance(store, PresigningStore):
+        return store.presigned_get_url
     from tplr.comms.s3_store import S3Store
 
-    if isinstance(store, S3Store):  # until S3Store.open_range lands (see the _tmp module)
-        from tplr.comms.download_s3_stream_tmp import open_s3_range
+    if isinstance(store, S3Store):
+        # TEMPORARY, until S3Store offers presigned_get_url(key, expires_s) itself.
+        async def presign(key: str, expires_s: int) -> str:
+            return await store._client.generate_presigned_url(
+                "get_object", Params={"Bucket": store.bucket_name, "Key": key}, ExpiresIn=expires_s
+            )
 
-        return lambda key, offset, length, *, if_match=None: open_s3_range(
-            store, key, offset, length, if_match=if_match
-        )
+        return presign
     return None
+
+
+def _s3_error_mapper(store: Any, key: str) -> Callable[[int, str, str], StoreError]:
+    """Map an error answer exactly as the S3 store maps its own (and slow its throttle)."""
+    from botocore.exceptions import ClientError
+
+    from tplr.comms.s3_store import map_s3_error
+
+    def map_error(status: int, code: str, message: str) -> StoreError:
+        response = {
+            "Error": {"Code": code, "Message": message},
+            "ResponseMetadata": {"HTTPStatusCode": status},
+        }
+        error = map_s3_error(
+            ClientError(response, "GetObject"),  # type: ignore[arg-type]
+            location=store.url(key),
+            endpoint=getattr(store, "endpoint", "?"),
+            operation="GET",
+        )
+        if isinstance(error, Throttled) and getattr(store, "throttle", None) is not None:
+            store.throttle.slow_down()
+        return error
+
+    return map_error
+
+
+@contextlib.asynccontextmanager
+async def range_source(
+    store: ObjectStore, key: str, config: TransferConfig
+) -> AsyncIterator[RangeOpener | None]:
+    """The fastest way ``store`` offers to stream ranges of ``key`` (None: use get_range)."""
+    presign = _presigner(store)
+    if presign is not None:
+        reader = PresignedRangeReader(
+            lambda: presign(key, URL_EXPIRES_S),
+            location=store.url(key),
+            connect_timeout_s=config.transfer_connect_timeout_s,
+            read_timeout_s=config.transfer_read_timeout_s,
+            map_error=_s3_error_mapper(store, key),
+            throttle=getattr(store, "throttle", None),
+        )
+        async with reader:
+            yield lambda _key, offset, length, *, if_match=None: reader.open(
+                offset, length, if_match=if_match
+            )
+        return
+    if isinstance(store, RangeStreamingStore):
+        yield store.open_range
+        return
+    yield None
 
 
 async def _via_get_range(

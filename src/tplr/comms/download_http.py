@@ -1,0 +1,358 @@
+"""Ranged GETs of one presigned URL, received straight into reusable buffers.
+
+The hot path of a large download is moving bytes from sockets to the page cache. Through
+aiohttp every byte is copied three times in user space (uvloop's read buffer, the HTTP
+parser's body slice, the stream reader's join) on the event-loop thread. Here each
+connection is an :class:`asyncio.BufferedProtocol` that receives into its own buffer,
+and the part fetcher writes that memory to the file from a worker thread: the kernel's
+copy is the only one. On a 2-core machine this is what lets the loop keep up with
+dozens of streams.
+
+One presigned GET URL (SigV4 query authentication, made by the store) serves every part
+of an object: ``Range`` and ``If-Match`` are plain headers, not part of the signature.
+Answers other than 206 are read and mapped to the same typed errors as the store's
+(:func:`tplr.comms.s3_store.map_s3_error`); ``SlowDown`` also slows the store's throttle.
+Connections are kept alive and reused; at most one per concurrent part.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import ssl
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+from tplr.comms.errors import InvalidRequest, PreconditionFailed, StoreError, TransientError
+
+RECEIVE_BUFFER_BYTES = 512 * 1024
+URL_EXPIRES_S = 3600  # what the URL is signed for
+URL_TTL_S = 3000.0  # when it is replaced by a fresh one
+_MAX_ERROR_BODY_BYTES = 64 * 1024
+_CODE_RE = re.compile(rb"<Code>([^<]*)</Code>")
+_MESSAGE_RE = re.compile(rb"<Message>([^<]*)</Message>")
+
+ErrorMapper = Callable[[int, str, str], StoreError]
+"""(HTTP status, S3 error code, message) -> the typed error to raise."""
+
+
+class _Connection(asyncio.BufferedProtocol):
+    """One keep-alive connection receiving into ``buffer``.
+
+    The protocol appends at ``fill``; the reader consumes from ``pos``. Bytes in
+    ``[pos, fill)`` that the reader has taken stay untouched until it calls
+    :meth:`consume`, so the receive continues behind them while a thread writes them out.
+    When the buffer is full the transport pauses until everything is consumed.
+    """
+
+    def __init__(self, buffer_bytes: int) -> None:
+        self.buffer = bytearray(buffer_bytes)
+        self.view = memoryview(self.buffer)
+        self.fill = 0
+        self.pos = 0
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.lost: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._paused = False
+
+    # -- protocol callbacks (event loop) -----------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.view[self.fill :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.fill += nbytes
+        if self.fill == len(self.buffer) and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self.closed = True
+        self._wake()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.lost = exc
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # -- reader side -------------------------------------------------------------------
+
+    @property
+    def available(self) -> int:
+        return self.fill - self.pos
+
+    async def wait_for_more(self, than: int, timeout_s: float) -> None:
+        """Wait until more than ``than`` bytes are available (or the peer closed)."""
+        async with asyncio.timeout(timeout_s):
+            while self.available <= than and not self.closed:
+                self._waiter = asyncio.get_running_loop().create_future()
+                await self._waiter
+
+    def consume(self, nbytes: int) -> None:
+        self.pos += nbytes
+        if self.pos == self.fill:  # nothing pending: start over at the buffer's head
+            self.pos = self.fill = 0
+            if self._paused and self.transport is not None:
+                self._paused = False
+                self.transport.resume_reading()
+
+    def reusable(self) -> bool:
+        return not self.closed and self.available == 0
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+
+def _parse_head(head: bytes) -> tuple[int, dict[str, str]]:
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+        raise InvalidRequest(f"not an HTTP/1.x response: {lines[0][:80]!r}")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(parts[1]), headers
+
+
+class PresignedRangeReader:
+    """``async with PresignedRangeReader(url, ...) as reader:`` then ``reader.open(...)``.
+
+    ``open(offset, length, if_match=...)`` is a context manager yielding an async iterator
+    of ``memoryview`` chunks, each valid until the next is requested.
+    """
+
+    def __init__(
+        self,
+        url_factory: Callable[[], Awaitable[str]],
+        *,
+        location: str,
+        connect_timeout_s: float,
+        read_timeout_s: float,
+        map_error: ErrorMapper,
+        throttle: Any = None,
+        buffer_bytes: int = RECEIVE_BUFFER_BYTES,
+        url_ttl_s: float = URL_TTL_S,
+    ) -> None:
+        self._url_factory = url_factory
+        self._url = ""
+        self._url_made = 0.0
+        self._url_ttl_s = url_ttl_s
+        self.location = location
+        self._connect_timeout_s = connect_timeout_s
+        self._read_timeout_s = read_timeout_s
+        self._map_error = map_error
+        self._throttle = throttle
+        self._buffer_bytes = buffer_bytes
+        self._idle: list[_Connection] = []
+        self._ssl: ssl.SSLContext | None = None
+
+    async def __aenter__(self) -> PresignedRangeReader:
+        await self._refresh_url()
+        return self
+
+    async def _refresh_url(self) -> None:
+        self._url = await self._url_factory()
+        self._url_made = time.monotonic()
+
+    async def _current_url(self) -> str:
+        if time.monotonic() - self._url_made > self._url_ttl_s:  # presigned URLs expire
+            await self._refresh_url()
+        return self._url
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        idle, self._idle = self._idle, []
+        for connection in idle:
+            connection.close()
+
+    # -- connections -------------------------------------------------------------------
+
+    async def _connect(self, url: str) -> _Connection:
+        while self._idle:
+            connection = self._idle.pop()
+            if connection.reusable():
+                return connection
+            connection.close()
+        parts = urlsplit(url)
+        secure = parts.scheme == "https"
+        if secure and self._ssl is None:
+            self._ssl = ssl.create_default_context()
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self._connect_timeout_s):
+                _, connection = await loop.create_connection(
+                    lambda: _Connection(self._buffer_bytes),
+                    parts.hostname,
+                    parts.port or (443 if secure else 80),
+                    ssl=self._ssl if secure else None,
+                )
+        except (OSError, TimeoutError) as exc:
+            raise TransientError(
+                f"cannot connect to {parts.scheme}://{parts.netloc} for {self.location}:"
+                f" {type(exc).__name__}: {exc}",
+                location=self.location,
+            ) from exc
+        return connection
+
+    @staticmethod
+    def _request_bytes(url: str, offset: int, length: int, if_match: str | None) -> bytes:
+        parts = urlsplit(url)
+        target = parts.path + (f"?{parts.query}" if parts.query else "")
+        lines = [
+            f"GET {target} HTTP/1.1",
+            f"Host: {parts.netloc}",
+            f"Range: bytes={offset}-{offset + length - 1}",
+            "Accept-Encoding: identity",
+            "User-Agent: tplr-download",
+        ]
+        if if_match is not None:
+            lines.append(f'If-Match: "{if_match.strip(chr(34))}"')
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+    # -- one ranged GET ----------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def open(
+        self, offset: int, length: int, *, if_match: str | None = None
+    ) -> AsyncIterator[AsyncIterator[memoryview]]:
+        where = f"GET {self.location} bytes {offset}-{offset + length - 1}"
+        url = await self._current_url()
+        throttle = self._throttle if self._throttle is not None else contextlib.nullcontext()
+        async with throttle:
+            connection = await self._connect(url)
+        reuse = False
+        try:
+            assert connection.transport is not None
+            connection.transport.write(self._request_bytes(url, offset, length, if_match))
+            status, headers = await self._read_head(connection, where)
+            whole = status == 200 and offset == 0 and headers.get("content-length") == str(length)
+            if status != 206 and not whole:
+                await self._raise_for(connection, status, headers, where)
+            self._check_answer(headers, offset, length, if_match, where, whole=whole)
+            body = self._body(connection, length, where)
+            async with contextlib.aclosing(body) as chunks:
+                yield chunks
+            reuse = connection.reusable() and headers.get("connection", "").lower() != "close"
+        finally:
+            if reuse:
+                self._idle.append(connection)
+            else:
+                connection.close()
+
+    async def _read_head(self, connection: _Connection, where: str) -> tuple[int, dict[str, str]]:
+        while True:
+            end = connection.buffer.find(b"\r\n\r\n", connection.pos, connection.fill)
+            if end >= 0:
+                break
+            if connection.closed:
+                raise TransientError(
+                    f"connection closed before an answer: {where}", location=self.location
+                )
+            if connection.fill == len(connection.buffer):
+                raise InvalidRequest(f"response head too large: {where}", location=self.location)
+            await self._wait(connection, connection.available, where)
+        head = bytes(connection.view[connection.pos : end])
+        connection.consume(end + 4 - connection.pos)
+        return _parse_head(head)
+
+    async def _wait(self, connection: _Connection, than: int, where: str) -> None:
+        try:
+            await connection.wait_for_more(than, self._read_timeout_s)
+        except TimeoutError as exc:
+            raise TransientError(
+                f"timed out: no data for {self._read_timeout_s:g} s: {where}",
+                location=self.location,
+            ) from exc
+
+    async def _body(
+        self, connection: _Connection, length: int, where: str
+    ) -> AsyncIterator[memoryview]:
+        left = length
+        while left > 0:
+            if connection.available == 0:
+                if connection.closed:
+                    raise TransientError(
+                        f"short read: {where} ended after {length - left} of {length} bytes"
+                        f" ({type(connection.lost).__name__ if connection.lost else 'closed'})",
+                        location=self.location,
+                    )
+                await self._wait(connection, 0, where)
+                continue
+            take = min(connection.available, left)
+            yield connection.view[connection.pos : connection.pos + take]
+            connection.consume(take)
+            left -= take
+
+    def _check_answer(
+        self,
+        headers: dict[str, str],
+        offset: int,
+        length: int,
+        if_match: str | None,
+        where: str,
+        *,
+        whole: bool,
+    ) -> None:
+        etag = headers.get("etag", "").strip('"')
+        if if_match is not None and etag and etag != if_match.strip('"'):
+            raise PreconditionFailed(
+                f"object changed: {where} answered ETag {etag}", location=self.location
+            )
+        if whole:
+            return
+        expected = f"bytes {offset}-{offset + length - 1}/"
+        declared = headers.get("content-length", "")
+        if not headers.get("content-range", "").startswith(expected) or declared != str(length):
+            raise InvalidRequest(
+                f"unexpected answer to {where}: Content-Range"
+                f" {headers.get('content-range')!r}, Content-Length {declared!r}",
+                location=self.location,
+            )
+
+    async def _raise_for(
+        self, connection: _Connection, status: int, headers: dict[str, str], where: str
+    ) -> None:
+        if status == 200:
+            raise InvalidRequest(
+                f"the endpoint ignored the Range header of {where} (HTTP 200)",
+                location=self.location,
+                hint="use an S3-compatible endpoint that supports ranged GETs",
+            )
+        body = await self._error_body(connection, headers, where)
+        code_match, message_match = _CODE_RE.search(body), _MESSAGE_RE.search(body)
+        code = code_match.group(1).decode("utf-8", "replace") if code_match else str(status)
+        message = message_match.group(1).decode("utf-8", "replace") if message_match else ""
+        if status == 412 or code == "PreconditionFailed":
+            raise PreconditionFailed(f"object changed: {where}", location=self.location)
+        raise self._map_error(status, code, message)
+
+    async def _error_body(
+        self, connection: _Connection, headers: dict[str, str], where: str
+    ) -> bytes:
+        """The (small) body of an error answer; best effort, the connection is dropped."""
+        wanted = min(int(headers.get("content-length", "0") or 0), _MAX_ERROR_BODY_BYTES)
+        if headers.get("transfer-encoding", "").lower() == "chunked":
+            wanted = _MAX_ERROR_BODY_BYTES
+        with contextlib.suppress(TransientError):
+            while connection.available < wanted and not connection.closed:
+                if b"</Error>" in connection.buffer[connection.pos : connection.fill]:
+                    break
+                await self._wait(connection, connection.available, where)
+        body = bytes(connection.view[connection.pos : connection.fill])
+        connection.closed = True  # never reuse a connection after an error answer
+        return body
