@@ -179,8 +179,10 @@ def test_compose_file_is_valid_and_wires_the_stack(tmp_path: Path):
         assert "ports" not in node, "nodes are scraped over the compose network"
         devices = node["deploy"]["resources"]["reservations"]["devices"]
         assert devices == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
-        expected_volumes = {"/data/shards": "shards", "/data/checkpoints": "checkpoints"}
-        assert volume_targets(node) == expected_volumes
+        volumes = volume_targets(node)
+        assert volumes["/data/shards"] == "shards"
+        assert volumes["/data/checkpoints"] == "checkpoints"
+        assert Path(volumes["/config"]) == tmp_path / "config", "the peers file's folder"
     named = {v for s in services.values() for v in volume_targets(s).values() if "/" not in v}
     assert named <= set(config["volumes"])
     prometheus_mounts = volume_targets(services["prometheus"])
