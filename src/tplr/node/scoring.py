@@ -6,7 +6,7 @@ step (:func:`measure_delta`). The window score is the relative improvement on th
 assigned samples beyond the relative improvement on random ones::
 
     gain(before, after) = (before - after) / before
-    window_score = max(0, gain(assigned) - gain(random))
+    window_score = max(0, gain(assigned) - gain(random))   (0 when gain(assigned) <= 0)
 
 A Δ that merely helps everywhere (or was computed on other data) earns nothing beyond
 what random data shows; only work on the assigned samples does. Scores are smoothed
@@ -73,9 +73,15 @@ def relative_gain(before: float, after: float) -> float:
 
 
 def window_score(measurement: LossMeasurement) -> float:
-    """Improvement on the assigned samples beyond the improvement on random samples (≥ 0)."""
+    """Improvement on the assigned samples beyond the improvement on random samples (≥ 0).
+
+    A Δ that does not improve the assigned samples at all earns 0, even if it harms random
+    samples more (noise that hurts everything must not score by hurting random data most).
+    """
     assigned = relative_gain(measurement.assigned_before, measurement.assigned_after)
     random = relative_gain(measurement.random_before, measurement.random_after)
+    if assigned <= 0:
+        return 0.0
     return max(0.0, assigned - random)
 
 
