@@ -1,0 +1,31 @@
+"""tplr miner: train on the assigned samples each window, publish compressed pseudo-gradients.
+
+    python neurons/miner.py --uid 1            # embedded store under ./.tplr/ (no R2 keys)
+    python neurons/miner.py --help             # every setting, its env var and its default
+
+Settings come from flags, the environment and .env (flags win). The run's hyperparameters
+come from the lead validator's run.json.
+"""
+
+from __future__ import annotations
+
+from tplr.errors import TplrError
+from tplr.node.lifecycle import EXIT_CONFIG, configure_process, report_error, run_node
+from tplr.node.miner import run_miner
+from tplr.node.settings_cli import load_settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        settings = load_settings("miner", argv)
+    except TplrError as exc:
+        report_error(exc)
+        return EXIT_CONFIG
+    configure_process(log_level=settings.node.log_level, torch_threads=settings.node.torch_threads)
+    return run_node(
+        lambda shutdown: run_miner(settings, shutdown), grace_s=settings.node.stop_grace_s
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,31 @@
+"""tplr validator: score the miners each window, publish scores, peer lists and (lead) checkpoints.
+
+    python neurons/validator.py --lead --uid 0  # the lead: creates run.json, publishes checkpoints
+    python neurons/validator.py --help          # every setting, its env var and its default
+
+Settings come from flags, the environment and .env (flags win). The run's hyperparameters
+come from run.json, which the lead creates from its own settings.
+"""
+
+from __future__ import annotations
+
+from tplr.errors import TplrError
+from tplr.node.lifecycle import EXIT_CONFIG, configure_process, report_error, run_node
+from tplr.node.settings_cli import load_settings
+from tplr.node.validator import run_validator
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        settings = load_settings("validator", argv)
+    except TplrError as exc:
+        report_error(exc)
+        return EXIT_CONFIG
+    configure_process(log_level=settings.node.log_level, torch_threads=settings.node.torch_threads)
+    return run_node(
+        lambda shutdown: run_validator(settings, shutdown), grace_s=settings.node.stop_grace_s
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,217 @@
+"""The miner: per window, train on the assigned samples, publish the compressed Δ, then apply
+the peers' aggregate.
+
+Window ``w``:
+
+1. The assigned samples (sampler of ``(seed, uid, w, shard)``), batches from the loader.
+2. ``snapshot()``; ``inner_steps`` optimizer steps; ``Δ = θ_start − θ_end``; ``restore()``.
+3. Error feedback and chunked top-k (the run's chunk size and k), values in bf16/fp16.
+4. Upload ``gradients/{w}/{uid}.safetensors`` before the window's upload deadline.
+5. At ``w + 1``: the outer step of ``w`` (:class:`~tplr.node.global_model.GlobalModel`),
+   identical on every honest node; a node that is behind loads the lead's checkpoint and
+   replays. Then its own payloads older than ``retention_windows`` are deleted.
+
+Compute runs in worker threads; the event loop keeps serving transfers and ``/metrics``.
+The hooks :meth:`Miner.assignment` and :meth:`Miner.produce_payload` are the seams where
+the integration test's adversaries deviate from honest behaviour.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import re
+import time
+from dataclasses import dataclass
+
+from tplr.comms.upload import upload_bytes
+from tplr.data.dataset import SharedShardedDataset
+from tplr.data.loader import BatchLoader, LoaderConfig
+from tplr.node.assignment import Assignment, assignment_for
+from tplr.node.global_model import GlobalModel, StepResult
+from tplr.node.lifecycle import Shutdown
+from tplr.node.payload import PayloadMeta, encode_payload, payload_key
+from tplr.node.reports import REPORTS_PREFIX, WindowReport, publish_report
+from tplr.node.runtime import NodeRuntime, check_retention, open_runtime
+from tplr.node.settings import MinerConfig, NodeSettings
+from tplr.train.compression import CompressedTensor, CompressionError, ErrorFeedbackCompressor
+from tplr.train.errors import TrainingDivergedError
+from tplr.train.worker import TrainStats
+
+log = logging.getLogger(__name__)
+
+_OWN_PAYLOAD_KEY = re.compile(r"^gradients/(\d+)/(\d+)\.safetensors$")
+_OWN_REPORT_KEY = re.compile(r"^reports/(\d+)\.json$")
+
+
+@dataclass
+class WindowWork:
+    """What the miner did in one window."""
+
+    window: int
+    stats: TrainStats | None = None
+    uploaded_bytes: int = 0
+
+
+class Miner:
+    def __init__(self, rt: NodeRuntime, config: MinerConfig) -> None:
+        self.rt = rt
+        self.config = config
+        self.model = GlobalModel(rt)
+        self.compressor = ErrorFeedbackCompressor(rt.spec.compression_settings())
+        self.work: WindowWork | None = None
+
+    # -- the window loop ---------------------------------------------------------------
+    async def run(self) -> None:
+        rt = self.rt
+        window = await rt.first_window()
+        await self.model.catch_up(window)
+        while not rt.shutdown.requested:
+            if window > 0 and not await self.model.agrees_with_lead(window - 1):
+                await self.model.catch_up(window)
+            self.work = await self.work_window(window)
+            reached, _ = await rt.shutdown.unless_stopped(rt.windows.wait_for_window(window + 1))
+            if not reached:
+                break
+            now = rt.windows.current_window()
+            steps = await self.model.catch_up(now)
+            await self.finish_window(window, steps)
+            window = now
+
+    async def work_window(self, window: int) -> WindowWork:
+        """Train, compress and upload for ``window`` (skipping what cannot be done in time)."""
+        work = WindowWork(window)
+        dataset = await self.rt.manager.dataset_for(window)
+        assignment = self.assignment(dataset, window)
+        try:
+            data, work.stats = await self.produce_payload(dataset, assignment)
+        except (TrainingDivergedError, CompressionError) as exc:
+            log.error("window %d: no payload this window: %s", window, exc)
+            return work
+        if self.rt.shutdown.requested:
+            log.info("window %d: stopping before the upload", window)
+            return work
+        work.uploaded_bytes = await self.upload(window, data)
+        return work
+
+    # -- hooks -------------------------------------------------------------------------
+    def assignment(self, dataset: SharedShardedDataset, window: int) -> Assignment:
+        """The samples to train on (an adversary trains on others)."""
+        return assignment_for(self.rt.spec, dataset, self.rt.uid, window)
+
+    async def produce_payload(
+        self, dataset: SharedShardedDataset, assignment: Assignment
+    ) -> tuple[bytes, TrainStats | None]:
+        """Train on ``assignment`` and encode the compressed Δ (an adversary forges it)."""
+        stats, compressed = await asyncio.to_thread(self.train_and_compress, dataset, assignment)
+        self.observe_training(stats)
+        meta = PayloadMeta(
+            run_id=self.rt.spec.run_id,
+            window=assignment.window,
+            uid=self.rt.uid,
+            sample_digest=assignment.digest,
+            sample_count=assignment.count,
+        )
+        data = await asyncio.to_thread(encode_payload, meta, compressed)
+        return data, stats
+
+    # -- steps ---------------------------------------------------------------------------
+    def train_and_compress(
+        self, dataset: SharedShardedDataset, assignment: Assignment
+    ) -> tuple[TrainStats, dict[str, CompressedTensor]]:
+        """Inner steps from θ_start, Δ = θ_start − θ_end, restore θ_start, compress. Blocking."""
+        worker, spec = self.rt.worker, self.rt.spec
+        snapshot = worker.snapshot()
+        try:
+            loader_config = LoaderConfig(batch_size=spec.micro_batch_size)
+            with BatchLoader(
+                dataset, assignment.indices, config=loader_config, device=worker.device
+            ) as batches:
+                stats = worker.train_steps(batches, spec.inner_steps)
+            delta = worker.pseudo_gradient(snapshot)
+        finally:
+            worker.restore(snapshot)  # the outer step starts from θ_start on every node
+        return stats, self.compressor.compress(delta)
+
+    def observe_training(self, stats: TrainStats) -> None:
+        metrics = self.rt.metrics
+        mfu = math.nan if stats.mfu is None else stats.mfu
+        metrics.observe_training(loss=stats.loss, tokens_per_second=stats.tokens_per_s, mfu=mfu)
+        per_step_s = stats.seconds / stats.steps
+        for _ in range(stats.steps):
+            metrics.inner_step_seconds.observe(per_step_s)
+
+    async def upload(self, window: int, data: bytes) -> int:
+        """Upload before the deadline; a missed deadline is logged, not fatal. Returns bytes."""
+        rt = self.rt
+        remaining_s = rt.windows.seconds_until_upload_deadline(window)
+        key = payload_key(window, rt.uid)
+        if remaining_s <= 0:
+            log.warning("window %d: finished %.1fs after the upload deadline", window, -remaining_s)
+            return 0
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(remaining_s):
+                await upload_bytes(
+                    rt.stores.own, data, key, config=rt.transfer, metrics=rt.transfer_metrics
+                )
+        except TimeoutError:
+            log.warning("window %d: upload of %s missed the deadline", window, key)
+            return 0
+        rt.metrics.record_upload(seconds=time.monotonic() - started, payload_bytes=len(data))
+        log.info("window %d: uploaded %s (%d bytes)", window, rt.stores.own.url(key), len(data))
+        return len(data)
+
+    async def finish_window(self, window: int, steps: list[StepResult]) -> None:
+        rt = self.rt
+        own_step = next((step for step in steps if step.window == window), None)
+        if own_step is not None:
+            await publish_report(rt.stores.own, self.report(window, own_step))
+        rt.progress.mark_progress(window)
+        rt.metrics.mark_progress(window)
+        await self.prune(before=window - self.config.retention_windows)
+
+    def report(self, window: int, step: StepResult) -> WindowReport:
+        work = self.work if self.work is not None and self.work.window == window else None
+        return WindowReport(
+            run_id=self.rt.spec.run_id,
+            role="miner",
+            uid=self.rt.uid,
+            window=window,
+            aggregated_uids=tuple(step.aggregated),
+            rejected={str(uid): reason for uid, reason in step.rejected.items()},
+            model_digest=step.digest,
+            outer_step_norm=None if step.stats is None else step.stats.outer_step_norm,
+            train_loss=None if work is None or work.stats is None else work.stats.loss,
+            uploaded_bytes=0 if work is None else work.uploaded_bytes,
+            downloaded_bytes=step.downloaded_bytes,
+            finished_at_s=self.rt.clock.now(),
+        )
+
+    async def prune(self, *, before: int) -> None:
+        """Delete own payloads and reports of windows ``< before`` (retention)."""
+        store = self.rt.stores.own
+        victims = [
+            info.key
+            async for info in store.list("gradients/")
+            if (match := _OWN_PAYLOAD_KEY.match(info.key)) and int(match.group(1)) < before
+        ]
+        victims += [
+            info.key
+            async for info in store.list(REPORTS_PREFIX)
+            if (match := _OWN_REPORT_KEY.match(info.key)) and int(match.group(1)) < before
+        ]
+        for key in victims:
+            await store.delete(key)
+
+
+async def run_miner(settings: NodeSettings, shutdown: Shutdown) -> None:
+    """The miner process's main coroutine."""
+    assert settings.miner is not None
+    async with open_runtime(settings, shutdown=shutdown) as rt:
+        check_retention(rt, settings.miner.retention_windows, "TPLR_MINER_RETENTION_WINDOWS")
+        log.info(
+            "miner uid %d in run %s; metrics on port %s", rt.uid, rt.spec.run_id, rt.health_port
+        )
+        await Miner(rt, settings.miner).run()

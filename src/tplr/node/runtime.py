@@ -1,0 +1,313 @@
+"""Everything a running node holds, built in order from its settings.
+
+``async with open_runtime(settings, shutdown=...) as rt:`` does, in order: open the stores
+(R2/S3 or embedded), announce the node (embedded store), find the lead validator, agree on
+the run (the lead creates ``run.json``; others wait for it; local overrides must match),
+open the dataset manager on the run's shard schedule, build the training worker for the
+run's model, and serve ``/metrics`` and ``/healthz``. Everything is closed on exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
+
+from tplr import __version__
+from tplr.comms.errors import NotFound
+from tplr.comms.manifest import MANIFEST_NAME, Manifest
+from tplr.comms.store import ObjectStore
+from tplr.comms.transfer_config import TransferConfig
+from tplr.comms.transfer_metrics import TransferMetrics
+from tplr.data.dataset_manifest import dataset_info
+from tplr.data.manager import SharedShardedDatasetManager, dataset_opener
+from tplr.data.manager_config import DatasetConfig
+from tplr.data.manager_metrics import DatasetMetrics
+from tplr.errors import ConfigError
+from tplr.node.clock import Clock, SystemClock, WindowClock
+from tplr.node.gather import PayloadFetcher
+from tplr.node.health import HealthServer, ProgressTracker
+from tplr.node.lifecycle import Shutdown
+from tplr.node.node_metrics import NodeMetrics
+from tplr.node.payload import PayloadSchema
+from tplr.node.peers import NodeAnnouncement, announce_node
+from tplr.node.run_spec import (
+    RUN_SPEC_KEY,
+    RunSpec,
+    check_local_overrides,
+    publish_run_spec,
+    read_run_spec,
+)
+from tplr.node.settings import GatherConfig, NodeSettings
+from tplr.node.stores import NodeStores, open_node_stores
+from tplr.node.waiting import poll_until_found
+from tplr.node.worker_setup import build_worker
+from tplr.train.worker import TrainWorker
+
+log = logging.getLogger(__name__)
+
+RUN_SPEC_SETTLE_S = 1.0
+
+
+@dataclass
+class NodeRuntime:
+    role: str
+    uid: int
+    is_lead: bool
+    lead_uid: int
+    spec: RunSpec
+    windows: WindowClock
+    stores: NodeStores
+    lead_store: ObjectStore
+    manager: SharedShardedDatasetManager
+    worker: TrainWorker
+    schema: PayloadSchema
+    metrics: NodeMetrics
+    transfer_metrics: TransferMetrics
+    registry: CollectorRegistry
+    progress: ProgressTracker
+    fetcher: PayloadFetcher
+    transfer: TransferConfig
+    gather: GatherConfig
+    shutdown: Shutdown
+    health_port: int | None = None
+
+    @property
+    def clock(self) -> Clock:
+        return self.windows.clock
+
+    def upload_time_clock(self) -> WindowClock | None:
+        """The clock for upload-time checks, or None when they are turned off."""
+        return self.windows if self.gather.check_upload_time else None
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: tuple(p.shape) for name, p in self.worker.model.named_parameters()}
+
+    async def first_window(self) -> int:
+        """The current window, after waiting for genesis if the run starts later."""
+        if self.windows.current_window() < 0:
+            log.info("run %s starts at window 0; waiting for genesis", self.spec.run_id)
+            await self.windows.wait_for_window(0)
+        return self.windows.current_window()
+
+
+def new_registry() -> CollectorRegistry:
+    """One registry per node: the node's metrics plus process and platform collectors."""
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    return registry
+
+
+async def dataset_defaults(store: ObjectStore, prefix: str) -> dict[str, Any]:
+    """``vocab_size`` and ``sequence_length`` from the dataset manifest, when it says."""
+    try:
+        raw = await store.get(prefix + MANIFEST_NAME)
+    except NotFound:
+        return {}
+    info = dataset_info(Manifest.from_json(raw, source=store.url(prefix + MANIFEST_NAME)))
+    if info is None:
+        return {}
+    return {"vocab_size": info.vocab_size, "sequence_length": info.seq_len}
+
+
+async def check_dataset_present(stores: NodeStores, config: DatasetConfig) -> None:
+    """Fail early, saying how to make a dataset, when the embedded one is empty."""
+    if stores.dataset_root is None:
+        return
+    async for _ in stores.dataset.list(config.prefix):
+        return
+    folder = stores.dataset_root / config.prefix
+    raise ConfigError(
+        f"no dataset in the embedded store: {folder} is empty",
+        hint=f"build one with `tplr shards prepare --tokenizer bytes --input <.txt files> "
+        f"--out {folder}` (or run `make demo`), or set the R2_DATASET_* keys",
+    )
+
+
+async def resolve_lead_uid(
+    settings: NodeSettings, stores: NodeStores, clock: Clock, shutdown: Shutdown
+) -> int:
+    if settings.is_lead:
+        return settings.node.uid
+    if settings.node.lead_uid is not None:
+        return settings.node.lead_uid
+
+    async def lowest_validator() -> int:
+        validators = await stores.directory.validators()
+        if not validators:
+            raise NotFound("no validator announced yet")
+        return min(validators)
+
+    return await poll_until_found(
+        lowest_validator,
+        what="a validator to announce itself",
+        advice="start the lead validator (neurons/validator.py --lead) or set TPLR_LEAD_UID",
+        clock=clock,
+        shutdown=shutdown,
+        interval_s=settings.node.poll_interval_s,
+    )
+
+
+async def agree_on_run(
+    settings: NodeSettings,
+    stores: NodeStores,
+    lead_store: ObjectStore,
+    clock: Clock,
+    shutdown: Shutdown,
+) -> RunSpec:
+    """The lead creates run.json (once); others wait for it. Overrides must match."""
+    given = settings.run.given()
+    if settings.is_lead:
+        defaults = await dataset_defaults(stores.dataset, settings.dataset.prefix)
+        proposed = settings.run.proposed_spec(dataset_defaults=defaults, now_s=clock.now())
+        # the settle wait is about real write propagation, so it uses the real clock
+        published = await publish_run_spec(
+            lead_store, proposed, clock=SystemClock(), settle_s=RUN_SPEC_SETTLE_S
+        )
+        spec = published.spec
+    else:
+        spec = await poll_until_found(
+            lambda: read_run_spec(lead_store),
+            what=f"run.json at {lead_store.url(RUN_SPEC_KEY)}",
+            advice="the lead validator (--lead) creates it",
+            clock=clock,
+            shutdown=shutdown,
+            interval_s=settings.node.poll_interval_s,
+            timeout_s=settings.node.run_wait_timeout_s,
+        )
+    check_local_overrides(spec, given, source=lead_store.url(RUN_SPEC_KEY))
+    log.info("run %s: %s", spec.run_id, spec.model_dump_json())
+    return spec
+
+
+def manager_config(settings: NodeSettings, stores: NodeStores) -> DatasetConfig:
+    """Embedded datasets are read in place (nothing copied, nothing deleted)."""
+    config = settings.dataset
+    if stores.dataset_root is None or config.local_dir is not None:
+        return config
+    return config.model_copy(
+        update={"local_dir": stores.dataset_root / config.prefix, "keep_shards": True}
+    )
+
+
+def check_retention(rt: NodeRuntime, retention_windows: int, variable: str) -> None:
+    """Late joiners replay from the last checkpoint: payloads must outlive that span."""
+    needed = rt.spec.checkpoint_every_windows + 2
+    if retention_windows < needed:
+        raise ConfigError(
+            f"{variable}={retention_windows} is shorter than the run's checkpoint interval "
+            f"plus two ({needed}): nodes that join late could not replay",
+            hint=f"set {variable} to at least {needed}",
+        )
+
+
+async def _announce(settings: NodeSettings, stores: NodeStores, clock: Clock) -> None:
+    if stores.shared is None:
+        return
+    from tplr.node.directory import embedded_prefix
+
+    await announce_node(
+        stores.shared,
+        NodeAnnouncement(
+            uid=settings.node.uid,
+            role=settings.role,
+            prefix=embedded_prefix(settings.node.uid),
+            code_version=__version__,
+            announced_at_s=clock.now(),
+        ),
+    )
+
+
+@contextlib.asynccontextmanager
+async def open_runtime(
+    settings: NodeSettings,
+    *,
+    shutdown: Shutdown,
+    clock: Clock | None = None,
+    registry: CollectorRegistry | None = None,
+    serve_health: bool = True,
+) -> AsyncIterator[NodeRuntime]:
+    clock = clock or SystemClock()
+    registry = registry if registry is not None else new_registry()
+    transfer_metrics = TransferMetrics(registry)
+    async with contextlib.AsyncExitStack() as stack:
+        stores = await stack.enter_async_context(
+            open_node_stores(
+                settings.node,
+                settings.dataset_bucket,
+                settings.gradients_bucket,
+                settings.transfer,
+            )
+        )
+        await check_dataset_present(stores, settings.dataset)
+        await _announce(settings, stores, clock)
+        lead_uid = await resolve_lead_uid(settings, stores, clock, shutdown)
+        lead_store = await stores.directory.store_for(lead_uid)
+        spec = await agree_on_run(settings, stores, lead_store, clock, shutdown)
+        windows = spec.window_clock(clock)
+        manager = await stack.enter_async_context(
+            SharedShardedDatasetManager(
+                stores.dataset,
+                manager_config(settings, stores),
+                windows_per_shard=spec.windows_per_shard,
+                open_shard=dataset_opener(spec.sequence_length, vocab_size=spec.vocab_size),
+                transfer=settings.transfer,
+                metrics=DatasetMetrics(registry),
+                transfer_metrics=transfer_metrics,
+            )
+        )
+        dataset = await manager.dataset_for(max(windows.current_window(), 0))
+        worker = await asyncio.to_thread(
+            build_worker, spec, settings.node, dataset.context_len, registry
+        )
+        metrics = NodeMetrics(
+            role=settings.role,
+            uid=settings.node.uid,
+            run_id=spec.run_id,
+            registry=registry,
+            clock=clock,
+        )
+        progress = ProgressTracker(
+            windows, max_stalled_windows=settings.health.health_max_stalled_windows
+        )
+        rt = NodeRuntime(
+            role=settings.role,
+            uid=settings.node.uid,
+            is_lead=settings.is_lead,
+            lead_uid=lead_uid,
+            spec=spec,
+            windows=windows,
+            stores=stores,
+            lead_store=lead_store,
+            manager=manager,
+            worker=worker,
+            schema=PayloadSchema.for_model(
+                {n: p.shape for n, p in worker.model.named_parameters()},
+                spec.compression_settings(),
+            ),
+            metrics=metrics,
+            transfer_metrics=transfer_metrics,
+            registry=registry,
+            progress=progress,
+            fetcher=PayloadFetcher(
+                stores.directory,
+                settings.gather,
+                settings.transfer.retry_policy(),
+                transfer_metrics=transfer_metrics,
+            ),
+            transfer=settings.transfer,
+            gather=settings.gather,
+            shutdown=shutdown,
+        )
+        if serve_health:
+            server = await stack.enter_async_context(
+                HealthServer.from_config(settings.health, registry=registry, health=progress.status)
+            )
+            rt.health_port = server.port
+        yield rt

@@ -1,0 +1,158 @@
+"""The stores a node uses, built from settings: R2/S3 when keys are set, else embedded.
+
+- Dataset: ``R2_DATASET_READ_*`` keys set -> that bucket; else the embedded dataset store,
+  a local folder ``{home}/dataset/`` whose ``DATASET_BINS_PATH`` prefix holds the shards.
+- Gradients: ``R2_GRADIENTS_WRITE_*`` (or ``READ_*``) keys set -> this node's bucket, peers
+  from ``PEERS_FILE``; else the embedded shared store ``{home}/shared/``, where each node
+  writes under ``uids/{uid}/`` and announces itself in ``nodes/``.
+
+A bucket name without keys does not switch to R2 (a copied ``.env.example`` names
+buckets): it is reported, and the embedded store is used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from tplr.comms.config import DatasetBucketSettings, GradientsBucketSettings
+from tplr.comms.local_store import LocalStore
+from tplr.comms.s3_store import S3Store
+from tplr.comms.store import ObjectStore
+from tplr.comms.transfer_config import TransferConfig
+from tplr.errors import ConfigError
+from tplr.node.directory import (
+    EmbeddedDirectory,
+    PeerDirectory,
+    PeersFileDirectory,
+    embedded_prefix,
+)
+from tplr.node.prefixed_store import PrefixedStore
+from tplr.node.settings import NodeConfig
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_DATASET_DIR = "dataset"
+EMBEDDED_SHARED_DIR = "shared"
+CACHE_DIR = "cache"
+
+
+def dataset_uses_r2(bucket: DatasetBucketSettings) -> bool:
+    return bucket.read_access_key_id is not None or bucket.read_secret_access_key is not None
+
+
+def gradients_use_r2(bucket: GradientsBucketSettings) -> bool:
+    keys = (
+        bucket.write_access_key_id,
+        bucket.write_secret_access_key,
+        bucket.read_access_key_id,
+        bucket.read_secret_access_key,
+    )
+    return any(key is not None for key in keys)
+
+
+@dataclass
+class NodeStores:
+    dataset: ObjectStore
+    own: ObjectStore  # this node's gradients bucket (or prefix); it writes here
+    directory: PeerDirectory
+    cache_dir: Path  # node-local scratch space (checkpoint files, shard copies)
+    dataset_root: Path | None  # the embedded dataset folder, when the dataset is embedded
+    shared: ObjectStore | None  # the embedded shared store, when gradients are embedded
+
+    @property
+    def embedded(self) -> bool:
+        return self.shared is not None
+
+
+def embedded_dataset_root(node: NodeConfig) -> Path:
+    return (node.home / EMBEDDED_DATASET_DIR).absolute()
+
+
+def cache_dir_for(node: NodeConfig) -> Path:
+    return (node.home / CACHE_DIR / str(node.uid)).absolute()
+
+
+async def _open_dataset_store(
+    node: NodeConfig,
+    bucket: DatasetBucketSettings,
+    transfer: TransferConfig,
+    stack: contextlib.AsyncExitStack,
+) -> tuple[ObjectStore, Path | None]:
+    if dataset_uses_r2(bucket):
+        config = bucket.read_bucket()  # names any missing R2_DATASET_* variable
+        store = await stack.enter_async_context(S3Store(config, transfer))
+        log.info("dataset: %s", store.url())
+        return store, None
+    if bucket.bucket_name:
+        log.warning(
+            "R2_DATASET_BUCKET_NAME is set but no R2_DATASET_READ_* keys: using the embedded "
+            "dataset store"
+        )
+    root = embedded_dataset_root(node)
+    await asyncio.to_thread(root.mkdir, parents=True, exist_ok=True)
+    log.info("dataset: embedded store %s (no R2 dataset keys set)", root)
+    return LocalStore(root), root
+
+
+async def _open_gradient_stores(
+    node: NodeConfig,
+    bucket: GradientsBucketSettings,
+    transfer: TransferConfig,
+    stack: contextlib.AsyncExitStack,
+) -> tuple[ObjectStore, PeerDirectory, ObjectStore | None]:
+    if gradients_use_r2(bucket):
+        if node.peers_file is None:
+            raise ConfigError(
+                "gradients use R2/S3 keys but PEERS_FILE is not set",
+                hint="set PEERS_FILE (or --peers-file) to the YAML/JSON list of peers' "
+                "buckets and read keys",
+            )
+        opened = await stack.enter_async_context(S3Store(bucket.write_bucket(), transfer))
+        own = PrefixedStore(opened, node.gradients_prefix) if node.gradients_prefix else opened
+        directory = PeersFileDirectory(
+            node.peers_file, own_uid=node.uid, own_store=own, transfer=transfer, stack=stack
+        )
+        await directory.refresh()  # a broken peers file fails now, naming the entry
+        log.info("gradients: %s, peers from %s", own.url(), node.peers_file)
+        return own, directory, None
+    if bucket.bucket_name:
+        log.warning(
+            "R2_GRADIENTS_BUCKET_NAME is set but no R2_GRADIENTS_WRITE_* keys: using the "
+            "embedded store"
+        )
+    root = (node.home / EMBEDDED_SHARED_DIR).absolute()
+    await asyncio.to_thread(root.mkdir, parents=True, exist_ok=True)
+    shared = LocalStore(root)
+    own = PrefixedStore(shared, embedded_prefix(node.uid))
+    log.info("gradients: embedded store %s (no R2 gradients keys set)", own.url())
+    return own, EmbeddedDirectory(shared, own_uid=node.uid, own_store=own), shared
+
+
+@contextlib.asynccontextmanager
+async def open_node_stores(
+    node: NodeConfig,
+    dataset_bucket: DatasetBucketSettings,
+    gradients_bucket: GradientsBucketSettings,
+    transfer: TransferConfig,
+) -> AsyncIterator[NodeStores]:
+    """Open every store the node needs; all are closed on exit."""
+    async with contextlib.AsyncExitStack() as stack:
+        dataset, dataset_root = await _open_dataset_store(node, dataset_bucket, transfer, stack)
+        own, directory, shared = await _open_gradient_stores(
+            node, gradients_bucket, transfer, stack
+        )
+        cache = cache_dir_for(node)
+        await asyncio.to_thread(cache.mkdir, parents=True, exist_ok=True)
+        yield NodeStores(
+            dataset=dataset,
+            own=own,
+            directory=directory,
+            cache_dir=cache,
+            dataset_root=dataset_root,
+            shared=shared,
+        )
