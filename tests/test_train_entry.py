@@ -107,3 +107,24 @@ def test_bad_settings_exit_with_a_clear_error(shard_dir, capsys):
     err = capsys.readouterr().err
     assert "vocabulary of 50257 but the model's vocab_size is 64" in err
     assert "hint: set --vocab-size to at least 50257" in err
+
+
+def test_worker_takes_the_loaders_host_batches(shard_dir):
+    """tplr.data's HostBatch (views of a reused buffer) goes through its own to_device."""
+    from tplr.data.dataset import SharedShardedDataset
+    from tplr.data.loader import BatchLoader, HostBatch, LoaderConfig
+    from tplr.train.config import ModelConfig, TrainConfig
+    from tplr.train.worker import TrainWorker
+
+    dataset = SharedShardedDataset.open(shard_dir / "tiny_train_000000.bin", seq_len=SEQ)
+    config = LoaderConfig(batch_size=4, output="host", hold_batches=4)
+    model_config = ModelConfig.preset("tiny", vocab_size=VOCAB, max_seq_len=SEQ)
+    train_config = TrainConfig(
+        micro_batch_size=4, global_batch_size=8, seq_len=SEQ, device="cpu", prefetch_batches=2
+    )
+    worker = TrainWorker(model_config, train_config)
+    with BatchLoader(dataset, np.arange(40), config=config) as loader:
+        assert isinstance(next(iter(loader)), HostBatch)
+        stats = worker.train_steps(loader, 3)  # 6 micro-batches of the 9 left
+        assert stats.tokens == 6 * 4 * SEQ
+        assert len(list(loader)) == 3

@@ -103,6 +103,9 @@ def test_vocab_check_against_manifest():
     assert isinstance(info.value, ConfigError)
     with pytest.raises(VocabMismatchError, match="vocabulary of 100000"):
         check_vocab(model, DataVocab(vocab_size=100000))
+    prepared = Manifest(files={}, dataset={"tokenizer": "gpt2", "vocab_size": 50257})
+    assert vocab_from_manifest(prepared) == DataVocab(vocab_size=50257)  # `shards prepare`
+    assert vocab_from_manifest(Manifest()).required_vocab_size is None
 
 
 def test_flops_per_token_and_mfu():
