@@ -174,8 +174,9 @@ async def test_source_changing_mid_upload_aborts(store: ObjectStore, tmp_path: P
         await store.head("k")
 
 
-async def test_memory_stays_bounded_by_the_buffer_pool(tmp_path: Path):
-    """60 MiB through 5 MiB parts with 2 workers holds at most 4 part buffers."""
+async def test_memory_stays_bounded_by_the_parts_in_flight(tmp_path: Path):
+    """60 MiB through 5 MiB parts with 2 workers: 4 parts in memory (and for a moment one
+    or two more, until a worker thread drops its arguments), never the whole file."""
     src = tmp_path / "src.bin"
     with open(src, "wb") as fh:
         for _ in range(12):
@@ -191,7 +192,7 @@ async def test_memory_stays_bounded_by_the_buffer_pool(tmp_path: Path):
     finally:
         tracemalloc.stop()
     assert result.parts == 13
-    assert peak < 26 * MiB, f"peak {peak / MiB:.1f} MiB for a 60 MiB file"
+    assert peak < 36 * MiB, f"peak {peak / MiB:.1f} MiB for a 60 MiB file"
 
 
 # -- a fault-injecting proxy in front of moto ---------------------------------------------

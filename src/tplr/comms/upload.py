@@ -392,30 +392,34 @@ class _MultipartUpload:
             offset = index * self.part_size
             length = min(self.part_size, self.size - offset)
             data, md5 = await asyncio.to_thread(_read_part, fd, offset, length, self.src)
-            number = index + 1
             started = time.monotonic()
-
-            async def attempt() -> str:
-                async with self.slots:  # the backoff sleep in retry() happens outside
-                    etag = await self.store.upload_part(self.key, upload_id, number, data)
-                if self.verify_etag:
-                    _check_etag(
-                        self.store,
-                        self.key,
-                        got=etag,
-                        expected=md5,
-                        metrics=self.metrics,
-                        what=f"part {number} of ",
-                    )
-                return etag
-
-            etag = await self._retried(attempt, f"part {number}/{self.part_count} of {self.where}")
+            etag = await self._send_part(upload_id, index + 1, data, md5)
+            del data  # free the part before the slot lets another one be read
             self.digests[index], self.part_etags[index] = md5, etag
             self.metrics.observe_part("upload", length, time.monotonic() - started)
             if self.progress is not None:
                 self.progress(length)
         finally:
             parts_in_memory.release()
+
+    async def _send_part(self, upload_id: str, number: int, data: bytes, md5: str) -> str:
+        """One part, retried; returns the ETag the server gave it."""
+
+        async def attempt() -> str:
+            async with self.slots:  # the backoff sleep in retry() happens outside
+                etag = await self.store.upload_part(self.key, upload_id, number, data)
+            if self.verify_etag:
+                _check_etag(
+                    self.store,
+                    self.key,
+                    got=etag,
+                    expected=md5,
+                    metrics=self.metrics,
+                    what=f"part {number} of ",
+                )
+            return etag
+
+        return await self._retried(attempt, f"part {number}/{self.part_count} of {self.where}")
 
     async def _complete(self, upload_id: str) -> ObjectInfo:
         parts = [CompletedPart(n, etag) for n, etag in enumerate(self.part_etags, start=1)]
