@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 from test_download import PART, bucket_config, payload, sample
 
 from tplr.comms.download import download
+from tplr.comms.download_http import PresignedRangeReader
 from tplr.comms.download_sidecar import sidecar_paths
 from tplr.comms.errors import AccessDenied, IntegrityError, NotFound, TransientError
 from tplr.comms.journal import JournalHeader, read_journal
@@ -89,6 +90,8 @@ async def test_transient_fault_is_retried_alone(
     assert result.retries == 1 and retries(metrics, reason) == 1
     starts = [start for _, _, start in proxy.stats.gets()]
     assert len(starts) == 7 + 1 and starts.count(PART) == 2  # only the faulty part again
+    # parts travel as ranged GETs of one presigned URL (the raw, zero-copy reader)
+    assert all("X-Amz-Signature=" in path for _, path, _ in proxy.stats.gets())
     assert proxy.stats.body_bytes_sent == SIZE + wasted
     assert (store.throttle.rate is not None) == (reason == "throttled")
 
@@ -171,6 +174,40 @@ async def test_missing_key_and_bucket_fail_at_once(proxy, bucket, data, tmp_path
         async with S3Store(bucket_config(proxy.url, "no-such-bucket-zz"), config()) as store:
             await download(store, KEY, tmp_path / "o", progress=False)
     assert not list(tmp_path.iterdir())
+
+
+async def test_object_deleted_mid_download_is_not_found(proxy, bucket, data, s3_client, tmp_path):
+    async def delete() -> None:
+        await asyncio.to_thread(s3_client.delete_object, Bucket=bucket, Key=KEY)
+
+    proxy.add(Fault("hook", range_start=3 * PART, hook=delete))
+    with pytest.raises(NotFound, match=f"s3://{bucket}/{KEY}"):
+        await fetch(proxy, bucket, tmp_path / "o.bin")
+    assert [start for _, _, start in proxy.stats.gets()].count(3 * PART) == 1  # not retried
+    assert not (tmp_path / "o.bin").exists()
+
+
+async def test_presigned_url_is_renewed_before_it_expires(proxy, bucket, data):
+    made = []
+
+    async with S3Store(bucket_config(proxy.url, bucket), config()) as store:
+
+        async def url() -> str:
+            made.append(1)
+            return await store._client.generate_presigned_url(
+                "get_object", Params={"Bucket": bucket, "Key": KEY}, ExpiresIn=60
+            )
+
+        reader = PresignedRangeReader(
+            url, location=store.url(KEY), connect_timeout_s=2, read_timeout_s=2,
+            map_error=lambda *a: AssertionError(a), url_ttl_s=0.0,
+        )  # fmt: skip
+        async with reader:
+            for offset in (0, PART):
+                async with reader.open(offset, 100) as chunks:
+                    got = b"".join([bytes(c) async for c in chunks])
+                assert got == data[offset : offset + 100]
+    assert len(made) == 3  # entering, then once per request with a zero time-to-live
 
 
 async def test_refused_request_is_not_retried(proxy, bucket, data, tmp_path):

@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 from tplr.comms.errors import InvalidRequest, PreconditionFailed, StoreError, TransientError
 
 RECEIVE_BUFFER_BYTES = 512 * 1024
+WRITE_BATCH_BYTES = 256 * 1024  # a part's bytes are handed to the writer in such batches
 URL_EXPIRES_S = 3600  # what the URL is signed for
 URL_TTL_S = 3000.0  # when it is replaced by a fresh one
 _MAX_ERROR_BODY_BYTES = 64 * 1024
@@ -57,6 +58,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.closed = False
         self.lost: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self._wanted = 1
         self._paused = False
 
     # -- protocol callbacks (event loop) -----------------------------------------------
@@ -69,10 +71,12 @@ class _Connection(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         self.fill += nbytes
-        if self.fill == len(self.buffer) and self.transport is not None:
+        full = self.fill == len(self.buffer)
+        if full and self.transport is not None:
             self._paused = True
             self.transport.pause_reading()
-        self._wake()
+        if full or self.available >= self._wanted:
+            self._wake()
 
     def eof_received(self) -> bool:
         self.closed = True
@@ -95,10 +99,16 @@ class _Connection(asyncio.BufferedProtocol):
     def available(self) -> int:
         return self.fill - self.pos
 
-    async def wait_for_more(self, than: int, timeout_s: float) -> None:
-        """Wait until more than ``than`` bytes are available (or the peer closed)."""
+    async def wait_for(self, wanted: int, timeout_s: float) -> None:
+        """Wait until ``wanted`` bytes are available, the buffer is full or the peer closed.
+
+        Waking only then (not on every socket read) batches the disk writes: fewer
+        thread hops and syscalls per byte.
+        """
+        wanted = max(1, min(wanted, len(self.buffer) - self.pos))
         async with asyncio.timeout(timeout_s):
-            while self.available <= than and not self.closed:
+            while self.available < wanted and not self.closed:
+                self._wanted = wanted
                 self._waiter = asyncio.get_running_loop().create_future()
                 await self._waiter
 
@@ -265,14 +275,14 @@ class PresignedRangeReader:
                 )
             if connection.fill == len(connection.buffer):
                 raise InvalidRequest(f"response head too large: {where}", location=self.location)
-            await self._wait(connection, connection.available, where)
+            await self._wait(connection, connection.available + 1, where)
         head = bytes(connection.view[connection.pos : end])
         connection.consume(end + 4 - connection.pos)
         return _parse_head(head)
 
-    async def _wait(self, connection: _Connection, than: int, where: str) -> None:
+    async def _wait(self, connection: _Connection, wanted: int, where: str) -> None:
         try:
-            await connection.wait_for_more(than, self._read_timeout_s)
+            await connection.wait_for(wanted, self._read_timeout_s)
         except TimeoutError as exc:
             raise TransientError(
                 f"timed out: no data for {self._read_timeout_s:g} s: {where}",
@@ -291,7 +301,7 @@ class PresignedRangeReader:
                         f" ({type(connection.lost).__name__ if connection.lost else 'closed'})",
                         location=self.location,
                     )
-                await self._wait(connection, 0, where)
+                await self._wait(connection, min(left, WRITE_BATCH_BYTES), where)
                 continue
             take = min(connection.available, left)
             yield connection.view[connection.pos : connection.pos + take]
@@ -352,7 +362,7 @@ class PresignedRangeReader:
             while connection.available < wanted and not connection.closed:
                 if b"</Error>" in connection.buffer[connection.pos : connection.fill]:
                     break
-                await self._wait(connection, connection.available, where)
+                await self._wait(connection, connection.available + 1, where)
         body = bytes(connection.view[connection.pos : connection.fill])
         connection.closed = True  # never reuse a connection after an error answer
         return body

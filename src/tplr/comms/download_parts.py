@@ -223,12 +223,12 @@ class PartFetcher:
                 # bytes chunks may wait for a fuller batch; a pooled view must go now
                 if pending_bytes < WRITE_BATCH_BYTES and isinstance(chunk, bytes):
                     continue
-                await asyncio.to_thread(self.sidecar.write, pending, position, hashers)
+                await self.sidecar.write_async(pending, position, hashers)
                 position += pending_bytes
                 advance(pending_bytes)
                 pending, pending_bytes = [], 0
             if pending:
-                await asyncio.to_thread(self.sidecar.write, pending, position, hashers)
+                await self.sidecar.write_async(pending, position, hashers)
                 position += pending_bytes
                 advance(pending_bytes)
         if position - part.offset != part.length:
