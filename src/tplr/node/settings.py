@@ -21,14 +21,15 @@ Components and their env prefixes:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, create_model
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, create_model
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tplr.comms.config import DatasetBucketSettings, GradientsBucketSettings
 from tplr.comms.transfer_config import TransferConfig
 from tplr.data.manager_config import DatasetConfig
+from tplr.errors import ConfigError
 from tplr.node.health import HealthConfig
 from tplr.node.run_spec import RunSpec
 
@@ -200,12 +201,30 @@ class _RunSettingsBase(BaseSettings):
         values: dict[str, Any] = {**LEAD_DEFAULTS, **dataset_defaults, **self.given()}
         values.setdefault("genesis_s", float(int(now_s)))
         values.setdefault("run_id", f"run-{int(values['genesis_s'])}")
-        return RunSpec.model_validate(values)
+        try:
+            return RunSpec.model_validate(values)
+        except ValidationError as exc:
+            problems = "; ".join(_describe_run_error(error) for error in exc.errors()[:4])
+            raise ConfigError(
+                f"the run this lead would create is invalid: {problems}",
+                hint="fix the TPLR_RUN_* settings (or --run-* flags) named above",
+            ) from None
+
+
+def _describe_run_error(error: Any) -> str:
+    if not error["loc"]:
+        return error["msg"].removeprefix("Value error, ")
+    name = str(error["loc"][0])
+    return f"TPLR_RUN_{name.upper()} (--run-{name.replace('_', '-')}): {error['msg']}"
 
 
 def _optional_run_field(name: str) -> tuple[Any, Any]:
-    annotation = RunSpec.model_fields[name].annotation
-    return (Optional[annotation], Field(default=None, description=_RUN_HELP.get(name, name)))  # noqa: UP045
+    """The RunSpec field as an optional setting with the same type and bounds."""
+    spec_field = RunSpec.model_fields[name]
+    constrained = spec_field.annotation
+    if spec_field.metadata:
+        constrained = Annotated[constrained, *spec_field.metadata]
+    return (Optional[constrained], Field(default=None, description=_RUN_HELP.get(name, name)))  # noqa: UP045
 
 
 RunSettings = create_model(

@@ -1,0 +1,194 @@
+"""Node lifecycle: stop requests race every long wait, SIGTERM/SIGINT stop cleanly (exit 0),
+a second signal or the grace period cancels, errors exit 2; and real node processes that
+are killed (-9), restarted and finally stopped with SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from node_harness import build_dataset
+
+from tplr.comms.local_store import LocalStore
+from tplr.errors import ConfigError
+from tplr.node.directory import embedded_prefix
+from tplr.node.lifecycle import EXIT_CONFIG, EXIT_OK, NodeStopped, Shutdown, run_node, supervise
+from tplr.node.payload import read_safetensors_header
+from tplr.node.prefixed_store import PrefixedStore
+from tplr.node.reports import read_report, report_windows
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+async def test_unless_stopped_returns_the_result_or_cancels_the_wait():
+    shutdown = Shutdown()
+    assert await shutdown.unless_stopped(asyncio.sleep(0, result="done")) == (True, "done")
+    cancelled = asyncio.Event()
+
+    async def long_wait() -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    asyncio.get_running_loop().call_later(0.05, shutdown.request, "test")
+    assert await shutdown.unless_stopped(long_wait()) == (False, None)
+    assert cancelled.is_set() and shutdown.reason == "test"
+    assert await shutdown.unless_stopped(asyncio.sleep(0)) == (False, None)  # already stopped
+
+
+def send_later(signum: signal.Signals, delay_s: float) -> None:
+    asyncio.get_running_loop().call_later(delay_s, os.kill, os.getpid(), signum)
+
+
+async def test_sigterm_stops_at_the_next_safe_point_and_exits_0():
+    steps: list[str] = []
+
+    async def main(shutdown: Shutdown) -> None:
+        while True:
+            steps.append("work")
+            await asyncio.sleep(0.01)  # a step in flight finishes
+            finished, _ = await shutdown.unless_stopped(asyncio.sleep(3600))
+            if not finished:
+                steps.append("stopped")
+                return
+
+    send_later(signal.SIGTERM, 0.1)
+    assert await supervise(main, grace_s=30) == EXIT_OK
+    assert steps == ["work", "stopped"]
+
+
+@pytest.mark.parametrize("second_signal", [True, False])
+async def test_a_second_signal_or_the_grace_period_cancels_stuck_work(second_signal):
+    cancelled = asyncio.Event()
+
+    async def stuck(shutdown: Shutdown) -> None:
+        try:
+            await asyncio.sleep(3600)  # ignores the stop request
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    send_later(signal.SIGINT, 0.05)
+    if second_signal:
+        send_later(signal.SIGTERM, 0.15)
+    started = time.monotonic()
+    grace_s = 60.0 if second_signal else 0.3
+    assert await supervise(stuck, grace_s=grace_s) == EXIT_OK
+    assert cancelled.is_set() and time.monotonic() - started < 10
+
+
+async def test_a_stop_during_a_wait_for_another_node_exits_0():
+    async def waiting(shutdown: Shutdown) -> None:
+        await shutdown.wait()
+        raise NodeStopped("stopped while waiting for run.json")
+
+    send_later(signal.SIGTERM, 0.05)
+    assert await supervise(waiting, grace_s=30) == EXIT_OK
+
+
+def test_a_typed_error_exits_2_with_its_message_and_hint(capsys):
+    async def failing(shutdown: Shutdown) -> None:
+        raise ConfigError("TPLR_UID is taken", hint="pick another uid")
+
+    assert run_node(failing, grace_s=1) == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert "error: TPLR_UID is taken" in err and "hint: pick another uid" in err
+
+
+# -- real processes ---------------------------------------------------------------------------
+LEAD_FLAGS = [
+    *("--run-model", "tiny", "--run-window-seconds", "5", "--run-inner-steps", "4"),
+    *("--run-inner-lr", "0.003", "--run-outer-lr", "1.0", "--run-micro-batch-size", "8"),
+    *("--run-batch-size", "8", "--run-compression-chunk-size", "128"),
+    *("--run-compression-topk", "16", "--run-checkpoint-every-windows", "2"),
+    *("--run-upload-deadline-fraction", "0.9", "--validator-retention-windows", "6"),
+]
+
+
+def start_node(home: Path, log: Path, *args: str) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TPLR_", "R2_"))}
+    env.update(
+        TPLR_HOME=str(home),
+        METRICS_PORT="0",
+        METRICS_HOST="127.0.0.1",
+        TPLR_TORCH_THREADS="1",
+        TPLR_POLL_INTERVAL_S="0.5",
+        TPLR_MINER_RETENTION_WINDOWS="6",
+    )
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            [sys.executable, *args], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+
+
+async def digests(shared: LocalStore, uid: int) -> dict[int, str]:
+    store = PrefixedStore(shared, embedded_prefix(uid))
+    found = {}
+    for window in await report_windows(store):
+        found[window] = (await read_report(store, window)).model_digest
+    return found
+
+
+async def wait_for_agreement(shared, processes, logs, *, after: int, timeout_s: float) -> int:
+    """The first window > ``after`` where the miner's model digest equals the lead's."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for process, log in zip(processes, logs, strict=True):
+            assert process.poll() is None, log.read_text()[-3000:]
+        lead, miner = await digests(shared, 0), await digests(shared, 1)
+        agreed = [w for w in sorted(set(lead) & set(miner)) if w > after and lead[w] == miner[w]]
+        if agreed:
+            return agreed[0]
+        await asyncio.sleep(0.5)
+    raise AssertionError("no agreement:\n" + "\n".join(log.read_text()[-2000:] for log in logs))
+
+
+def assert_no_partial_objects(shared_root: Path, cache_root: Path) -> None:
+    """Every object under a final name is complete; no scratch file was left behind."""
+    for path in shared_root.rglob("*"):
+        if ".tplr-store" in path.parts or not path.is_file():
+            continue
+        if path.suffix == ".safetensors":
+            read_safetensors_header(path.read_bytes())  # raises on a torn file
+        elif path.suffix == ".json":
+            json.loads(path.read_text())
+    leftovers = [p for p in cache_root.rglob("*") if p.is_file() and ".tmp." in p.name]
+    assert not leftovers
+
+
+async def test_killed_miner_rejoins_and_sigterm_stops_every_node_with_exit_0(tmp_path):
+    home = tmp_path / "home"
+    shards = build_dataset(tmp_path / "data", text_bytes=150_000)
+    (home / "dataset" / "remote").mkdir(parents=True)
+    shards.rename(home / "dataset" / "remote" / "tokenized")
+    logs = [tmp_path / "lead.log", tmp_path / "miner.log"]
+    lead = start_node(home, logs[0], "neurons/validator.py", "--lead", "--uid", "0", *LEAD_FLAGS)
+    miner_args = ("neurons/miner.py", "--uid", "1", "--lead-uid", "0")
+    miner = start_node(home, logs[1], *miner_args)
+    shared = LocalStore(home / "shared")
+    try:
+        first = await wait_for_agreement(shared, [lead, miner], logs, after=-1, timeout_s=120)
+        miner.kill()  # SIGKILL: no cleanup at all
+        miner.wait(timeout=30)
+        miner = start_node(home, logs[1], *miner_args)
+        await wait_for_agreement(shared, [lead, miner], logs, after=first + 1, timeout_s=120)
+        assert "loaded checkpoint" in logs[1].read_text().split("miner uid 1 in run")[-1]
+        for process in (lead, miner):
+            process.send_signal(signal.SIGTERM)
+        codes = [process.wait(timeout=60) for process in (lead, miner)]
+        assert codes == [0, 0], [log.read_text()[-2000:] for log in logs]
+        assert_no_partial_objects(home / "shared", home / "cache")
+    finally:
+        for process in (lead, miner):
+            if process.poll() is None:
+                process.kill()
+                process.wait()
