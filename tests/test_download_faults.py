@@ -246,3 +246,19 @@ async def test_cancel_leaves_no_final_file_and_a_valid_journal(proxy, bucket, da
     assert proxy.stats.body_bytes_sent - before == result.fetched_bytes
     assert result.fetched_bytes == SIZE - sum(min(PART, SIZE - i * PART) for i in done)
     assert not partial.exists() and not journal.exists()
+
+
+async def test_an_http_proxy_in_the_environment_is_honoured(
+    proxy, bucket, data, s3_server, monkeypatch, tmp_path
+):
+    """With HTTP_PROXY set, parts go through the store's own client (which honours it),
+    not the raw reader; the fault proxy here plays the forward proxy."""
+    monkeypatch.setenv("HTTP_PROXY", proxy.url)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    cfg = config()
+    async with S3Store(bucket_config(s3_server, bucket), cfg, max_connections=8) as store:
+        await download(store, KEY, tmp_path / "o.bin", config=cfg, progress=False)
+    assert (tmp_path / "o.bin").read_bytes() == data
+    gets = proxy.stats.gets()
+    assert len(gets) == 7 and not any("X-Amz-Signature=" in path for _, path, _ in gets)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 import ssl
 import time
@@ -201,7 +202,9 @@ class PresignedRangeReader:
         parts = urlsplit(url)
         secure = parts.scheme == "https"
         if secure and self._ssl is None:
-            self._ssl = ssl.create_default_context()
+            # the CA bundle botocore would use for the store's own requests, if one is set
+            bundle = os.environ.get("AWS_CA_BUNDLE") or os.environ.get("REQUESTS_CA_BUNDLE")
+            self._ssl = ssl.create_default_context(cafile=bundle or None)
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self._connect_timeout_s):

@@ -3,6 +3,7 @@
 1. A store that can presign a GET URL (``S3Store``): ranged GETs of that one URL on
    keep-alive connections that receive straight into reusable buffers
    (:mod:`tplr.comms.download_http`): one request per part, no copy in user space.
+   Not used when ``HTTP(S)_PROXY`` routes the endpoint through a proxy.
 2. A store that streams a range (:class:`RangeStreamingStore`, ``open_range``): one
    request per part, its body in the chunks the socket delivers.
 3. Any :class:`~tplr.comms.store.ObjectStore`: ``get_range`` into a buffer lent by a
@@ -13,9 +14,11 @@
 from __future__ import annotations
 
 import contextlib
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol, runtime_checkable
+from urllib.parse import urlsplit
 
 from tplr.comms.buffers import BufferPool
 from tplr.comms.download_http import URL_EXPIRES_S, PresignedRangeReader
@@ -47,7 +50,22 @@ class PresigningStore(Protocol):
     async def presigned_get_url(self, key: str, expires_s: int) -> str: ...
 
 
+def _proxied(store: ObjectStore) -> bool:
+    """True when the environment routes the store's endpoint through an HTTP proxy (which
+    the store's own client honours and the raw reader does not)."""
+    endpoint = getattr(store, "endpoint", "")
+    parts = urlsplit(endpoint)
+    proxies = urllib.request.getproxies()
+    return bool(
+        parts.hostname
+        and proxies.get(parts.scheme)
+        and not urllib.request.proxy_bypass(parts.hostname)
+    )
+
+
 def _presigner(store: ObjectStore) -> Callable[[str, int], Awaitable[str]] | None:
+    if _proxied(store):
+        return None
     if isinstance(store, PresigningStore):
         return store.presigned_get_url
     from tplr.comms.s3_store import S3Store
