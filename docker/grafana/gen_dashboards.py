@@ -28,6 +28,8 @@ DASHBOARD_DIR = Path(__file__).resolve().parent / "dashboards"
 DATASOURCE = {"type": "prometheus", "uid": "prometheus"}  # provisioning/datasources/
 SEL = 'instance=~"$instance"'
 RATE = "$__rate_interval"
+PER_WINDOW = "30m"  # once-per-window events (uploads, gathers): a few windows per point
+PER_SHARD = "6h"  # once-per-shard events (swaps): several shards per point
 GRID_WIDTH = 24
 
 
@@ -60,12 +62,12 @@ def q(expr: str, legend: str = "{{instance}}") -> Query:
     return Query(expr, legend)
 
 
-def quantiles(metric: str, what: str) -> tuple[Query, ...]:
-    """p50 and p95 of a histogram, per instance."""
+def quantiles(metric: str, what: str, over: str = RATE) -> tuple[Query, ...]:
+    """p50 and p95 of a histogram, per instance, over ``over`` (longer for rare events)."""
     return tuple(
         q(
             f"histogram_quantile({p}, "
-            f"sum by (le, instance) (rate({metric}_bucket{{{SEL}}}[{RATE}])))",
+            f"sum by (le, instance) (rate({metric}_bucket{{{SEL}}}[{over}])))",
             f"{{{{instance}}}} {what} p{int(p * 100)}",
         )
         for p in (0.5, 0.95)
@@ -157,7 +159,7 @@ def data_row() -> Row:
             Panel("Active shard", (q(f"tplr_dataset_active_shard{{{SEL}}}"),), width=6),
             Panel(
                 "Prefetch lead time",
-                quantiles("tplr_dataset_prefetch_lead_seconds", "lead"),
+                quantiles("tplr_dataset_prefetch_lead_seconds", "lead", over=PER_SHARD),
                 unit="s",
                 width=6,
                 description="How long before its window the next shard was ready (higher is "
@@ -221,8 +223,8 @@ def exchange_row() -> Row:
     return Row(
         "Exchange: uploads, gathers, peers",
         (
-            Panel("Upload time", quantiles("tplr_upload_seconds", "upload"), unit="s"),
-            Panel("Gather time", quantiles("tplr_gather_seconds", "gather"), unit="s"),
+            Panel("Upload time", quantiles("tplr_upload_seconds", "up", PER_WINDOW), unit="s"),
+            Panel("Gather time", quantiles("tplr_gather_seconds", "gather", PER_WINDOW), unit="s"),
             Panel("Payload size", (q(f"tplr_payload_bytes{{{SEL}}}"),), unit="bytes"),
             Panel("Peers gathered", (q(f"tplr_peers_gathered{{{SEL}}}"),), width=12),
             rejections_panel(width=12),
@@ -307,7 +309,7 @@ def validator_rows() -> tuple[Row, ...]:
             Panel(
                 "Checkpoint age over time", (q(f"tplr_checkpoint_age_seconds{{{SEL}}}"),), unit="s"
             ),
-            Panel("Gather time", quantiles("tplr_gather_seconds", "gather"), unit="s"),
+            Panel("Gather time", quantiles("tplr_gather_seconds", "gather", PER_WINDOW), unit="s"),
             Panel("Loss", (q(f"tplr_loss{{{SEL}}}"),)),
         ),
     )
