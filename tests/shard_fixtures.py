@@ -65,6 +65,9 @@ class CountingStore:
     async def put(self, key: str, data: bytes) -> ObjectInfo:
         return await self.inner.put(key, data)
 
+    async def put_if_absent(self, key: str, data: bytes) -> ObjectInfo:
+        return await self.inner.put_if_absent(key, data)
+
     async def create_multipart(self, key: str) -> str:
         return await self.inner.create_multipart(key)
 

@@ -1,9 +1,8 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
-import os
-import uuid
 from pathlib import Path
 
 import pytest
@@ -11,10 +10,9 @@ from conftest import TEST_ACCESS_KEY, TEST_SECRET_KEY
 from pydantic import SecretStr
 
 from tplr.comms.config import BucketConfig
-from tplr.comms.errors import PreconditionFailed
+from tplr.comms.errors import AlreadyExists
 from tplr.comms.local_store import LocalStore
 from tplr.comms.s3_store import S3Store
-from tplr.comms.store import ObjectInfo
 from tplr.errors import ConfigError
 from tplr.node.clock import FakeClock
 from tplr.node.run_spec import (
@@ -23,7 +21,6 @@ from tplr.node.run_spec import (
     RunSpecConflict,
     RunSpecInvalid,
     RunSpecTimeout,
-    SupportsPutIfAbsent,
     check_local_overrides,
     publish_run_spec,
     read_run_spec,
@@ -52,36 +49,6 @@ def make_spec(**changes) -> RunSpec:
     return RunSpec(**values)
 
 
-class ConditionalLocalStore(LocalStore):
-    """LocalStore plus an atomic create-if-absent (hard link of a complete temp file)."""
-
-    async def put_if_absent(self, key: str, data: bytes) -> ObjectInfo:
-        def link() -> None:
-            self.root.mkdir(parents=True, exist_ok=True)
-            tmp = self.root / f".{uuid.uuid4().hex}.tmp"
-            tmp.write_bytes(data)
-            try:
-                os.link(tmp, self.root / key)
-            except FileExistsError:
-                raise PreconditionFailed(f"{key} exists", location=self.url(key)) from None
-            finally:
-                tmp.unlink()
-
-        await asyncio.to_thread(link)
-        return await self.head(key)
-
-
-class ConditionalS3Store(S3Store):
-    """S3Store plus ``PutObject`` with ``If-None-Match: *`` (what AWS S3 and R2 support)."""
-
-    async def put_if_absent(self, key: str, data: bytes) -> ObjectInfo:
-        async with self._request("PUT", key):
-            await self._client.put_object(
-                Bucket=self.bucket_name, Key=key, Body=data, IfNoneMatch="*"
-            )
-        return await self.head(key)
-
-
 def s3_bucket_config(s3_server: str, bucket: str) -> BucketConfig:
     return BucketConfig(
         bucket_name=bucket,
@@ -92,51 +59,43 @@ def s3_bucket_config(s3_server: str, bucket: str) -> BucketConfig:
     )
 
 
-@pytest.fixture(params=["local", "local-conditional", "s3", "s3-conditional"])
+@pytest.fixture(params=["local", "s3"])
 async def store(request, tmp_path: Path):
-    kind = request.param
-    if kind.startswith("local"):
-        cls = ConditionalLocalStore if kind.endswith("conditional") else LocalStore
-        yield cls(tmp_path / "store")
+    if request.param == "local":
+        yield LocalStore(tmp_path / "store")
         return
     s3_server = request.getfixturevalue("s3_server")
     bucket = request.getfixturevalue("bucket")
-    cls = ConditionalS3Store if kind.endswith("conditional") else S3Store
-    async with cls(s3_bucket_config(s3_server, bucket)) as s3:
+    async with S3Store(s3_bucket_config(s3_server, bucket)) as s3:
         yield s3
 
 
 async def test_lead_creates_run_json_once_and_a_second_creator_does_not_overwrite(store):
-    clock = FakeClock(auto_advance=True)
     first = make_spec()
-    published = await publish_run_spec(store, first, clock=clock)
+    published = await publish_run_spec(store, first)
     assert published.created and published.spec == first
     assert published.location == store.url(RUN_SPEC_KEY)
     assert await read_run_spec(store) == first
 
     second = make_spec(run_id="other-run", genesis_s=1_800_000_000.0)
-    again = await publish_run_spec(store, second, clock=clock)
+    again = await publish_run_spec(store, second)
     assert not again.created
     assert again.spec == first
     assert await read_run_spec(store) == first
 
 
-async def test_conditional_stores_take_the_atomic_path(store):
-    assert isinstance(store, SupportsPutIfAbsent) == type(store).__name__.startswith("Conditional")
-    if isinstance(store, SupportsPutIfAbsent):
-        await store.put_if_absent("probe", b"one")
-        with pytest.raises(PreconditionFailed):
-            await store.put_if_absent("probe", b"two")
-        assert await store.get("probe") == b"one"
+async def test_put_if_absent_is_atomic_create(store):
+    info = await store.put_if_absent("nested/probe", b"one")
+    assert info.size == 3 and info.etag == hashlib.md5(b"one").hexdigest()
+    with pytest.raises(AlreadyExists, match="already exists"):
+        await store.put_if_absent("nested/probe", b"two")
+    assert await store.get("nested/probe") == b"one"
+    assert (await store.head("nested/probe")).etag == info.etag
 
 
 async def test_two_racing_creators_agree_on_one_spec(store):
-    clock = FakeClock()
-    specs = [make_spec(run_id=f"racer-{n}") for n in range(2)]
-    racers = [asyncio.create_task(publish_run_spec(store, s, clock=clock)) for s in specs]
-    if not isinstance(store, SupportsPutIfAbsent):
-        await clock.wait_for_sleepers(2, timeout_s=10)  # both wrote, both settle
-        clock.advance(5)
+    specs = [make_spec(run_id=f"racer-{n}") for n in range(4)]
+    racers = [asyncio.create_task(publish_run_spec(store, s)) for s in specs]
     results = await asyncio.gather(*racers)
     assert sum(result.created for result in results) == 1
     stored = await read_run_spec(store)

@@ -144,7 +144,7 @@ def embedded_home(tmp_path) -> Path:
 async def write_lead_run(home: Path) -> RunSpec:
     spec = RunSpec(genesis_s=1_800_000_000.0, sequence_length=128, vocab_size=257, **TEST_RUN)
     store = LocalStore(home / "shared" / "uids" / "0")
-    await publish_run_spec(store, spec, clock=FakeClock(), settle_s=0)
+    await publish_run_spec(store, spec)
     return spec
 
 

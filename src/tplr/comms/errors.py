@@ -51,6 +51,10 @@ class PreconditionFailed(StoreError):
     hint = "the object was replaced during the transfer; it will be restarted"
 
 
+class AlreadyExists(StoreError):
+    """``put_if_absent`` found the key already there (not retryable: someone else won)."""
+
+
 class IntegrityError(StoreError):
     """Downloaded bytes do not match the expected size or hashes."""
 

@@ -40,6 +40,7 @@ from typing import Any, TypeVar
 
 from tplr.comms.errors import (
     AccessDenied,
+    AlreadyExists,
     InsufficientSpace,
     InvalidRequest,
     NotFound,
@@ -351,6 +352,29 @@ class LocalStore:
             fh.flush()
             os.fsync(fh.fileno())
         return self._publish(tmp, key, hashlib.md5(data).hexdigest())
+
+    async def put_if_absent(self, key: str, data: bytes) -> ObjectInfo:
+        return await self._run("PUT if absent", key, self._put_if_absent_sync, key, data)
+
+    def _put_if_absent_sync(self, key: str, data: bytes) -> ObjectInfo:
+        path = self._path(key)
+        tmp = self._new_tmp()
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.link(tmp, path)  # atomic: fails if the key exists
+        except FileExistsError:
+            raise AlreadyExists(f"{self.url(key)} already exists", location=self.url(key)) from None
+        finally:
+            tmp.unlink(missing_ok=True)
+        _fsync_dir(path.parent)
+        st = path.stat()
+        etag = hashlib.md5(data).hexdigest()
+        self._write_meta(key, etag, st)
+        return ObjectInfo(key=key, size=st.st_size, etag=etag, last_modified=_utc(st))
 
     async def delete(self, key: str) -> None:
         await self._run("DELETE", key, self._delete_sync, key, writing=True)

@@ -41,6 +41,7 @@ from botocore.exceptions import (
 from tplr.comms.config import BucketConfig
 from tplr.comms.errors import (
     AccessDenied,
+    AlreadyExists,
     InvalidRequest,
     NotFound,
     PreconditionFailed,
@@ -402,6 +403,22 @@ class S3Store:
     async def put(self, key: str, data: bytes) -> ObjectInfo:
         async with self._request("PUT", key):
             response = await self._client.put_object(Bucket=self.bucket_name, Key=key, Body=data)
+        return ObjectInfo(
+            key=key,
+            size=len(data),
+            etag=_unquote(response["ETag"]),
+            last_modified=_server_time(response),
+        )
+
+    async def put_if_absent(self, key: str, data: bytes) -> ObjectInfo:
+        """``PutObject`` with ``If-None-Match: *`` (AWS S3 and R2 honour it)."""
+        try:
+            async with self._request("PUT if absent", key):
+                response = await self._client.put_object(
+                    Bucket=self.bucket_name, Key=key, Body=data, IfNoneMatch="*"
+                )
+        except PreconditionFailed as exc:
+            raise AlreadyExists(f"{self.url(key)} already exists", location=exc.location) from None
         return ObjectInfo(
             key=key,
             size=len(data),

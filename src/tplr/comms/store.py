@@ -53,6 +53,10 @@ class ObjectStore(Protocol):
 
     async def put(self, key: str, data: bytes) -> ObjectInfo: ...
 
+    async def put_if_absent(self, key: str, data: bytes) -> ObjectInfo:
+        """Create ``key`` only if it does not exist; ``AlreadyExists`` otherwise (atomic)."""
+        ...
+
     async def create_multipart(self, key: str) -> str:
         """Start a multipart upload and return its upload id."""
         ...

@@ -5,12 +5,9 @@ and so on from ``run.json`` so they all agree. A node started with a local setti
 disagrees with the run refuses to start (:class:`RunSpecConflict` names the field, the
 run's value and the local value).
 
-Creation is write-if-absent. A store that offers ``put_if_absent`` (S3 ``PutObject``
-with ``If-None-Match: *``, supported by AWS S3 and Cloudflare R2; ``O_EXCL`` on a local
-directory) makes it atomic. Otherwise the creator checks that the key is absent, writes,
-waits ``settle_s`` and reads the object back: if another creator's spec is there, that
-one wins and is adopted. The fallback is only racy when two lead validators start within
-``settle_s`` of each other, which a run must not do anyway (there is one lead).
+Creation is write-if-absent and atomic: ``ObjectStore.put_if_absent`` (S3 ``PutObject``
+with ``If-None-Match: *``, supported by AWS S3 and Cloudflare R2; a hard link on a local
+directory). When two creators race, exactly one wins and the other adopts its spec.
 """
 
 from __future__ import annotations
@@ -18,12 +15,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
-from tplr.comms.errors import NotFound, PreconditionFailed, StoreError
-from tplr.comms.store import ObjectInfo, ObjectStore
+from tplr.comms.errors import AlreadyExists, NotFound, StoreError
+from tplr.comms.store import ObjectStore
 from tplr.errors import ConfigError, TplrError
 from tplr.node.clock import Clock, WindowClock
 from tplr.node.scoring import ScoringConfig
@@ -174,15 +171,6 @@ def check_local_overrides(
         raise RunSpecConflict(conflicts, source=source)
 
 
-@runtime_checkable
-class SupportsPutIfAbsent(Protocol):
-    """A store that can create an object only if the key does not exist yet."""
-
-    async def put_if_absent(self, key: str, data: bytes) -> ObjectInfo:
-        """Write ``data``; raise ``PreconditionFailed`` if ``key`` already exists."""
-        ...
-
-
 @dataclass(frozen=True, slots=True)
 class PublishedRunSpec:
     spec: RunSpec  # the spec in effect (ours, or the one already there)
@@ -200,38 +188,16 @@ async def publish_run_spec(
     store: ObjectStore,
     spec: RunSpec,
     *,
-    clock: Clock,
     key: str = RUN_SPEC_KEY,
-    settle_s: float = 2.0,
 ) -> PublishedRunSpec:
     """Create run.json unless it exists; never overwrite. Returns the spec in effect."""
     location = store.url(key)
-    if isinstance(store, SupportsPutIfAbsent):
-        try:
-            await store.put_if_absent(key, spec.to_json())
-        except PreconditionFailed:
-            existing = await read_run_spec(store, key)
-            log.info("run.json already exists at %s; using run %s", location, existing.run_id)
-            return PublishedRunSpec(existing, created=False, location=location)
-        log.info("created run.json at %s for run %s", location, spec.run_id)
-        return PublishedRunSpec(spec, created=True, location=location)
     try:
+        await store.put_if_absent(key, spec.to_json())
+    except AlreadyExists:
         existing = await read_run_spec(store, key)
-    except NotFound:
-        pass
-    else:
         log.info("run.json already exists at %s; using run %s", location, existing.run_id)
         return PublishedRunSpec(existing, created=False, location=location)
-    await store.put(key, spec.to_json())
-    await clock.sleep(settle_s)  # let a racing creator's write land before the check
-    written = await read_run_spec(store, key)
-    if written != spec:
-        log.warning(
-            "another creator wrote run.json at %s first (run %s); adopting it",
-            location,
-            written.run_id,
-        )
-        return PublishedRunSpec(written, created=False, location=location)
     log.info("created run.json at %s for run %s", location, spec.run_id)
     return PublishedRunSpec(spec, created=True, location=location)
 
@@ -291,7 +257,7 @@ async def resolve_run_spec(
                 "the lead validator needs the run's hyperparameters to create run.json",
                 hint="pass the proposed RunSpec when starting with --lead",
             )
-        spec = (await publish_run_spec(store, proposed, clock=clock)).spec
+        spec = (await publish_run_spec(store, proposed)).spec
     else:
         spec = await wait_for_run_spec(
             store, clock=clock, timeout_s=timeout_s, poll_interval_s=poll_interval_s

@@ -51,7 +51,6 @@ from tplr.train.worker import TrainWorker
 
 log = logging.getLogger(__name__)
 
-RUN_SPEC_SETTLE_S = 1.0
 
 
 @dataclass
@@ -168,7 +167,7 @@ async def agree_on_run(
         proposed = settings.run.proposed_spec(dataset_defaults=defaults, now_s=clock.now())
         # the settle wait is about real write propagation, so it uses the real clock
         published = await publish_run_spec(
-            lead_store, proposed, clock=SystemClock(), settle_s=RUN_SPEC_SETTLE_S
+            lead_store, proposed
         )
         spec = published.spec
     else:
