@@ -2,7 +2,7 @@
 
 Both run the same model (same config and init), the same optimizer, clipping, precision and
 compile setting, on the same pre-made batches. The bare loop is nothing else: no metrics,
-no prefetch thread, no batch checks, no schedule, no loss accounting. Many short rounds
+no feed thread, no batch checks, no schedule, no loss accounting. Many short rounds
 alternate the order (ours first, then bare first) so load on a shared, noisy machine hits
 both alike; the headline is the median of the per-round paired ratios. On CPU a round is one
 optimizer step, so ours also pays its per-call costs (feed thread start, final sync) every
@@ -45,6 +45,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per round")
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--verbose", action="store_true", help="print every round")
+    parser.add_argument(
+        "--prefetch-batches",
+        type=int,
+        default=None,
+        help="our feed thread's depth (default: the worker's, 2 on CUDA, 0 on CPU)",
+    )
     parser.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"])
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
@@ -74,6 +80,7 @@ def build_configs(args: argparse.Namespace, on_cuda: bool) -> tuple[ModelConfig,
         seq_len=seq_len,
         device=args.device,
         compile=args.compile,
+        prefetch_batches=args.prefetch_batches,
         warmup_steps=0,
         total_steps=1_000_000,
     )
@@ -167,7 +174,8 @@ def main() -> None:
         f"{model_config.n_layer}L, vocab {model_config.padded_vocab_size}) | seq {config.seq_len}"
         f" | micro {config.micro_batch_size} x accum {worker.accumulation_steps} | "
         f"{config.optimizer} | compile {worker.compile_enabled} | {steps} steps x "
-        f"{args.rounds} rounds | threads {torch.get_num_threads()}"
+        f"{args.rounds} rounds | threads {torch.get_num_threads()} | "
+        f"feed depth {worker.prefetch_depth}"
     )
     timed(ours, worker.device)  # warm-up: compile, allocator, kernel selection
     timed(reference, worker.device)

@@ -43,6 +43,10 @@ def test_config_errors_name_field_flag_and_range():
     assert "micro_batch_size=0" in text and "--micro-batch-size" in text
     assert "greater than or equal to 1" in text
     assert isinstance(info.value, ConfigError)
+    with pytest.raises(TrainConfigError, match=r"lr=-1\.0 \(flag --lr\): Input should be greater"):
+        TrainConfig(lr=-1.0)  # direct construction is typed too
+    with pytest.raises(TrainConfigError, match=r"warmup_steps \(20\) must not exceed"):
+        TrainConfig(warmup_steps=20, total_steps=10)
     with pytest.raises(TrainConfigError, match=r"d_model .* divisible by n_head"):
         ModelConfig.preset("tiny", vocab_size=64, n_head=3)
     with pytest.raises(TrainConfigError, match="unknown model preset 'huge'"):

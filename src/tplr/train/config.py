@@ -28,7 +28,17 @@ _PRESET_ALIASES = {"gpt2": "small", "124m": "small", "350m": "medium", "gpt2-med
 _PRESET_UNTIED = {"1b"}
 
 
-class ModelConfig(BaseModel):
+class _TypedErrors(BaseModel):
+    """Direct construction raises TrainConfigError (naming field, flag, range), too."""
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise _config_error(type(self), exc) from None
+
+
+class ModelConfig(_TypedErrors):
     """Shape of the GPT. ``vocab_size`` is the data's vocabulary, padded internally to 128."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -82,7 +92,7 @@ class ModelConfig(BaseModel):
         return build_config(cls, values)
 
 
-class TrainConfig(BaseModel):
+class TrainConfig(_TypedErrors):
     """How to train: optimizer, schedule, batch geometry, device fast path, logging."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -108,7 +118,7 @@ class TrainConfig(BaseModel):
     compile_backend: str = "inductor"
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     log_every_steps: int = Field(default=0, ge=0)
-    prefetch_batches: int = Field(default=2, ge=0, le=64)
+    prefetch_batches: int | None = Field(default=None, ge=0, le=64)  # None: 2 on CUDA, 0 on CPU
     validate_batches: bool = True
     peak_tflops: float | None = Field(default=None, gt=0.0)
     seed: int = Field(default=1337, ge=0, lt=1 << 63)
@@ -150,13 +160,17 @@ def build_config(cls: type[ConfigT], values: Mapping[str, Any]) -> ConfigT:
     try:
         return cls.model_validate(dict(values))
     except ValidationError as exc:
-        problems = []
-        for error in exc.errors()[:4]:
-            field = ".".join(str(part) for part in error["loc"]) or "(settings)"
-            shown = f"{field}={error['input']!r}" if error["loc"] else field
-            flag = f" (flag {flag_for(field)})" if error["loc"] else ""
-            problems.append(f"{shown}{flag}: {error['msg']}")
-        raise TrainConfigError(
-            f"invalid {cls.__name__}: " + "; ".join(problems),
-            hint="fix the value(s) named above; the message gives the allowed range",
-        ) from None
+        raise _config_error(cls, exc) from None
+
+
+def _config_error(cls: type[BaseModel], exc: ValidationError) -> TrainConfigError:
+    problems = []
+    for error in exc.errors()[:4]:
+        field = ".".join(str(part) for part in error["loc"]) or "(settings)"
+        shown = f"{field}={error['input']!r}" if error["loc"] else field
+        flag = f" (flag {flag_for(field)})" if error["loc"] else ""
+        problems.append(f"{shown}{flag}: {error['msg']}")
+    return TrainConfigError(
+        f"invalid {cls.__name__}: " + "; ".join(problems),
+        hint="fix the value(s) named above; the message gives the allowed range",
+    )

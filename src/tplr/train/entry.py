@@ -160,7 +160,7 @@ def train(args: argparse.Namespace, env: LaunchEnv) -> None:
             rank=ctx.rank,
             world_size=ctx.world_size,
             device=ctx.device,
-            hold_batches=config.prefetch_batches + 2,
+            hold_batches=worker.prefetch_depth + 2,
         )
         if ctx.is_main:
             log.info(

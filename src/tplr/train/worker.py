@@ -101,6 +101,10 @@ class TrainWorker:
             torch.bfloat16 if wanted == "bfloat16" or (wanted == "auto" and on_cuda) else None
         )
         self.compile_enabled = on_cuda if self.config.compile is None else self.config.compile
+        # A feed thread overlaps host work with GPU compute. On CPU the compute already uses
+        # the cores, so the thread buys nothing and each hand-off costs a wake-up.
+        wanted_depth = self.config.prefetch_batches
+        self.prefetch_depth = (2 if on_cuda else 0) if wanted_depth is None else wanted_depth
         if on_cuda:
             torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast
             torch.backends.cudnn.allow_tf32 = True
@@ -164,7 +168,7 @@ class TrainWorker:
             count,
             spec=self._train_spec(),
             device=self.device,
-            depth=self.config.prefetch_batches,
+            depth=self.prefetch_depth,
         ) as feed:
             for _ in range(n):
                 lr_factor = self._optimizer_step(feed, loss_sum, norm_sum)
