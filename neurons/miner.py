@@ -9,14 +9,23 @@ come from the lead validator's run.json.
 
 from __future__ import annotations
 
+import os
+
 from tplr.errors import TplrError
-from tplr.node.lifecycle import EXIT_CONFIG, configure_process, report_error, run_node
+from tplr.node.lifecycle import (
+    EXIT_CONFIG,
+    check_single_process,
+    configure_process,
+    report_error,
+    run_node,
+)
 from tplr.node.miner import run_miner
 from tplr.node.settings_cli import load_settings
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
+        check_single_process(os.environ)
         settings = load_settings("miner", argv)
     except TplrError as exc:
         report_error(exc)

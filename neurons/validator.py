@@ -9,14 +9,23 @@ come from run.json, which the lead creates from its own settings.
 
 from __future__ import annotations
 
+import os
+
 from tplr.errors import TplrError
-from tplr.node.lifecycle import EXIT_CONFIG, configure_process, report_error, run_node
+from tplr.node.lifecycle import (
+    EXIT_CONFIG,
+    check_single_process,
+    configure_process,
+    report_error,
+    run_node,
+)
 from tplr.node.settings_cli import load_settings
 from tplr.node.validator import run_validator
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
+        check_single_process(os.environ)
         settings = load_settings("validator", argv)
     except TplrError as exc:
         report_error(exc)

@@ -12,7 +12,7 @@ import yaml
 from conftest import TEST_ACCESS_KEY, TEST_SECRET_KEY
 
 from tplr.comms.config import DatasetBucketSettings, GradientsBucketSettings
-from tplr.comms.errors import InvalidRequest, NotFound
+from tplr.comms.errors import AlreadyExists, InvalidRequest, NotFound
 from tplr.comms.local_store import LocalStore
 from tplr.comms.transfer_config import TransferConfig
 from tplr.comms.upload import upload_file
@@ -40,6 +40,10 @@ async def test_prefixed_store_is_a_bucket_of_its_own(tmp_path):
     await mine.get_range("gradients/1/3.safetensors", 2, memoryview(buffer))
     assert bytes(buffer) == b"ylo"
     assert mine.url("run.json") == root.url("uids/3/run.json")
+    await mine.put_if_absent("run.json", b"first")
+    with pytest.raises(AlreadyExists):
+        await mine.put_if_absent("run.json", b"second")
+    assert await root.get("uids/3/run.json") == b"first"
     await mine.delete("gradients/1/3.safetensors")
     with pytest.raises(NotFound):
         await mine.get("gradients/1/3.safetensors")

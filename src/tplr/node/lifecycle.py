@@ -16,10 +16,10 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TypeVar
 
-from tplr.errors import TplrError
+from tplr.errors import ConfigError, TplrError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -154,6 +154,19 @@ def report_error(exc: TplrError) -> None:
     print(f"error: {exc.message}", file=sys.stderr)
     if exc.hint:
         print(f"hint: {exc.hint}", file=sys.stderr)
+
+
+def check_single_process(environ: Mapping[str, str]) -> None:
+    """Nodes run as one process per host for now; refuse a torchrun launch clearly."""
+    from tplr.train.distributed import LaunchEnv
+
+    launch = LaunchEnv.from_environ(environ)
+    if launch.world_size > 1:
+        raise ConfigError(
+            f"this node was started as rank {launch.rank} of {launch.world_size} (torchrun); "
+            "miner and validator nodes run as a single process",
+            hint="start it with python (NPROC_PER_NODE=1 in the container), one node per host",
+        )
 
 
 def configure_process(*, log_level: str, torch_threads: int | None) -> None:

@@ -30,6 +30,7 @@ from tplr.data.dataset import SharedShardedDataset
 from tplr.data.loader import BatchLoader, LoaderConfig
 from tplr.node.assignment import Assignment, assignment_for
 from tplr.node.global_model import GlobalModel, StepResult
+from tplr.node.housekeeping import Housekeeper, run_with_housekeeping
 from tplr.node.lifecycle import Shutdown
 from tplr.node.payload import PayloadMeta, encode_payload, payload_key
 from tplr.node.reports import REPORTS_PREFIX, WindowReport, publish_report
@@ -61,9 +62,14 @@ class Miner:
         self.model = GlobalModel(rt)
         self.compressor = ErrorFeedbackCompressor(rt.spec.compression_settings())
         self.work: WindowWork | None = None
+        self.housekeeper = Housekeeper(self.expire, name=f"miner {rt.uid} retention")
 
     # -- the window loop ---------------------------------------------------------------
     async def run(self) -> None:
+        """The window loop, with retention running beside it in the node's TaskGroup."""
+        await run_with_housekeeping(self.window_loop(), self.housekeeper)
+
+    async def window_loop(self) -> None:
         rt = self.rt
         window = await rt.first_window()
         await self.model.catch_up(window)
@@ -170,6 +176,9 @@ class Miner:
             await publish_report(rt.stores.own, self.report(window, own_step))
         rt.progress.mark_progress(window)
         rt.metrics.mark_progress(window)
+        self.housekeeper.window_done(window)
+
+    async def expire(self, window: int) -> None:
         await self.prune(before=window - self.config.retention_windows)
 
     def report(self, window: int, step: StepResult) -> WindowReport:

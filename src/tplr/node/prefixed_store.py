@@ -58,6 +58,9 @@ class PrefixedStore:
     async def put(self, key: str, data: bytes) -> ObjectInfo:
         return self._strip(await self.inner.put(self._key(key), data))
 
+    async def put_if_absent(self, key: str, data: bytes) -> ObjectInfo:
+        return self._strip(await self.inner.put_if_absent(self._key(key), data))
+
     async def create_multipart(self, key: str) -> str:
         return await self.inner.create_multipart(self._key(key))
 

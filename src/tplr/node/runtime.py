@@ -52,7 +52,6 @@ from tplr.train.worker import TrainWorker
 log = logging.getLogger(__name__)
 
 
-
 @dataclass
 class NodeRuntime:
     role: str
@@ -166,9 +165,7 @@ async def agree_on_run(
         defaults = await dataset_defaults(stores.dataset, settings.dataset.prefix)
         proposed = settings.run.proposed_spec(dataset_defaults=defaults, now_s=clock.now())
         # the settle wait is about real write propagation, so it uses the real clock
-        published = await publish_run_spec(
-            lead_store, proposed
-        )
+        published = await publish_run_spec(lead_store, proposed)
         spec = published.spec
     else:
         spec = await poll_until_found(

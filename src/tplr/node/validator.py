@@ -23,6 +23,7 @@ from tplr.data.manager import dataset_opener
 from tplr.node.checkpoints import CheckpointPublisher, model_digest, read_latest_pointer
 from tplr.node.evaluation import MinerScorer, WindowScores
 from tplr.node.global_model import GlobalModel, StepResult
+from tplr.node.housekeeping import Housekeeper, run_with_housekeeping
 from tplr.node.lifecycle import Shutdown
 from tplr.node.peers import PEER_LISTS_PREFIX, PeerList, publish_peer_list
 from tplr.node.reports import REPORTS_PREFIX, WindowReport, publish_report
@@ -61,8 +62,13 @@ class Validator:
             transfer_metrics=rt.transfer_metrics,
         )
         self._val_batches: list[Batch] | None = None
+        self.housekeeper = Housekeeper(self.expire, name=f"validator {rt.uid} retention")
 
     async def run(self) -> None:
+        """The window loop, with retention running beside it in the node's TaskGroup."""
+        await run_with_housekeeping(self.window_loop(), self.housekeeper)
+
+    async def window_loop(self) -> None:
         rt = self.rt
         window = await rt.first_window()
         await self.restore_board()
@@ -73,6 +79,8 @@ class Validator:
             reached, _ = await rt.shutdown.unless_stopped(rt.windows.wait_for_window(window + 1))
             if not reached:
                 break
+            if not rt.is_lead and not await self.model.agrees_with_lead(window - 1):
+                await self.model.catch_up(window)
             await self.close_window(window)
             window += 1
 
@@ -134,6 +142,9 @@ class Validator:
         self.log_window(window, judged, step, val_loss)
         rt.progress.mark_progress(window)
         rt.metrics.mark_progress(window)
+        self.housekeeper.window_done(window)
+
+    async def expire(self, window: int) -> None:
         await self.prune(before=window - self.config.retention_windows)
 
     async def publish_judgement(
