@@ -270,7 +270,7 @@ def print_summary(home: Path, nodes, codes, metrics_files, summary, started: flo
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--home", type=Path, default=ROOT / ".tplr" / "demo")
+    parser.add_argument("--home", type=Path, default=ROOT / ".tplr" / "demo-network")
     parser.add_argument("--windows", type=int, default=10, help="windows to run")
     parser.add_argument("--window-seconds", type=float, default=6.0)
     args = parser.parse_args(argv)
