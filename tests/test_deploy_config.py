@@ -158,3 +158,17 @@ def test_table_rows_show_flag_type_default_and_range():
         line for line in table.splitlines() if line.startswith("| `R2_DATASET_READ_SECRET")
     )
     assert "| — | secret |" in secret, "secrets have no flag"
+
+
+@pytest.mark.parametrize("role", ["miner", "validator"])
+def test_the_node_accepts_env_example_as_its_env_file(role, clean_env):
+    """What an operator gets from `cp .env.example .env`, read the way the node reads it."""
+    from tplr.node.settings_cli import load_settings
+
+    settings = load_settings(role, ["--env-file", str(REPO / ".env.example"), "--uid", "5"])
+    assert settings.node.uid == 5
+    for key in (settings.dataset_bucket.read_access_key_id,
+                settings.gradients_bucket.write_access_key_id):  # fmt: skip
+        assert key is None or key.get_secret_value() == "", "no keys: the embedded store"
+    assert settings.health.metrics_port == 9108
+    assert settings.dataset.keep_shards is False
