@@ -13,10 +13,14 @@ noise of a shared machine, after a ``sync`` so none inherits another's dirty pag
 - curl: one GET, one stream (unthrottled mode only: one stream at 16 MiB/s says nothing new)
 - tplr: ``tplr fetch`` with verification on (per-part xxh3 hashes from a manifest written
   by the project's own ``build_manifest``; nginx's ETag is not an MD5)
+- tplr-noverify: the same with ``--verify size`` (unthrottled mode), for the cost of hashing
+- ceiling: as many parallel ranged curls as tplr has parts, to /dev/null (limited mode):
+  what the origin and this machine can deliver to that many streams, whoever the client
 
 It prints MB/s per run, the medians, the ratios and tplr's peak RSS (``VmHWM``
 of the child, sampled), and checks the bars: limited >= 4x boto3; unthrottled >= 1.5x boto3 and
->= 1.0x curl; peak RSS <= 300 MB. Files live under ``--workdir`` (default /tmp).
+>= 1.0x curl; verification costs < 15%; peak RSS <= 300 MB. Files live under ``--workdir``
+(default /tmp/tplr-bench-download).
 
     .venv/bin/python scripts/bench_download.py            # 2 GiB, 3 rounds per mode
     .venv/bin/python scripts/bench_download.py --size 256MiB --rounds 1   # smoke test
@@ -40,7 +44,12 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
-from tplr.comms.manifest import build_manifest, write_manifest_atomic
+from tplr.comms.manifest import (
+    DEFAULT_PART_SIZE,
+    build_manifest,
+    read_manifest,
+    write_manifest_atomic,
+)
 from tplr.units import format_size, parse_size
 
 BUCKET = "bucket"
@@ -180,12 +189,26 @@ def run_child(cmd: list[str], env: dict[str, str]) -> tuple[float, int]:
     return seconds, peak
 
 
+PARALLEL_CURL = """
+size=$1; part=$2; url=$3
+for ((offset = 0; offset < size; offset += part)); do
+    curl -sSf -o /dev/null -r "$offset-$((offset + part - 1))" "$url" &
+done
+wait
+"""
+
+
 def contender_command(name: str, port: int, dest: Path, manifest: Path) -> list[str]:
     endpoint = f"http://127.0.0.1:{port}"
+    if name == "ceiling":  # as many parallel curls as tplr has parts, to /dev/null
+        part = str(DEFAULT_PART_SIZE)
+        url = f"{endpoint}/{BUCKET}/{KEY}"
+        return ["bash", "-c", PARALLEL_CURL, "ceiling", str(manifest_size(manifest)), part, url]
     if name == "boto3":
         return [sys.executable, "-c", BOTO3_SCRIPT, endpoint, BUCKET, KEY, str(dest)]
     if name == "curl":
         return ["curl", "-sSf", "-o", str(dest), f"{endpoint}/{BUCKET}/{KEY}"]
+    verify = ["--verify", "size"] if name == "tplr-noverify" else ["--manifest", str(manifest)]
     return [
         sys.executable,
         "-m",
@@ -197,12 +220,13 @@ def contender_command(name: str, port: int, dest: Path, manifest: Path) -> list[
         str(dest),
         "--endpoint-url",
         endpoint,
-        "--manifest",
-        str(manifest),
-        "--verify",
-        "manifest",
+        *verify,
         "--no-progress",
     ]
+
+
+def manifest_size(manifest: Path) -> int:
+    return sum(entry.size for entry in read_manifest(manifest).files.values())
 
 
 def child_env() -> dict[str, str]:
@@ -227,12 +251,12 @@ def run_mode(
             os.sync()  # nobody starts with another's dirty pages to flush
             cmd = contender_command(name, port, dest, ctx["manifest"])  # type: ignore[arg-type]
             seconds, rss = run_child(cmd, ctx["env"])  # type: ignore[arg-type]
-            if round_no == 0 and file_digest(dest) != ctx["digest"]:
+            if round_no == 0 and name != "ceiling" and file_digest(dest) != ctx["digest"]:
                 raise SystemExit(f"{name} produced a corrupt file in {mode} mode")
             run = Run(mode, name, seconds, rss, size)
             runs.append(run)
             print(
-                f"  {mode:11s} round {round_no + 1}  {name:5s} {run.mb_per_s:8.1f} MB/s"
+                f"  {mode:11s} round {round_no + 1}  {name:13s} {run.mb_per_s:8.1f} MB/s"
                 f"  {seconds:6.2f} s  peak RSS {rss / 1e6:6.1f} MB",
                 flush=True,
             )
@@ -260,13 +284,22 @@ def report(runs: list[Run], modes: list[str]) -> bool:
         names = sorted({r.contender for r in runs if r.mode == mode})
         rates = ", ".join(f"{n} {median_rate(runs, mode, n):.1f}" for n in names)
         print(f"  {mode}: {rates}")
+        if "ceiling" in names:
+            ratio = paired_ratio(runs, mode, "tplr", "ceiling")
+            print(f"    tplr / ceiling: {ratio:.2f}x  (what the origin gives that many streams)")
         for other, bar in bars[mode].items():
             ratio = paired_ratio(runs, mode, "tplr", other)
             passed = ratio >= bar
             ok &= passed
             verdict = "PASS" if passed else "FAIL"
             print(f"    tplr / {other}: {ratio:.2f}x  (bar >= {bar}x: {verdict})")
-    peak = max(r.peak_rss_bytes for r in runs if r.contender == "tplr")
+    if "unthrottled" in modes:
+        cost = 1 - paired_ratio(runs, "unthrottled", "tplr", "tplr-noverify")
+        passed = cost < 0.15
+        ok &= passed
+        verdict = "PASS" if passed else "FAIL"
+        print(f"  cost of verification (manifest vs size only): {cost:.1%}  (bar < 15%: {verdict})")
+    peak = max(r.peak_rss_bytes for r in runs if r.contender.startswith("tplr"))
     passed = peak <= 300e6
     ok &= passed
     print(f"  tplr peak RSS: {peak / 1e6:.1f} MB  (bar <= 300 MB: {'PASS' if passed else 'FAIL'})")
@@ -298,7 +331,9 @@ def main() -> int:
     with nginx(www, args.workdir / "nginx", args.rate) as (fast_port, slow_port):
         for mode in modes:
             port = fast_port if mode == "unthrottled" else slow_port
-            contenders = ["boto3", "curl", "tplr"] if mode == "unthrottled" else ["boto3", "tplr"]
+            contenders = ["boto3", "tplr", "ceiling"]
+            if mode == "unthrottled":
+                contenders = ["boto3", "curl", "tplr", "tplr-noverify"]
             runs += run_mode(mode, port, contenders, args.rounds, ctx)
     return 0 if report(runs, modes) else 1
 

@@ -262,3 +262,31 @@ async def test_an_http_proxy_in_the_environment_is_honoured(
     assert (tmp_path / "o.bin").read_bytes() == data
     gets = proxy.stats.gets()
     assert len(gets) == 7 and not any("X-Amz-Signature=" in path for _, path, _ in gets)
+
+
+async def test_big_manifest_parts_of_a_small_object_come_in_pieces(
+    proxy, bucket, s3_client, tmp_path
+):
+    """16 MiB manifest parts would give this 24 MiB object two streams: each part is
+    fetched as 8 MiB pieces instead, hashed once whole, and re-fetched whole if wrong."""
+    mib = 1024 * 1024
+    body = payload(24 * mib + 123, seed=2)
+    s3_client.put_object(Bucket=bucket, Key=KEY, Body=body)
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "obj.bin").write_bytes(body)
+    manifest = build_manifest(tmp_path / "src", part_size=16 * mib)
+    proxy.add(Fault("corrupt", range_start=8 * mib, after_bytes=4321))
+    cfg = TransferConfig(transfer_max_attempts=3)
+    result, registry, _ = await fetch(
+        proxy, bucket, tmp_path / "o.bin", manifest=manifest, config=cfg
+    )
+    assert (tmp_path / "o.bin").read_bytes() == body and result.verified == "manifest"
+    starts = sorted(start for _, _, start in proxy.stats.gets())
+    assert starts == [0, 0, 8 * mib, 8 * mib, 16 * mib, 24 * mib]  # part 0 twice, whole
+    assert proxy.stats.body_bytes_sent == len(body) + 16 * mib
+    assert retries(registry, "integrity") == 1
+
+    proxy.add(Fault("corrupt", range_start=16 * mib, after_bytes=1, times=None))
+    with pytest.raises(IntegrityError, match=r"part 1 .*\(3 times in a row\)"):
+        await fetch(proxy, bucket, tmp_path / "p.bin", manifest=manifest, config=cfg)
+    assert not (tmp_path / "p.bin").exists()

@@ -288,9 +288,10 @@ class _Download:
                 metrics=self.metrics,
                 progress=self.progress,
                 slots=slots,
-                pool=BufferPool(slots.limit, min(plan.part_size, STREAM_FALLBACK_BUFFER_BYTES)),
+                pool=BufferPool(slots.limit, min(plan.piece_size, STREAM_FALLBACK_BUFFER_BYTES)),
                 opener=opener,
                 on_retry=self.on_retry,
+                piece_size=plan.piece_size or plan.part_size,
             )
             await self.fetch(fetcher, sidecar, [p for p in plan.parts() if p.index not in done])
         records = {**done, **fetcher.completed}

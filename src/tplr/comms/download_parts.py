@@ -119,7 +119,12 @@ class Verification:
 
 
 class PartFetcher:
-    """Fetches parts into the sidecar: slot, ranged GET, hash, positioned writes, retries."""
+    """Fetches parts into the sidecar: slot, ranged GET, hash, positioned writes, retries.
+
+    A part up to ``piece_size`` is one request, hashed as it streams. A larger part (a
+    manifest's 32 MiB parts of a small file) is fetched as concurrent pieces, so a small
+    object still gets many streams; its hash is then computed from the page cache.
+    """
 
     def __init__(
         self,
@@ -137,6 +142,7 @@ class PartFetcher:
         pool: BufferPool,
         opener: RangeOpener | None,
         on_retry: RetryHook,
+        piece_size: int,
     ) -> None:
         self.store, self.key, self.etag = store, key, etag
         self.location = store.url(key)
@@ -150,40 +156,82 @@ class PartFetcher:
         self.pool = pool
         self.opener = opener
         self.on_retry = on_retry
+        self.piece_size = piece_size
         self.completed: dict[int, PartRecord] = {}
 
     async def fetch_part(self, part: Part) -> None:
-        """Fetch one part with retries; the backoff sleep happens outside the slot."""
+        if part.length <= self.piece_size:
+            record = await self._fetch_whole(part)
+        else:
+            record = await self._fetch_in_pieces(part)
+        self.completed[part.index] = record
+        self.sidecar.mark_done(record)
+
+    def _hashers(self) -> list[Any]:
+        return [xxhash.xxh3_128(), hashlib.md5()] if self.part_md5 else [xxhash.xxh3_128()]
+
+    async def _fetch_whole(self, part: Part) -> PartRecord:
+        """One request, hashed as it streams; retried alone, sleeping outside the slot."""
         mismatches = 0
 
         async def attempt() -> PartRecord:
             nonlocal mismatches
+            hashers = self._hashers()
             async with self.slots:
-                try:
-                    return await self._fetch_once(part)
-                except PartHashMismatch as exc:
-                    mismatches += 1
-                    if mismatches >= INTEGRITY_ATTEMPTS:
-                        raise IntegrityError(
-                            f"{exc.message} ({mismatches} times in a row)", location=self.location
-                        ) from exc
-                    raise
+                await self._fetch_range(part.offset, part.length, hashers)
+            try:
+                return self._record(part, *(h.hexdigest() for h in hashers))
+            except PartHashMismatch as exc:
+                self.progress.advance(-part.length)  # these bytes will come again
+                mismatches += 1
+                if mismatches >= INTEGRITY_ATTEMPTS:
+                    raise self._gave_up(exc, mismatches) from exc
+                raise
 
-        record = await retry(
+        return await retry(
             attempt,
             self.policy,
             describe=f"part {part.index} of {self.location}",
             on_retry=self.on_retry,
             retry_on=(PartHashMismatch,),
         )
-        self.completed[part.index] = record
-        self.sidecar.mark_done(record)
 
-    async def _fetch_once(self, part: Part) -> PartRecord:
+    async def _fetch_in_pieces(self, part: Part) -> PartRecord:
+        """Several concurrent requests (pieces), each retried alone; then the part is hashed
+        from the page cache, and fetched again whole if it does not match."""
+        for attempt in range(1, INTEGRITY_ATTEMPTS + 1):
+            async with asyncio.TaskGroup() as group:
+                end = part.offset + part.length
+                for offset in range(part.offset, end, self.piece_size):
+                    length = min(self.piece_size, end - offset)
+                    group.create_task(self._fetch_piece(part, offset, length))
+            digests = await self.sidecar.hash_range_async(
+                part.offset, part.length, md5=self.part_md5
+            )
+            try:
+                return self._record(part, *digests)
+            except PartHashMismatch as exc:
+                self.progress.advance(-part.length)
+                if attempt == INTEGRITY_ATTEMPTS:
+                    raise self._gave_up(exc, attempt) from exc
+                self.on_retry(exc, attempt, 0.0)
+        raise AssertionError("unreachable")
+
+    async def _fetch_piece(self, part: Part, offset: int, length: int) -> None:
+        async def attempt() -> None:
+            async with self.slots:
+                await self._fetch_range(offset, length, [])
+
+        await retry(
+            attempt,
+            self.policy,
+            describe=f"part {part.index} bytes {offset}-{offset + length - 1} of {self.location}",
+            on_retry=self.on_retry,
+        )
+
+    async def _fetch_range(self, offset: int, length: int, hashers: list[Any]) -> None:
+        """One ranged GET into the sidecar, with progress, metrics and typed errors."""
         started = time.monotonic()
-        hashers: list[Any] = [xxhash.xxh3_128()]
-        if self.part_md5:
-            hashers.append(hashlib.md5())
         advanced = 0
 
         def advance(num_bytes: int) -> None:
@@ -192,8 +240,7 @@ class PartFetcher:
             self.progress.advance(num_bytes)
 
         try:
-            await self._stream(part, hashers, advance)
-            record = self._record(part, hashers)
+            await self._stream(offset, length, hashers, advance)
         except BaseException as exc:
             self.progress.advance(-advanced)  # this attempt's bytes will come again
             if not isinstance(exc, asyncio.CancelledError):
@@ -201,18 +248,19 @@ class PartFetcher:
             if isinstance(exc, PreconditionFailed):
                 raise ObjectReplaced(exc.message, location=self.location) from exc
             raise
-        self.metrics.observe_part("download", part.length, time.monotonic() - started)
-        return record
+        self.metrics.observe_part("download", length, time.monotonic() - started)
 
-    async def _stream(self, part: Part, hashers: list[Any], advance: Callable[[int], None]) -> None:
-        position = part.offset
+    async def _stream(
+        self, offset: int, length: int, hashers: list[Any], advance: Callable[[int], None]
+    ) -> None:
+        position = offset
         pending: list[Any] = []
         pending_bytes = 0
         async with open_part_stream(
             self.store,
             self.key,
-            part.offset,
-            part.length,
+            offset,
+            length,
             if_match=self.etag,
             pool=self.pool,
             opener=self.opener,
@@ -231,15 +279,14 @@ class PartFetcher:
                 await self.sidecar.write_async(pending, position, hashers)
                 position += pending_bytes
                 advance(pending_bytes)
-        if position - part.offset != part.length:
+        if position - offset != length:
             raise TransientError(
-                f"short read: part {part.index} of {self.location} got"
-                f" {position - part.offset} of {part.length} bytes",
+                f"short read: bytes {offset}-{offset + length - 1} of {self.location}:"
+                f" got {position - offset} of {length}",
                 location=self.location,
             )
 
-    def _record(self, part: Part, hashers: list[Any]) -> PartRecord:
-        digest = hashers[0].hexdigest()
+    def _record(self, part: Part, digest: str, md5: str | None = None) -> PartRecord:
         expected = self.verification.expected_part_hash(part.index)
         if expected is not None and digest != expected:
             self.metrics.observe_integrity_failure("download")
@@ -249,5 +296,7 @@ class PartFetcher:
                 f" expected {expected}, got {digest}",
                 location=self.location,
             )
-        md5 = hashers[1].hexdigest() if self.part_md5 else None
-        return PartRecord(part.index, digest, md5)
+        return PartRecord(part.index, digest, md5 if self.part_md5 else None)
+
+    def _gave_up(self, exc: PartHashMismatch, times: int) -> IntegrityError:
+        return IntegrityError(f"{exc.message} ({times} times in a row)", location=self.location)

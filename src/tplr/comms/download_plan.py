@@ -10,8 +10,10 @@ Defaults scale with the object so that no tuning is needed to fill a link:
 
 A manifest fixes the part size (its per-part hashes are the verification unit), and so
 does an MD5-based multipart ETag when its part size can be inferred (each part's MD5 is
-then computed while it streams). ``DOWNLOAD_PART_SIZE`` / ``DOWNLOAD_MAX_WORKERS``
-(``--part-size`` / ``--workers``) override the defaults.
+then computed while it streams). When such fixed parts are too few for 64 streams, each
+is fetched as several concurrent pieces of at least 8 MiB and hashed once it is whole.
+``DOWNLOAD_PART_SIZE`` / ``DOWNLOAD_MAX_WORKERS`` (``--part-size`` / ``--workers``)
+override the defaults.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class DownloadPlan:
     size: int
     part_size: int
     workers: int
+    piece_size: int = 0  # request size; parts larger than this are fetched in pieces
 
     @property
     def part_count(self) -> int:
@@ -49,6 +52,11 @@ class DownloadPlan:
     def parts(self) -> list[Part]:
         return [self.part(i) for i in range(self.part_count)]
 
+    @property
+    def request_count(self) -> int:
+        piece = self.piece_size or self.part_size
+        return sum(-(-p.length // piece) for p in self.parts())
+
 
 def auto_part_size(size: int) -> int:
     """The default part size for an object of ``size`` bytes (see module doc)."""
@@ -59,6 +67,18 @@ def auto_part_size(size: int) -> int:
     return min(max(rounded, MIN_AUTO_PART_BYTES), MAX_AUTO_PART_BYTES)
 
 
+def piece_size_for(part_size: int, part_count: int, streams: int) -> int:
+    """Cut parts imposed from outside into pieces (at least 8 MiB, whole MiB) until there
+    are about ``streams`` requests: a 200 MiB shard with a manifest of 32 MiB parts is
+    fetched as 25 requests of 8 MiB instead of 7 of 32 MiB."""
+    if part_count >= streams or part_size <= MIN_AUTO_PART_BYTES:
+        return part_size
+    per_part = -(-streams // max(part_count, 1))
+    share = -(-part_size // per_part)
+    piece = -(-share // MiB) * MiB
+    return min(part_size, max(piece, MIN_AUTO_PART_BYTES))
+
+
 def plan_download(
     size: int,
     *,
@@ -66,12 +86,18 @@ def plan_download(
     workers: int | None = None,
     fixed_part_size: int | None = None,
 ) -> DownloadPlan:
-    """Choose part size and worker count.
+    """Choose part size, request (piece) size and worker count.
 
-    ``fixed_part_size`` (from a manifest) wins over ``part_size`` (configured), which wins
-    over the size-based default. ``workers`` defaults to one per part, at most 64.
+    ``fixed_part_size`` (from a manifest or the ETag) wins over ``part_size`` (configured),
+    which wins over the size-based default. Only a fixed part size is cut into pieces; a
+    configured one is also the request size. ``workers`` defaults to one per request, at
+    most 64.
     """
     chosen = fixed_part_size or part_size or auto_part_size(size)
     part_count = -(-size // chosen)
-    chosen_workers = workers or min(MAX_AUTO_WORKERS, max(part_count, 1))
-    return DownloadPlan(size=size, part_size=chosen, workers=max(1, chosen_workers))
+    piece = chosen
+    if fixed_part_size is not None:
+        piece = piece_size_for(chosen, part_count, workers or MAX_AUTO_WORKERS)
+    plan = DownloadPlan(size=size, part_size=chosen, workers=1, piece_size=piece)
+    chosen_workers = workers or min(MAX_AUTO_WORKERS, max(plan.request_count, 1))
+    return DownloadPlan(size=size, part_size=chosen, workers=chosen_workers, piece_size=piece)
