@@ -4,7 +4,7 @@
 
 1. Builds a small dataset offline (once): the Python standard library's sources as text,
    tokenized with the ``bytes`` tokenizer by ``tplr shards prepare``, into the embedded
-   dataset store ``.tplr/demo/dataset/``.
+   dataset store ``.tplr/demo-network/dataset/``.
 2. Starts ``neurons/validator.py --lead`` and two ``neurons/miner.py`` as separate
    processes on the embedded store (no keys, no network), for a few short windows.
 3. Stops them with SIGTERM (they exit 0), then prints the validation loss per window,
