@@ -80,7 +80,7 @@ class TrainWorker:
                 hint="lower --seq-len or raise the model's max_seq_len",
             )
         self.accumulation_steps = config.accumulation_steps(self.context.world_size)
-        self._setup_precision()
+        self._setup_fast_path()
         torch.manual_seed(config.seed)
         with torch.device(self.device):
             self.model = GPT(model_config)  # unwrapped: names, state_dict, parameter ops
@@ -94,7 +94,7 @@ class TrainWorker:
         self.peak_flops = self._peak_flops()
 
     # -- setup -------------------------------------------------------------------------
-    def _setup_precision(self) -> None:
+    def _setup_fast_path(self) -> None:
         on_cuda = self.device.type == "cuda"
         wanted = self.config.dtype
         self.autocast_dtype = (
