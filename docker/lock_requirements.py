@@ -71,14 +71,15 @@ def top_level_requirements(pyproject: Path) -> list[Requirement]:
 def resolve_closure(roots: list[Requirement]) -> dict[str, str]:
     """Installed ``{canonical name: version}`` of everything ``roots`` need in the image."""
     pinned: dict[str, str] = {}
-    visited: set[str] = set()
+    visited: set[tuple[str, frozenset[str]]] = set()  # a package again with new extras counts
     pending = [r for r in roots if applies(r, frozenset())]
     while pending:
         requirement = pending.pop()
         name = canonicalize_name(requirement.name)
-        if name in visited:
+        extras = frozenset(requirement.extras)
+        if (name, extras) in visited:
             continue
-        visited.add(name)
+        visited.add((name, extras))
         try:
             dist = metadata.distribution(requirement.name)
         except metadata.PackageNotFoundError:
@@ -90,7 +91,6 @@ def resolve_closure(roots: list[Requirement]) -> dict[str, str]:
             raise LockError(f"installed {name}=={dist.version} does not satisfy {requirement}")
         if name not in INSTALLED_SEPARATELY:  # its own dependencies are still followed
             pinned[name] = dist.version
-        extras = frozenset(requirement.extras)
         for text in dist.requires or []:
             child = Requirement(text)
             if applies(child, extras):

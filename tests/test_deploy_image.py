@@ -128,6 +128,20 @@ def test_lock_is_closed_under_the_installed_dependencies():
     assert not missing, "regenerate with docker/lock_requirements.py: " + "; ".join(missing)
 
 
+def test_lock_holds_exactly_the_closure_of_the_runtime_dependencies():
+    roots = lock_requirements.top_level_requirements(REPO / "pyproject.toml")
+    closure = lock_requirements.resolve_closure(roots)
+    assert set(closure) == set(locked()), "regenerate with docker/lock_requirements.py"
+
+
+def test_lock_generator_follows_extras_of_a_package_it_has_already_seen():
+    """aiobotocore alone needs no boto3; aiobotocore[boto3] (via aioboto3) does."""
+    plain = lock_requirements.resolve_closure([Requirement("aiobotocore")])
+    assert "boto3" not in plain
+    both = [Requirement("aiobotocore"), Requirement("aioboto3")]
+    assert {"boto3", "s3transfer"} <= set(lock_requirements.resolve_closure(both))
+
+
 def test_lock_generator_reports_a_missing_package_instead_of_skipping_it():
     with pytest.raises(lock_requirements.LockError, match="not-a-real-package-tplr"):
         lock_requirements.resolve_closure([Requirement("not-a-real-package-tplr>=1")])
