@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import pytest
 import torch
@@ -162,6 +163,19 @@ def test_schedule_warmup_then_cosine_to_min():
     assert factors[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
     assert factors[4] == pytest.approx(1.0) and factors[7] < factors[5] < 1.0
     assert factors[10] == pytest.approx(0.1) and factors[11] == pytest.approx(0.1)
+
+
+def test_bf16_autocast_path_trains_without_warnings():
+    """The GPU precision path (bf16 autocast, fp32 master weights), exercised on CPU."""
+    worker = make_worker(dtype="bfloat16")
+    batches = progression_batches(VOCAB, MICRO, SEQ)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. a norm falling off its fused kernel
+        first = worker.train_steps(batches, 1)
+        later = worker.train_steps(batches, 15)
+    assert worker.autocast_dtype == torch.bfloat16
+    assert later.loss < 0.8 * first.loss
+    assert all(p.dtype == torch.float32 for p in worker.model.parameters())
 
 
 def test_compiles_under_dynamo():

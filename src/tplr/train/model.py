@@ -37,17 +37,19 @@ class CausalSelfAttention(nn.Module):
         self.head_dim = config.head_dim
         self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
         self.proj = nn.Linear(config.d_model, config.d_model, bias=False)
-        self.q_norm = nn.RMSNorm(config.head_dim, eps=config.norm_eps) if config.qk_norm else None
-        self.k_norm = nn.RMSNorm(config.head_dim, eps=config.norm_eps) if config.qk_norm else None
+        self.qk_norm = config.qk_norm  # weightless RMSNorm of q and k over the head dim
+        self.norm_eps = config.norm_eps
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim)  # (B, T, 3, H, D)
         q, k, v = qkv.unbind(dim=2)  # each (B, T, H, D)
-        if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+        if self.qk_norm:
+            q = F.rms_norm(q, (self.head_dim,), eps=self.norm_eps)
+            k = F.rms_norm(k, (self.head_dim,), eps=self.norm_eps)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = q.to(v.dtype), k.to(v.dtype)  # one dtype for the flash kernel (no-op if equal)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, D)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
