@@ -199,6 +199,18 @@ class GlobalModel:
             results.append(await self.step(self.window))
         return results
 
+    async def join(self, window: int) -> int:
+        """Catch up to ``window``, then again while catching up took whole windows.
+
+        Returns the (current) window the node joins at.
+        """
+        while True:
+            await self.catch_up(window)
+            now = self.rt.windows.current_window()
+            if now <= window:
+                return window
+            window = now
+
     async def _checkpoint_is_ahead(self, target_window: int) -> bool:
         """When behind by more than one window, a newer checkpoint beats replaying."""
         if self.window is None or target_window - self.window <= 1:

@@ -71,8 +71,7 @@ class Miner:
 
     async def window_loop(self) -> None:
         rt = self.rt
-        window = await rt.first_window()
-        await self.model.catch_up(window)
+        window = await self.model.join(await rt.first_window())
         while not rt.shutdown.requested:
             if window > 0 and not await self.model.agrees_with_lead(window - 1):
                 await self.model.catch_up(window)

@@ -124,7 +124,8 @@ async def check_dataset_present(stores: NodeStores, config: DatasetConfig) -> No
     raise ConfigError(
         f"no dataset in the embedded store: {folder} is empty",
         hint=f"build one with `tplr shards prepare --tokenizer bytes --input <.txt files> "
-        f"--out {folder}` (or run `make demo`), or set the R2_DATASET_* keys",
+        f"--seq-len 128 --shard-tokens 262144 --out {folder}`, or set the R2_DATASET_* keys "
+        "(`make demo` builds and runs a sample network under .tplr/demo-network/)",
     )
 
 

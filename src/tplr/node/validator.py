@@ -74,7 +74,7 @@ class Validator:
         await self.restore_board()
         if rt.is_lead:
             await self.ensure_first_checkpoint(window)
-        await self.model.catch_up(window)
+        window = await self.model.join(window)
         while not rt.shutdown.requested:
             reached, _ = await rt.shutdown.unless_stopped(rt.windows.wait_for_window(window + 1))
             if not reached:
