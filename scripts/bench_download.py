@@ -14,8 +14,8 @@ noise of a shared machine, after a ``sync`` so none inherits another's dirty pag
 - tplr: ``tplr fetch`` with verification on (per-part xxh3 hashes from a manifest written
   by the project's own ``build_manifest``; nginx's ETag is not an MD5)
 - tplr-noverify: the same with ``--verify size`` (unthrottled mode), for the cost of hashing
-- ceiling: as many parallel ranged curls as tplr has parts, to /dev/null (limited mode):
-  what the origin and this machine can deliver to that many streams, whoever the client
+- ceiling: tplr's ranged requests, each by its own curl, all at once, to /dev/null (limited
+  mode): what the origin and this machine deliver to that many streams, whoever the client
 
 It prints MB/s per run, the medians, the ratios and tplr's peak RSS (``VmHWM``
 of the child, sampled), and checks the bars: limited >= 4x boto3; unthrottled >= 1.5x boto3 and
@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
+from tplr.comms.download_plan import plan_download
 from tplr.comms.manifest import (
     DEFAULT_PART_SIZE,
     build_manifest,
@@ -200,10 +201,11 @@ wait
 
 def contender_command(name: str, port: int, dest: Path, manifest: Path) -> list[str]:
     endpoint = f"http://127.0.0.1:{port}"
-    if name == "ceiling":  # as many parallel curls as tplr has parts, to /dev/null
-        part = str(DEFAULT_PART_SIZE)
+    if name == "ceiling":  # tplr's requests, each by its own curl, all at once, to /dev/null
+        size = manifest_size(manifest)
+        piece = plan_download(size, fixed_part_size=DEFAULT_PART_SIZE).piece_size
         url = f"{endpoint}/{BUCKET}/{KEY}"
-        return ["bash", "-c", PARALLEL_CURL, "ceiling", str(manifest_size(manifest)), part, url]
+        return ["bash", "-c", PARALLEL_CURL, "ceiling", str(size), str(piece), url]
     if name == "boto3":
         return [sys.executable, "-c", BOTO3_SCRIPT, endpoint, BUCKET, KEY, str(dest)]
     if name == "curl":

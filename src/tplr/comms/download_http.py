@@ -129,6 +129,10 @@ class _Connection(asyncio.BufferedProtocol):
             self.transport.abort()
 
 
+class _Stale(TransientError):
+    """The connection closed before any answer (an idle keep-alive the server dropped)."""
+
+
 def _parse_head(head: bytes) -> tuple[int, dict[str, str]]:
     lines = head.decode("latin-1").split("\r\n")
     parts = lines[0].split(" ", 2)
@@ -193,11 +197,13 @@ class PresignedRangeReader:
 
     # -- connections -------------------------------------------------------------------
 
-    async def _connect(self, url: str) -> _Connection:
-        while self._idle:
+    async def _connect(self, url: str, *, fresh: bool = False) -> tuple[_Connection, bool]:
+        """A kept-alive connection if one is idle (and not ``fresh``), else a new one;
+        returns it and whether it was reused."""
+        while self._idle and not fresh:
             connection = self._idle.pop()
             if connection.reusable():
-                return connection
+                return connection, True
             connection.close()
         parts = urlsplit(url)
         secure = parts.scheme == "https"
@@ -220,7 +226,7 @@ class PresignedRangeReader:
                 f" {type(exc).__name__}: {exc}",
                 location=self.location,
             ) from exc
-        return connection
+        return connection, False
 
     @staticmethod
     def _request_bytes(url: str, offset: int, length: int, if_match: str | None) -> bytes:
@@ -245,14 +251,22 @@ class PresignedRangeReader:
     ) -> AsyncIterator[AsyncIterator[memoryview]]:
         where = f"GET {self.location} bytes {offset}-{offset + length - 1}"
         url = await self._current_url()
+        request = self._request_bytes(url, offset, length, if_match)
         throttle = self._throttle if self._throttle is not None else contextlib.nullcontext()
         async with throttle:
-            connection = await self._connect(url)
+            connection, reused = await self._connect(url)
         reuse = False
         try:
-            assert connection.transport is not None
-            connection.transport.write(self._request_bytes(url, offset, length, if_match))
-            status, headers = await self._read_head(connection, where)
+            try:
+                status, headers = await self._ask(connection, request, where)
+            except _Stale:
+                if not reused:
+                    raise
+                # the server closed a kept-alive connection while it sat idle: that is
+                # not a failure of this request, so ask again once on a fresh one
+                connection.close()
+                connection, _ = await self._connect(url, fresh=True)
+                status, headers = await self._ask(connection, request, where)
             whole = status == 200 and offset == 0 and headers.get("content-length") == str(length)
             if status != 206 and not whole:
                 await self._raise_for(connection, status, headers, where)
@@ -267,15 +281,18 @@ class PresignedRangeReader:
             else:
                 connection.close()
 
-    async def _read_head(self, connection: _Connection, where: str) -> tuple[int, dict[str, str]]:
+    async def _ask(
+        self, connection: _Connection, request: bytes, where: str
+    ) -> tuple[int, dict[str, str]]:
+        """Send the request and read the answer's status line and headers."""
+        assert connection.transport is not None
+        connection.transport.write(request)
         while True:
             end = connection.buffer.find(b"\r\n\r\n", connection.pos, connection.fill)
             if end >= 0:
                 break
             if connection.closed:
-                raise TransientError(
-                    f"connection closed before an answer: {where}", location=self.location
-                )
+                raise _Stale(f"connection closed before an answer: {where}", location=self.location)
             if connection.fill == len(connection.buffer):
                 raise InvalidRequest(f"response head too large: {where}", location=self.location)
             await self._wait(connection, connection.available + 1, where)

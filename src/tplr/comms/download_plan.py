@@ -24,7 +24,7 @@ MiB = 1024 * 1024
 MIN_AUTO_PART_BYTES = 8 * MiB
 MAX_AUTO_PART_BYTES = 64 * MiB
 MAX_AUTO_WORKERS = 64
-STREAM_FALLBACK_BUFFER_BYTES = 4 * MiB
+STREAM_FALLBACK_BUFFER_BYTES = 1 * MiB  # get_range-only stores: memory = slots x this
 
 
 @dataclass(frozen=True, slots=True)
