@@ -221,6 +221,94 @@ async def _announce(settings: NodeSettings, stores: NodeStores, clock: Clock) ->
     )
 
 
+@dataclass
+class _Joined:
+    """What the node knows once it has joined the run."""
+
+    stores: NodeStores
+    lead_uid: int
+    lead_store: ObjectStore
+    spec: RunSpec
+    windows: WindowClock
+
+
+def _dataset_manager(
+    settings: NodeSettings,
+    joined: _Joined,
+    registry: CollectorRegistry,
+    transfer_metrics: TransferMetrics,
+) -> SharedShardedDatasetManager:
+    spec = joined.spec
+    return SharedShardedDatasetManager(
+        joined.stores.dataset,
+        manager_config(settings, joined.stores),
+        windows_per_shard=spec.windows_per_shard,
+        open_shard=dataset_opener(spec.sequence_length, vocab_size=spec.vocab_size),
+        transfer=settings.transfer,
+        metrics=DatasetMetrics(registry),
+        transfer_metrics=transfer_metrics,
+    )
+
+
+def _assemble(
+    settings: NodeSettings,
+    joined: _Joined,
+    manager: SharedShardedDatasetManager,
+    worker: TrainWorker,
+    registry: CollectorRegistry,
+    transfer_metrics: TransferMetrics,
+    shutdown: Shutdown,
+) -> NodeRuntime:
+    spec, windows = joined.spec, joined.windows
+    return NodeRuntime(
+        role=settings.role,
+        uid=settings.node.uid,
+        is_lead=settings.is_lead,
+        lead_uid=joined.lead_uid,
+        spec=spec,
+        windows=windows,
+        stores=joined.stores,
+        lead_store=joined.lead_store,
+        manager=manager,
+        worker=worker,
+        schema=PayloadSchema.for_model(
+            {n: p.shape for n, p in worker.model.named_parameters()}, spec.compression_settings()
+        ),
+        metrics=NodeMetrics(
+            role=settings.role,
+            uid=settings.node.uid,
+            run_id=spec.run_id,
+            registry=registry,
+            clock=windows.clock,
+        ),
+        transfer_metrics=transfer_metrics,
+        registry=registry,
+        progress=ProgressTracker(
+            windows, max_stalled_windows=settings.health.health_max_stalled_windows
+        ),
+        fetcher=PayloadFetcher(
+            joined.stores.directory,
+            settings.gather,
+            settings.transfer.retry_policy(),
+            transfer_metrics=transfer_metrics,
+        ),
+        transfer=settings.transfer,
+        gather=settings.gather,
+        shutdown=shutdown,
+    )
+
+
+async def _join_run(
+    settings: NodeSettings, stores: NodeStores, clock: Clock, shutdown: Shutdown
+) -> _Joined:
+    await check_dataset_present(stores, settings.dataset)
+    await _announce(settings, stores, clock)
+    lead_uid = await resolve_lead_uid(settings, stores, clock, shutdown)
+    lead_store = await stores.directory.store_for(lead_uid)
+    spec = await agree_on_run(settings, stores, lead_store, clock, shutdown)
+    return _Joined(stores, lead_uid, lead_store, spec, spec.window_clock(clock))
+
+
 @contextlib.asynccontextmanager
 async def open_runtime(
     settings: NodeSettings,
@@ -236,75 +324,23 @@ async def open_runtime(
     async with contextlib.AsyncExitStack() as stack:
         stores = await stack.enter_async_context(
             open_node_stores(
-                settings.node,
-                settings.dataset_bucket,
-                settings.gradients_bucket,
-                settings.transfer,
+                settings.node, settings.dataset_bucket, settings.gradients_bucket, settings.transfer
             )
         )
-        await check_dataset_present(stores, settings.dataset)
-        await _announce(settings, stores, clock)
-        lead_uid = await resolve_lead_uid(settings, stores, clock, shutdown)
-        lead_store = await stores.directory.store_for(lead_uid)
-        spec = await agree_on_run(settings, stores, lead_store, clock, shutdown)
-        windows = spec.window_clock(clock)
+        joined = await _join_run(settings, stores, clock, shutdown)
         manager = await stack.enter_async_context(
-            SharedShardedDatasetManager(
-                stores.dataset,
-                manager_config(settings, stores),
-                windows_per_shard=spec.windows_per_shard,
-                open_shard=dataset_opener(spec.sequence_length, vocab_size=spec.vocab_size),
-                transfer=settings.transfer,
-                metrics=DatasetMetrics(registry),
-                transfer_metrics=transfer_metrics,
-            )
+            _dataset_manager(settings, joined, registry, transfer_metrics)
         )
-        dataset = await manager.dataset_for(max(windows.current_window(), 0))
+        dataset = await manager.dataset_for(max(joined.windows.current_window(), 0))
         worker = await asyncio.to_thread(
-            build_worker, spec, settings.node, dataset.context_len, registry
+            build_worker, joined.spec, settings.node, dataset.context_len, registry
         )
-        metrics = NodeMetrics(
-            role=settings.role,
-            uid=settings.node.uid,
-            run_id=spec.run_id,
-            registry=registry,
-            clock=clock,
-        )
-        progress = ProgressTracker(
-            windows, max_stalled_windows=settings.health.health_max_stalled_windows
-        )
-        rt = NodeRuntime(
-            role=settings.role,
-            uid=settings.node.uid,
-            is_lead=settings.is_lead,
-            lead_uid=lead_uid,
-            spec=spec,
-            windows=windows,
-            stores=stores,
-            lead_store=lead_store,
-            manager=manager,
-            worker=worker,
-            schema=PayloadSchema.for_model(
-                {n: p.shape for n, p in worker.model.named_parameters()},
-                spec.compression_settings(),
-            ),
-            metrics=metrics,
-            transfer_metrics=transfer_metrics,
-            registry=registry,
-            progress=progress,
-            fetcher=PayloadFetcher(
-                stores.directory,
-                settings.gather,
-                settings.transfer.retry_policy(),
-                transfer_metrics=transfer_metrics,
-            ),
-            transfer=settings.transfer,
-            gather=settings.gather,
-            shutdown=shutdown,
-        )
+        rt = _assemble(settings, joined, manager, worker, registry, transfer_metrics, shutdown)
         if serve_health:
             server = await stack.enter_async_context(
-                HealthServer.from_config(settings.health, registry=registry, health=progress.status)
+                HealthServer.from_config(
+                    settings.health, registry=registry, health=rt.progress.status
+                )
             )
             rt.health_port = server.port
         yield rt
