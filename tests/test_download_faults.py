@@ -108,9 +108,10 @@ async def test_connection_reset_before_the_answer(proxy, bucket, data, tmp_path)
     assert result.retries == 0
 
     proxy.add(Fault("reset", range_start=2 * PART, times=2))
+    before = len(proxy.stats.gets())
     result, registry, _ = await fetch(proxy, bucket, tmp_path / "p.bin", config=one_stream)
     assert (tmp_path / "p.bin").read_bytes() == data
-    assert [start for _, _, start in proxy.stats.gets()].count(2 * PART) == 3
+    assert [start for _, _, start in proxy.stats.gets()[before:]].count(2 * PART) == 3
     assert result.retries == 1 and retries(registry, "transient") == 1
 
 
