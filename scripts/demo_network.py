@@ -4,7 +4,7 @@
 
 1. Builds a small dataset offline (once): the Python standard library's sources as text,
    tokenized with the ``bytes`` tokenizer by ``tplr shards prepare``, into the embedded
-   dataset store ``.tplr/demo-network/dataset/``.
+   dataset store ``.tplr/demo/dataset/``.
 2. Starts ``neurons/validator.py --lead`` and two ``neurons/miner.py`` as separate
    processes on the embedded store (no keys, no network), for a few short windows.
 3. Stops them with SIGTERM (they exit 0), then prints the validation loss per window,
@@ -270,7 +270,7 @@ def print_summary(home: Path, nodes, codes, metrics_files, summary, started: flo
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--home", type=Path, default=ROOT / ".tplr" / "demo-network")
+    parser.add_argument("--home", type=Path, default=ROOT / ".tplr" / "demo")
     parser.add_argument("--windows", type=int, default=10, help="windows to run")
     parser.add_argument("--window-seconds", type=float, default=6.0)
     args = parser.parse_args(argv)

@@ -125,7 +125,7 @@ async def check_dataset_present(stores: NodeStores, config: DatasetConfig) -> No
         f"no dataset in the embedded store: {folder} is empty",
         hint=f"build one with `tplr shards prepare --tokenizer bytes --input <.txt files> "
         f"--seq-len 128 --shard-tokens 262144 --out {folder}`, or set the R2_DATASET_* keys "
-        "(`make demo` builds and runs a sample network under .tplr/demo-network/)",
+        "(`make demo` builds and runs a sample network under .tplr/demo/)",
     )
 
 
