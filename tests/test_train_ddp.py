@@ -159,7 +159,7 @@ NO_CUDA_SCRIPT = textwrap.dedent(
 def test_no_cuda_call_on_a_cpu_host(tmp_path):
     script = tmp_path / "no_cuda.py"
     script.write_text(NO_CUDA_SCRIPT)
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [sys.executable, str(script), str(tmp_path / "c.pt")],
         env=env,
