@@ -6,11 +6,11 @@ PY := $(VENV)/bin/python
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml requirements/ci-constraints.txt scripts/setup_env.sh
+$(VENV)/.installed: pyproject.toml requirements/ci-constraints.txt docker/requirements.lock scripts/setup_env.sh
 	bash scripts/setup_env.sh $(VENV)
 
 demo: setup
-	$(PY) scripts/demo.py
+	$(PY) scripts/demo_network.py
 
 test: setup
 	$(VENV)/bin/ruff check .

@@ -26,6 +26,6 @@ python3 -m venv "$venv"
 "$venv/bin/python" -m pip install -q --upgrade pip
 # torch is pinned for tests to the CPU build; the package itself accepts a range.
 "$venv/bin/python" -m pip install -q -c requirements/ci-constraints.txt torch
-"$venv/bin/python" -m pip install -q -c requirements/ci-constraints.txt -e ".[dev,gpt2,parquet]"
+"$venv/bin/python" -m pip install -q -c requirements/ci-constraints.txt -c docker/requirements.lock -e ".[dev,gpt2,parquet]"
 touch "$venv/.installed"
 echo "setup: environment ready in $venv"
