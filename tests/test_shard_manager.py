@@ -217,3 +217,16 @@ async def test_with_the_s3_server(s3_server, bucket, tmp_path, monkeypatch):
             assert first_token(await manager.dataset_for(2)) == 1000
             await wait_state(manager, 0, ShardState.READY)  # 2 train shards: wraps to 0
             assert first_token(await manager.dataset_for(4)) == 0
+
+
+def test_markers_written_concurrently_by_several_processes_stay_valid(tmp_path):
+    """Embedded nodes share one dataset folder; their marker writes must not collide."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tplr.data import manager_markers as markers
+
+    files = write_llmc_dataset(tmp_path, 1, 1000)
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda _: markers.write_ready(tmp_path, 0, files), range(64)))
+    assert markers.ready_is_valid(tmp_path, 0, files)
+    assert not list((tmp_path / markers.MARKER_DIR).glob("*.tmp"))

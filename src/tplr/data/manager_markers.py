@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 
 MARKER_DIR = ".tplr"
@@ -30,7 +31,9 @@ def _stat_record(path: Path) -> dict[str, int]:
 
 def _write_json_atomic(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    # A unique temp name: several processes may share one folder (the embedded store,
+    # where every node reads the dataset in place) and write the same marker at once.
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
         json.dump(payload, fh)
         fh.flush()
