@@ -29,7 +29,8 @@ from safetensors.torch import load_file, save_file
 
 from tplr import __version__
 from tplr.comms.download import download
-from tplr.comms.errors import NotFound
+from tplr.comms.errors import NotFound, StoreError
+from tplr.comms.retry import retry
 from tplr.comms.store import ObjectStore
 from tplr.comms.transfer_config import TransferConfig
 from tplr.comms.transfer_metrics import TransferMetrics
@@ -151,6 +152,7 @@ class CheckpointPublisher:
         keep: int,
         transfer_metrics: TransferMetrics | None = None,
     ) -> None:
+        self.policy = transfer.retry_policy()
         self.store = store
         self.scratch_dir = scratch_dir
         self.transfer = transfer
@@ -179,8 +181,15 @@ class CheckpointPublisher:
             model_digest=digest,
             created_at_s=time.time(),
         )
-        await self.store.put(LATEST_KEY, pointer.model_dump_json().encode())
-        await self._prune(newest=window)
+        await retry(
+            lambda: self.store.put(LATEST_KEY, pointer.model_dump_json().encode()),
+            self.policy,
+            describe=f"point {self.store.url(LATEST_KEY)} at window {window}",
+        )
+        try:
+            await self._prune(newest=window)
+        except StoreError as exc:  # old checkpoints linger until the next publish
+            log.warning("could not delete old checkpoints: %s", exc)
         log.info("published checkpoint %s (%d bytes)", self.store.url(key), result.size)
         return pointer
 

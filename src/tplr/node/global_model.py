@@ -18,7 +18,7 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 
-from tplr.comms.errors import NotFound
+from tplr.comms.errors import NotFound, StoreError
 from tplr.comms.retry import retry
 from tplr.node.checkpoints import (
     GlobalCheckpointError,
@@ -219,6 +219,9 @@ class GlobalModel:
             pointer = await read_latest_pointer(self.rt.lead_store)
         except NotFound:
             return False
+        except StoreError as exc:  # replaying instead is slower, never wrong
+            log.warning("could not read the latest checkpoint pointer: %s", exc)
+            return False
         return pointer.window > self.window
 
     async def agrees_with_lead(self, window: int) -> bool:
@@ -228,8 +231,8 @@ class GlobalModel:
             return True
         try:
             report = await read_report(self.rt.lead_store, window)
-        except (NotFound, ReportError):
-            return True  # not written yet (or unreadable): nothing to compare
+        except (NotFound, ReportError, StoreError):
+            return True  # not written yet (or unreadable now): nothing to compare
         if report.model_digest == ours:
             return True
         log.error(

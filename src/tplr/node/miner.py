@@ -25,6 +25,7 @@ import re
 import time
 from dataclasses import dataclass
 
+from tplr.comms.errors import StoreError
 from tplr.comms.upload import upload_bytes
 from tplr.data.dataset import SharedShardedDataset
 from tplr.data.loader import BatchLoader, LoaderConfig
@@ -164,6 +165,11 @@ class Miner:
         except TimeoutError:
             log.warning("window %d: upload of %s missed the deadline", window, key)
             return 0
+        except StoreError as exc:
+            if not exc.retryable:
+                raise  # wrong keys or bucket: the operator must fix it
+            log.warning("window %d: upload of %s failed after retries: %s", window, key, exc)
+            return 0
         rt.metrics.record_upload(seconds=time.monotonic() - started, payload_bytes=len(data))
         log.info("window %d: uploaded %s (%d bytes)", window, rt.stores.own.url(key), len(data))
         return len(data)
@@ -172,7 +178,11 @@ class Miner:
         rt = self.rt
         own_step = next((step for step in steps if step.window == window), None)
         if own_step is not None:
-            await publish_report(rt.stores.own, self.report(window, own_step))
+            report = self.report(window, own_step)
+            await rt.retried(
+                f"publish the report of window {window}",
+                lambda: publish_report(rt.stores.own, report),
+            )
         rt.progress.mark_progress(window)
         rt.metrics.mark_progress(window)
         self.housekeeper.window_done(window)

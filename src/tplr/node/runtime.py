@@ -12,15 +12,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 
 from tplr import __version__
 from tplr.comms.errors import NotFound
 from tplr.comms.manifest import MANIFEST_NAME, Manifest
+from tplr.comms.retry import retry
 from tplr.comms.store import ObjectStore
 from tplr.comms.transfer_config import TransferConfig
 from tplr.comms.transfer_metrics import TransferMetrics
@@ -50,6 +51,7 @@ from tplr.node.worker_setup import build_worker
 from tplr.train.worker import TrainWorker
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -82,6 +84,10 @@ class NodeRuntime:
     def upload_time_clock(self) -> WindowClock | None:
         """The clock for upload-time checks, or None when they are turned off."""
         return self.windows if self.gather.check_upload_time else None
+
+    async def retried(self, describe: str, attempt: Callable[[], Awaitable[T]]) -> T:
+        """One small request (a report, a score file), retried by the one retry policy."""
+        return await retry(attempt, self.transfer.retry_policy(), describe=describe)
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         return {name: tuple(p.shape) for name, p in self.worker.model.named_parameters()}
@@ -163,10 +169,18 @@ async def agree_on_run(
     """The lead creates run.json (once); others wait for it. Overrides must match."""
     given = settings.run.given()
     if settings.is_lead:
-        defaults = await dataset_defaults(stores.dataset, settings.dataset.prefix)
+        defaults = await retry(
+            lambda: dataset_defaults(stores.dataset, settings.dataset.prefix),
+            settings.transfer.retry_policy(),
+            describe="read the dataset manifest",
+        )
         proposed = settings.run.proposed_spec(dataset_defaults=defaults, now_s=clock.now())
         # the settle wait is about real write propagation, so it uses the real clock
-        published = await publish_run_spec(lead_store, proposed)
+        published = await retry(
+            lambda: publish_run_spec(lead_store, proposed),
+            settings.transfer.retry_policy(),
+            describe=f"create {lead_store.url(RUN_SPEC_KEY)}",
+        )
         spec = published.spec
     else:
         spec = await poll_until_found(
@@ -209,15 +223,18 @@ async def _announce(settings: NodeSettings, stores: NodeStores, clock: Clock) ->
         return
     from tplr.node.directory import embedded_prefix
 
-    await announce_node(
-        stores.shared,
-        NodeAnnouncement(
-            uid=settings.node.uid,
-            role=settings.role,
-            prefix=embedded_prefix(settings.node.uid),
-            code_version=__version__,
-            announced_at_s=clock.now(),
-        ),
+    announcement = NodeAnnouncement(
+        uid=settings.node.uid,
+        role=settings.role,
+        prefix=embedded_prefix(settings.node.uid),
+        code_version=__version__,
+        announced_at_s=clock.now(),
+    )
+    shared = stores.shared
+    await retry(
+        lambda: announce_node(shared, announcement),
+        settings.transfer.retry_policy(),
+        describe="announce this node",
     )
 
 

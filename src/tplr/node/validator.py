@@ -86,15 +86,13 @@ class Validator:
 
     async def restore_board(self) -> None:
         """Continue the moving averages from our newest published scores, if any."""
-        windows = [
-            int(match.group(2))
-            async for info in self.rt.stores.own.list("scores/")
-            if (match := _NUMBERED_JSON.match(info.key))
-        ]
+        windows = await self.rt.retried("list our scores", self._scored_windows)
         if not windows:
             return
         try:
-            board = await read_scores(self.rt.stores.own, max(windows))
+            board = await self.rt.retried(
+                "read our last scores", lambda: read_scores(self.rt.stores.own, max(windows))
+            )
         except (NotFound, ScoringError) as exc:
             log.warning("starting scores afresh: %s", exc)
             return
@@ -102,10 +100,20 @@ class Validator:
         self.board = board
         log.info("restored scores of %d miners up to window %s", len(board.peers), board.window)
 
+    async def _scored_windows(self) -> list[int]:
+        return [
+            int(match.group(2))
+            async for info in self.rt.stores.own.list("scores/")
+            if (match := _NUMBERED_JSON.match(info.key))
+        ]
+
     async def ensure_first_checkpoint(self, window: int) -> None:
         """The lead publishes the initial model, so every node starts from the same bytes."""
         try:
-            await read_latest_pointer(self.rt.stores.own)
+            await self.rt.retried(
+                "read the latest checkpoint pointer",
+                lambda: read_latest_pointer(self.rt.stores.own),
+            )
             return
         except NotFound:
             pass
@@ -138,7 +146,10 @@ class Validator:
         val_loss = await self.validation_loss() if rt.is_lead else None
         if rt.is_lead and (window + 1) % rt.spec.checkpoint_every_windows == 0:
             await self.publish_checkpoint(window + 1, step.digest)
-        await publish_report(rt.stores.own, self.report(window, step, val_loss))
+        report = self.report(window, step, val_loss)
+        await rt.retried(
+            f"publish the report of window {window}", lambda: publish_report(rt.stores.own, report)
+        )
         self.log_window(window, judged, step, val_loss)
         rt.progress.mark_progress(window)
         rt.metrics.mark_progress(window)
@@ -157,13 +168,19 @@ class Validator:
         for reason in judged.failures.values():
             rt.metrics.record_rejection(reason)
         rt.metrics.set_scores(self.board.scores())
-        await publish_scores(rt.stores.own, self.board)
+        await rt.retried(
+            f"publish the scores of window {window}",
+            lambda: publish_scores(rt.stores.own, self.board),
+        )
         peer_list = PeerList(
             window=window + PEER_LIST_LEAD_WINDOWS,
             uids=tuple(self.board.top_peers()),
             published_by=rt.uid,
         )
-        await publish_peer_list(rt.stores.own, peer_list)
+        await rt.retried(
+            f"publish the peer list for window {peer_list.window}",
+            lambda: publish_peer_list(rt.stores.own, peer_list),
+        )
 
     def report(self, window: int, step: StepResult, val_loss: float | None) -> WindowReport:
         return WindowReport(
