@@ -36,6 +36,7 @@ from tplr.train.worker import TrainStats, TrainWorker
 
 log = logging.getLogger("tplr.train")
 GPT2_VOCAB_SIZE = 50257
+ENTRY_LOG_EVERY_STEPS = 10
 # TrainConfig fields settable by a flag of the same name (``--micro-batch-size``)
 _TRAIN_FLAGS: dict[str, type] = {
     "optimizer": str,
@@ -56,7 +57,11 @@ _TRAIN_FLAGS: dict[str, type] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m tplr.train", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m tplr.train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--data", type=Path, required=True, help="folder of token shards")
     parser.add_argument(
         "--model", default="small", help="preset: " + ", ".join(ModelConfig.preset_names())
@@ -103,6 +108,7 @@ def _configs(args: argparse.Namespace, vocab_size: int) -> tuple[ModelConfig, di
         )
     values = {k: getattr(args, k) for k in _TRAIN_FLAGS if getattr(args, k) is not None}
     values.update(compile=args.compile, total_steps=args.steps)
+    values.setdefault("log_every_steps", ENTRY_LOG_EVERY_STEPS)
     return model_config, values
 
 
