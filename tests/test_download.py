@@ -19,6 +19,7 @@ from tplr.comms.config import BucketConfig
 from tplr.comms.download import download
 from tplr.comms.download_sidecar import sidecar_paths
 from tplr.comms.errors import InsufficientSpace, IntegrityError, PreconditionFailed
+from tplr.comms.journal import JournalHeader, JournalWriter, PartRecord
 from tplr.comms.local_store import LocalStore
 from tplr.comms.manifest import Manifest, build_manifest
 from tplr.comms.s3_store import S3Store
@@ -271,6 +272,8 @@ async def test_bad_arguments_are_config_errors(store, tmp_path):
         await download(store, "k", tmp_path / "o", verify="sha1")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="needs a manifest"):
         await download(store, "k", tmp_path / "o", verify="manifest")
+    with pytest.raises(ConfigError, match="names a folder"):
+        await download(store, "some/prefix/", tmp_path / "o")
 
 
 def test_metrics_names_and_labels():
@@ -287,3 +290,37 @@ def test_metrics_names_and_labels():
     assert sample(registry, "tplr_transfer_part_seconds_bucket", direction="upload", le="0.5")
     assert sample(registry, "tplr_transfer_integrity_failures_total", direction="upload") == 1
     assert sample(registry, "tplr_transfer_active", direction="download") == 0
+
+
+async def test_a_journal_of_another_version_is_discarded(tmp_path):
+    """Left over from a run against the old object: same key, another ETag and size."""
+    async with LocalStore(tmp_path / "store") as store:
+        old = await store.put("k.bin", payload(6 * PART, seed=1))
+        dest = tmp_path / "k.bin"
+        partial, journal = sidecar_paths(dest)
+        partial.write_bytes(payload(6 * PART, seed=1))
+        writer = JournalWriter.create(journal, JournalHeader("k.bin", 6 * PART, old.etag, PART))
+        writer.append([PartRecord(i, "00" * 16) for i in range(6)])
+        writer.close()
+        new = payload(6 * PART + 5, seed=2)
+        await store.put("k.bin", new)
+        result = await download(store, "k.bin", dest, config=small_parts(), progress=False)
+    assert result.parts_resumed == 0 and result.fetched_bytes == len(new)
+    assert dest.read_bytes() == new and not journal.exists()
+
+
+async def test_a_part_waiting_to_retry_frees_its_slot(s3_server, bucket, s3_client, tmp_path):
+    """With one slot, part 0 fails, and part 1 runs while part 0 sleeps before its retry."""
+    from fault_proxy import Fault, FaultProxy
+
+    s3_client.put_object(Bucket=bucket, Key="k.bin", Body=payload(2 * PART))
+    cfg = small_parts()
+    async with FaultProxy(s3_server) as proxy:
+        proxy.add(Fault("status", range_start=0, status=500))
+        async with S3Store(bucket_config(proxy.url, bucket), cfg) as store:
+            await download(
+                store, "k.bin", tmp_path / "k.bin", config=cfg, slots=TransferSlots(1),
+                progress=False,
+            )  # fmt: skip
+    assert [start for _, _, start in proxy.stats.gets()] == [0, PART, 0]
+    assert (tmp_path / "k.bin").read_bytes() == payload(2 * PART)

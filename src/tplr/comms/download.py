@@ -146,10 +146,16 @@ async def download(
         raise ConfigError(
             "verify='manifest' needs a manifest", hint="pass --manifest FILE_OR_URL or verify=etag"
         )
+    if not key or key.endswith("/"):
+        raise ConfigError(
+            f"{store.url(key)} names a folder, not an object", hint="name one object's key"
+        )
+    if not checkpoint_interval_s > 0:
+        raise ConfigError(f"checkpoint_interval_s must be > 0, got {checkpoint_interval_s}")
     job = _Download(
         store,
         key,
-        resolve_dest(dest, key),
+        await asyncio.to_thread(resolve_dest, dest, key),
         config=config or default_config(),
         manifest=manifest if verify in ("manifest", "auto") else None,
         manifest_key=manifest_key,

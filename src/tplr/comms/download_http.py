@@ -29,8 +29,9 @@ from urllib.parse import urlsplit
 
 from tplr.comms.errors import InvalidRequest, PreconditionFailed, StoreError, TransientError
 
-RECEIVE_BUFFER_BYTES = 512 * 1024
-WRITE_BATCH_BYTES = 256 * 1024  # a part's bytes are handed to the writer in such batches
+# per connection; measured: 256 KiB costs more CPU per byte, 2 MiB more system time
+RECEIVE_BUFFER_BYTES = 1024 * 1024
+WRITE_BATCH_BYTES = 512 * 1024  # a part's bytes are handed to the writer in such batches
 URL_EXPIRES_S = 3600  # what the URL is signed for
 URL_TTL_S = 3000.0  # when it is replaced by a fresh one
 _MAX_ERROR_BODY_BYTES = 64 * 1024
