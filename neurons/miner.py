@@ -2,6 +2,7 @@
 
     python neurons/miner.py --uid 1            # embedded store under ./.tplr/ (no R2 keys)
     python neurons/miner.py --help             # every setting, its env var and its default
+    torchrun --standalone --nproc_per_node=8 neurons/miner.py --uid 1   # 8 GPUs, DDP
 
 Settings come from flags, the environment and .env (flags win). The run's hyperparameters
 come from the lead validator's run.json.
@@ -12,28 +13,19 @@ from __future__ import annotations
 import os
 
 from tplr.errors import TplrError
-from tplr.node.lifecycle import (
-    EXIT_CONFIG,
-    check_single_process,
-    configure_process,
-    report_error,
-    run_node,
-)
-from tplr.node.miner import run_miner
+from tplr.node.launch import run_miner_process
+from tplr.node.lifecycle import EXIT_CONFIG, configure_process, report_error
 from tplr.node.settings_cli import load_settings
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        check_single_process(os.environ)
         settings = load_settings("miner", argv)
     except TplrError as exc:
         report_error(exc)
         return EXIT_CONFIG
     configure_process(log_level=settings.node.log_level, torch_threads=settings.node.torch_threads)
-    return run_node(
-        lambda shutdown: run_miner(settings, shutdown), grace_s=settings.node.stop_grace_s
-    )
+    return run_miner_process(settings, os.environ)  # torchrun: rank 0 mines, others follow
 
 
 if __name__ == "__main__":

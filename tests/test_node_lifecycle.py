@@ -105,13 +105,15 @@ def test_a_typed_error_exits_2_with_its_message_and_hint(capsys):
 
 
 # -- real processes ---------------------------------------------------------------------------
+# batch 8 = micro 4 x 2 ranks (torchrun miner) = micro 4 x 2 accumulation steps (plain miner)
 LEAD_FLAGS = [
-    *("--run-model", "tiny", "--run-window-seconds", "5", "--run-inner-steps", "4"),
-    *("--run-inner-lr", "0.003", "--run-outer-lr", "1.0", "--run-micro-batch-size", "8"),
+    *("--run-model", "tiny", "--run-window-seconds", "6", "--run-inner-steps", "4"),
+    *("--run-inner-lr", "0.003", "--run-outer-lr", "1.0", "--run-micro-batch-size", "4"),
     *("--run-batch-size", "8", "--run-compression-chunk-size", "128"),
     *("--run-compression-topk", "16", "--run-checkpoint-every-windows", "2"),
     *("--run-upload-deadline-fraction", "0.9", "--validator-retention-windows", "6"),
 ]
+TORCHRUN = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
 
 
 def start_node(home: Path, log: Path, *args: str) -> subprocess.Popen:
@@ -121,6 +123,7 @@ def start_node(home: Path, log: Path, *args: str) -> subprocess.Popen:
         METRICS_PORT="0",
         METRICS_HOST="127.0.0.1",
         TPLR_TORCH_THREADS="1",
+        OMP_NUM_THREADS="1",
         TPLR_POLL_INTERVAL_S="0.5",
         TPLR_MINER_RETENTION_WINDOWS="6",
     )
@@ -130,24 +133,29 @@ def start_node(home: Path, log: Path, *args: str) -> subprocess.Popen:
         )
 
 
-async def digests(shared: LocalStore, uid: int) -> dict[int, str]:
+async def reports(shared: LocalStore, uid: int) -> dict[int, tuple[str, tuple[int, ...]]]:
+    """window -> (model digest, aggregated uids) from a node's reports."""
     store = PrefixedStore(shared, embedded_prefix(uid))
     found = {}
     for window in await report_windows(store):
-        found[window] = (await read_report(store, window)).model_digest
+        report = await read_report(store, window)
+        found[window] = (report.model_digest, report.aggregated_uids)
     return found
 
 
 async def wait_for_agreement(shared, processes, logs, *, after: int, timeout_s: float) -> int:
-    """The first window > ``after`` where the miner's model digest equals the lead's."""
+    """The first window > ``after`` in which the lead aggregated both miners and both
+    miners' models equal the lead's."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         for process, log in zip(processes, logs, strict=True):
             assert process.poll() is None, log.read_text()[-3000:]
-        lead, miner = await digests(shared, 0), await digests(shared, 1)
-        agreed = [w for w in sorted(set(lead) & set(miner)) if w > after and lead[w] == miner[w]]
-        if agreed:
-            return agreed[0]
+        lead, one, two = [await reports(shared, uid) for uid in (0, 1, 2)]
+        for window in sorted(set(lead) & set(one) & set(two)):
+            digest, aggregated = lead[window]
+            both = aggregated == (1, 2) and one[window][0] == two[window][0] == digest
+            if window > after and both:
+                return window
         await asyncio.sleep(0.5)
     raise AssertionError("no agreement:\n" + "\n".join(log.read_text()[-2000:] for log in logs))
 
@@ -165,30 +173,42 @@ def assert_no_partial_objects(shared_root: Path, cache_root: Path) -> None:
     assert not leftovers
 
 
-async def test_killed_miner_rejoins_and_sigterm_stops_every_node_with_exit_0(tmp_path):
+def make_home(tmp_path: Path) -> Path:
     home = tmp_path / "home"
     shards = build_dataset(tmp_path / "data", text_bytes=150_000)
     (home / "dataset" / "remote").mkdir(parents=True)
     shards.rename(home / "dataset" / "remote" / "tokenized")
-    logs = [tmp_path / "lead.log", tmp_path / "miner.log"]
+    return home
+
+
+async def test_torchrun_miner_killed_miner_rejoin_and_sigterm_exits_0(tmp_path):
+    """A lead, miner 1 under torchrun (2 gloo ranks, DDP) and a plain miner 2 hold the same
+    model; miner 2 killed with -9 rejoins; SIGTERM stops every node cleanly."""
+    home = make_home(tmp_path)
+    logs = [tmp_path / "lead.log", tmp_path / "miner1.log", tmp_path / "miner2.log"]
     lead = start_node(home, logs[0], "neurons/validator.py", "--lead", "--uid", "0", *LEAD_FLAGS)
-    miner_args = ("neurons/miner.py", "--uid", "1", "--lead-uid", "0")
-    miner = start_node(home, logs[1], *miner_args)
+    miner1 = start_node(home, logs[1], *TORCHRUN, "neurons/miner.py", "--uid", "1")
+    miner2_args = ("neurons/miner.py", "--uid", "2", "--lead-uid", "0")
+    miner2 = start_node(home, logs[2], *miner2_args)
     shared = LocalStore(home / "shared")
+    processes = [lead, miner1, miner2]
     try:
-        first = await wait_for_agreement(shared, [lead, miner], logs, after=-1, timeout_s=120)
-        miner.kill()  # SIGKILL: no cleanup at all
-        miner.wait(timeout=30)
-        miner = start_node(home, logs[1], *miner_args)
-        await wait_for_agreement(shared, [lead, miner], logs, after=first + 1, timeout_s=120)
-        assert "loaded checkpoint" in logs[1].read_text().split("miner uid 1 in run")[-1]
-        for process in (lead, miner):
+        first = await wait_for_agreement(shared, processes, logs, after=-1, timeout_s=150)
+        miner2.kill()  # SIGKILL: no cleanup at all
+        miner2.wait(timeout=30)
+        miner2 = processes[2] = start_node(home, logs[2], *miner2_args)
+        await wait_for_agreement(shared, processes, logs, after=first + 1, timeout_s=150)
+        assert "loaded checkpoint" in logs[2].read_text().split("miner uid 2 in run")[-1]
+        for process in processes:
             process.send_signal(signal.SIGTERM)
-        codes = [process.wait(timeout=60) for process in (lead, miner)]
-        assert codes == [0, 0], [log.read_text()[-2000:] for log in logs]
+        assert lead.wait(timeout=60) == 0, logs[0].read_text()[-2000:]
+        assert miner2.wait(timeout=60) == 0, logs[2].read_text()[-2000:]
+        miner1.wait(timeout=60)  # torchrun's own exit code reports the signal it got
+        ranks_log = logs[1].read_text()
+        assert "stopped cleanly (SIGTERM)" in ranks_log and "rank 1: rank 0 stopped" in ranks_log
         assert_no_partial_objects(home / "shared", home / "cache")
     finally:
-        for process in (lead, miner):
+        for process in processes:
             if process.poll() is None:
                 process.kill()
                 process.wait()

@@ -18,6 +18,8 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 
+import torch
+
 from tplr.comms.errors import NotFound, StoreError
 from tplr.comms.retry import retry
 from tplr.node.checkpoints import (
@@ -29,6 +31,7 @@ from tplr.node.checkpoints import (
 from tplr.node.gather import FetchOutcome, ValidatedPayloads, validate_all
 from tplr.node.payload import GradientPayload
 from tplr.node.peers import read_latest_peer_list
+from tplr.node.ranks import Apply, Ranks, Restore
 from tplr.node.reports import ReportError, read_report
 from tplr.node.runtime import NodeRuntime
 from tplr.node.waiting import poll_until_found
@@ -61,15 +64,30 @@ def aggregate_and_apply(
     *,
     chunk_size: int,
     outer_lr: float,
+    ranks: Ranks,
 ) -> AggregationStats:
-    """Decompress, clip to the median norm, average (uid order) and apply. Blocking."""
+    """Decompress, clip to the median norm, average (uid order) and apply on every rank.
+
+    Blocking (and, with torchrun followers, a collective)."""
     deltas = {
         uid: decompress_all(payload.tensors, chunk_size, device=worker.device)
         for uid, payload in sorted(payloads.items())
     }
     result = aggregate_deltas(deltas)
-    worker.apply_update(result.aggregate, outer_lr)
+    aggregate = result.aggregate
+    if ranks.has_followers:
+        ranks.send(Apply(outer_lr))
+        aggregate = ranks.broadcast_tensors(aggregate, like=dict(worker.model.named_parameters()))
+    worker.apply_update(aggregate, outer_lr)
     return result.stats
+
+
+def restore_everywhere(worker: TrainWorker, params: dict[str, torch.Tensor], ranks: Ranks) -> None:
+    """Load ``params`` into the worker on every rank. Blocking (a collective with followers)."""
+    if ranks.has_followers:
+        ranks.send(Restore())
+        params = ranks.broadcast_tensors(params, like=dict(worker.model.named_parameters()))
+    worker.restore(params)
 
 
 class GlobalModel:
@@ -120,6 +138,7 @@ class GlobalModel:
                 validated.valid,
                 chunk_size=rt.spec.compression_chunk_size,
                 outer_lr=rt.spec.outer_lr,
+                ranks=rt.ranks,
             )
             rt.metrics.record_aggregation(
                 outer_step_norm=stats.outer_step_norm, clipped_peers=stats.clipped_count
@@ -177,7 +196,7 @@ class GlobalModel:
             transfer=rt.transfer,
             transfer_metrics=rt.transfer_metrics,
         )
-        await asyncio.to_thread(rt.worker.restore, params)
+        await asyncio.to_thread(restore_everywhere, rt.worker, params, rt.ranks)
         self.digests.clear()
         await self._advance_to(pointer.window)
         rt.metrics.mark_checkpoint(pointer.created_at_s)

@@ -25,21 +25,27 @@ import re
 import time
 from dataclasses import dataclass
 
+import numpy as np
+import torch
+
 from tplr.comms.errors import StoreError
 from tplr.comms.upload import upload_bytes
 from tplr.data.dataset import SharedShardedDataset
 from tplr.data.loader import BatchLoader, LoaderConfig
+from tplr.data.sampler import rank_share
 from tplr.node.assignment import Assignment, assignment_for
 from tplr.node.global_model import GlobalModel, StepResult
 from tplr.node.housekeeping import Housekeeper, run_with_housekeeping
-from tplr.node.lifecycle import Shutdown
+from tplr.node.lifecycle import NodeStopped, Shutdown
 from tplr.node.payload import PayloadMeta, encode_payload, payload_key
+from tplr.node.ranks import Ranks, Stop, Train
 from tplr.node.reports import REPORTS_PREFIX, WindowReport, publish_report
+from tplr.node.run_spec import RunSpec
 from tplr.node.runtime import NodeRuntime, check_retention, open_runtime
 from tplr.node.settings import MinerConfig, NodeSettings
 from tplr.train.compression import CompressedTensor, CompressionError, ErrorFeedbackCompressor
 from tplr.train.errors import TrainingDivergedError
-from tplr.train.worker import TrainStats
+from tplr.train.worker import TrainStats, TrainWorker
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +60,22 @@ class WindowWork:
     window: int
     stats: TrainStats | None = None
     uploaded_bytes: int = 0
+
+
+def train_window(
+    worker: TrainWorker, spec: RunSpec, dataset: SharedShardedDataset, indices: np.ndarray
+) -> tuple[TrainStats, dict[str, torch.Tensor]]:
+    """``inner_steps`` steps on ``indices`` from θ_start; returns the stats and
+    ``Δ = θ_start − θ_end``, with θ_start restored (the outer step starts from it). Blocking."""
+    snapshot = worker.snapshot()
+    try:
+        loader_config = LoaderConfig(batch_size=spec.micro_batch_size)
+        with BatchLoader(dataset, indices, config=loader_config, device=worker.device) as batches:
+            stats = worker.train_steps(batches, spec.inner_steps)
+        delta = worker.pseudo_gradient(snapshot)
+    finally:
+        worker.restore(snapshot)
+    return stats, delta
 
 
 class Miner:
@@ -126,18 +148,18 @@ class Miner:
     def train_and_compress(
         self, dataset: SharedShardedDataset, assignment: Assignment
     ) -> tuple[TrainStats, dict[str, CompressedTensor]]:
-        """Inner steps from θ_start, Δ = θ_start − θ_end, restore θ_start, compress. Blocking."""
-        worker, spec = self.rt.worker, self.rt.spec
-        snapshot = worker.snapshot()
-        try:
-            loader_config = LoaderConfig(batch_size=spec.micro_batch_size)
-            with BatchLoader(
-                dataset, assignment.indices, config=loader_config, device=worker.device
-            ) as batches:
-                stats = worker.train_steps(batches, spec.inner_steps)
-            delta = worker.pseudo_gradient(snapshot)
-        finally:
-            worker.restore(snapshot)  # the outer step starts from θ_start on every node
+        """Inner steps from θ_start, Δ = θ_start − θ_end, restore θ_start, compress. Blocking.
+
+        Under torchrun every rank trains on its share of the assignment (DDP averages the
+        gradients); rank 0 tells the others which window and samples first.
+        """
+        ranks = self.rt.ranks
+        if ranks.has_followers:
+            ranks.send(Train(assignment.window, assignment.indices))
+        share = rank_share(
+            assignment.indices, rank=ranks.context.rank, world_size=ranks.context.world_size
+        )
+        stats, delta = train_window(self.rt.worker, self.rt.spec, dataset, share)
         return stats, self.compressor.compress(delta)
 
     def observe_training(self, stats: TrainStats) -> None:
@@ -224,12 +246,29 @@ class Miner:
             await store.delete(key)
 
 
-async def run_miner(settings: NodeSettings, shutdown: Shutdown) -> None:
-    """The miner process's main coroutine."""
+async def run_miner(settings: NodeSettings, shutdown: Shutdown, ranks: Ranks | None = None) -> None:
+    """The main coroutine of the miner process (of rank 0 under torchrun).
+
+    When it ends cleanly, the torchrun followers are told to stop. After a failure they are
+    not (they may be inside a collective): rank 0 exits non-zero and torchrun ends them.
+    """
     assert settings.miner is not None
-    async with open_runtime(settings, shutdown=shutdown) as rt:
-        check_retention(rt, settings.miner.retention_windows, "TPLR_MINER_RETENTION_WINDOWS")
-        log.info(
-            "miner uid %d in run %s; metrics on port %s", rt.uid, rt.spec.run_id, rt.health_port
-        )
-        await Miner(rt, settings.miner).run()
+    clean = False
+    try:
+        async with open_runtime(settings, shutdown=shutdown, ranks=ranks) as rt:
+            check_retention(rt, settings.miner.retention_windows, "TPLR_MINER_RETENTION_WINDOWS")
+            log.info(
+                "miner uid %d in run %s (%d process(es)); metrics on port %s",
+                rt.uid,
+                rt.spec.run_id,
+                rt.ranks.context.world_size,
+                rt.health_port,
+            )
+            await Miner(rt, settings.miner).run()
+        clean = True
+    except NodeStopped:
+        clean = True
+        raise
+    finally:
+        if clean and ranks is not None and ranks.has_followers:
+            await asyncio.to_thread(ranks.send, Stop())

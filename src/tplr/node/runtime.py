@@ -14,6 +14,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
@@ -37,6 +38,7 @@ from tplr.node.lifecycle import Shutdown
 from tplr.node.node_metrics import NodeMetrics
 from tplr.node.payload import PayloadSchema
 from tplr.node.peers import NodeAnnouncement, announce_node
+from tplr.node.ranks import Ranks, SingleProcess, Start
 from tplr.node.run_spec import (
     RUN_SPEC_KEY,
     RunSpec,
@@ -48,10 +50,15 @@ from tplr.node.settings import GatherConfig, NodeSettings
 from tplr.node.stores import NodeStores, open_node_stores
 from tplr.node.waiting import poll_until_found
 from tplr.node.worker_setup import build_worker
+from tplr.train.distributed import DistContext, resolve_device
 from tplr.train.worker import TrainWorker
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+def single_process_context(settings: NodeSettings) -> DistContext:
+    return DistContext(0, 1, 0, resolve_device(settings.node.device))
 
 
 @dataclass
@@ -75,6 +82,7 @@ class NodeRuntime:
     transfer: TransferConfig
     gather: GatherConfig
     shutdown: Shutdown
+    ranks: Ranks
     health_port: int | None = None
 
     @property
@@ -197,13 +205,12 @@ async def agree_on_run(
     return spec
 
 
-def manager_config(settings: NodeSettings, stores: NodeStores) -> DatasetConfig:
-    """Embedded datasets are read in place (nothing copied, nothing deleted)."""
-    config = settings.dataset
-    if stores.dataset_root is None or config.local_dir is not None:
+def manager_config(config: DatasetConfig, dataset_root: Path | None) -> DatasetConfig:
+    """Embedded datasets (``dataset_root``) are read in place: nothing copied or deleted."""
+    if dataset_root is None or config.local_dir is not None:
         return config
     return config.model_copy(
-        update={"local_dir": stores.dataset_root / config.prefix, "keep_shards": True}
+        update={"local_dir": dataset_root / config.prefix, "keep_shards": True}
     )
 
 
@@ -254,16 +261,18 @@ def _dataset_manager(
     joined: _Joined,
     registry: CollectorRegistry,
     transfer_metrics: TransferMetrics,
+    ranks: Ranks,
 ) -> SharedShardedDatasetManager:
     spec = joined.spec
     return SharedShardedDatasetManager(
         joined.stores.dataset,
-        manager_config(settings, joined.stores),
+        manager_config(settings.dataset, joined.stores.dataset_root),
         windows_per_shard=spec.windows_per_shard,
         open_shard=dataset_opener(spec.sequence_length, vocab_size=spec.vocab_size),
         transfer=settings.transfer,
         metrics=DatasetMetrics(registry),
         transfer_metrics=transfer_metrics,
+        channel=ranks.channel(),
     )
 
 
@@ -275,9 +284,11 @@ def _assemble(
     registry: CollectorRegistry,
     transfer_metrics: TransferMetrics,
     shutdown: Shutdown,
+    ranks: Ranks,
 ) -> NodeRuntime:
     spec, windows = joined.spec, joined.windows
     return NodeRuntime(
+        ranks=ranks,
         role=settings.role,
         uid=settings.node.uid,
         is_lead=settings.is_lead,
@@ -334,7 +345,10 @@ async def open_runtime(
     clock: Clock | None = None,
     registry: CollectorRegistry | None = None,
     serve_health: bool = True,
+    ranks: Ranks | None = None,
 ) -> AsyncIterator[NodeRuntime]:
+    """Rank 0's (or the only process's) runtime; ``ranks`` links it to torchrun followers."""
+    ranks = ranks or SingleProcess(single_process_context(settings))
     clock = clock or SystemClock()
     registry = registry if registry is not None else new_registry()
     transfer_metrics = TransferMetrics(registry)
@@ -345,14 +359,20 @@ async def open_runtime(
             )
         )
         joined = await _join_run(settings, stores, clock, shutdown)
+        first_window = max(joined.windows.current_window(), 0)
+        if ranks.has_followers:
+            start = Start(joined.spec.to_json().decode(), first_window)
+            await asyncio.to_thread(ranks.send, start)
         manager = await stack.enter_async_context(
-            _dataset_manager(settings, joined, registry, transfer_metrics)
+            _dataset_manager(settings, joined, registry, transfer_metrics, ranks)
         )
-        dataset = await manager.dataset_for(max(joined.windows.current_window(), 0))
+        dataset = await manager.dataset_for(first_window)
         worker = await asyncio.to_thread(
-            build_worker, joined.spec, settings.node, dataset.context_len, registry
+            build_worker, joined.spec, settings.node, dataset.context_len, registry, ranks.context
         )
-        rt = _assemble(settings, joined, manager, worker, registry, transfer_metrics, shutdown)
+        rt = _assemble(
+            settings, joined, manager, worker, registry, transfer_metrics, shutdown, ranks
+        )
         if serve_health:
             server = await stack.enter_async_context(
                 HealthServer.from_config(

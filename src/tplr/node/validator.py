@@ -174,13 +174,22 @@ class Validator:
         )
         peer_list = PeerList(
             window=window + PEER_LIST_LEAD_WINDOWS,
-            uids=tuple(self.board.top_peers()),
+            uids=tuple(self.next_peers(judged)),
             published_by=rt.uid,
         )
         await rt.retried(
             f"publish the peer list for window {peer_list.window}",
             lambda: publish_peer_list(rt.stores.own, peer_list),
         )
+
+    def next_peers(self, judged: WindowScores) -> list[int]:
+        """The top peers by moving score; while nobody has earned a score yet (early in a
+        run, gains on assigned and random samples are alike), every miner whose payload
+        passed all checks this window, so that training does not stall on null rounds."""
+        top = self.board.top_peers()
+        if top:
+            return top
+        return sorted(judged.scores)[: self.board.config.top_n]
 
     def report(self, window: int, step: StepResult, val_loss: float | None) -> WindowReport:
         return WindowReport(

@@ -7,6 +7,7 @@ from prometheus_client import CollectorRegistry
 from tplr.node.run_spec import RunSpec
 from tplr.node.settings import NodeConfig
 from tplr.train.config import ModelConfig, TrainConfig, build_config
+from tplr.train.distributed import DistContext
 from tplr.train.metrics import TrainMetrics
 from tplr.train.worker import TrainWorker
 
@@ -34,10 +35,17 @@ def train_config_for(spec: RunSpec, node: NodeConfig, context_len: int) -> Train
 
 
 def build_worker(
-    spec: RunSpec, node: NodeConfig, context_len: int, registry: CollectorRegistry
+    spec: RunSpec,
+    node: NodeConfig,
+    context_len: int,
+    registry: CollectorRegistry,
+    context: DistContext | None = None,
 ) -> TrainWorker:
-    """Blocking (builds the model): call it in a worker thread."""
+    """Blocking (builds the model; under DDP a collective): call it in a worker thread."""
     model = ModelConfig.preset(spec.model, vocab_size=spec.vocab_size)
     return TrainWorker(
-        model, train_config_for(spec, node, context_len), metrics=TrainMetrics(registry)
+        model,
+        train_config_for(spec, node, context_len),
+        context=context,
+        metrics=TrainMetrics(registry),
     )

@@ -1,0 +1,33 @@
+"""Process entry of the nodes: one process, or a miner under torchrun (rank 0 + followers)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from tplr.errors import TplrError
+from tplr.node.lifecycle import EXIT_CONFIG, report_error, run_node
+from tplr.node.settings import NodeSettings
+
+
+def run_miner_process(settings: NodeSettings, environ: Mapping[str, str]) -> int:
+    """Join torchrun's process group when launched by it; rank 0 mines, the others follow."""
+    from tplr.node.follower import FOLLOWER_GRACE_S, follow
+    from tplr.node.miner import run_miner
+    from tplr.node.ranks import ranks_for
+    from tplr.train.distributed import LaunchEnv, distributed_context
+
+    try:
+        launch = LaunchEnv.from_environ(environ)
+        with distributed_context(launch, device=settings.node.device) as context:
+            ranks = ranks_for(context)
+            if context.is_main:
+                return run_node(
+                    lambda shutdown: run_miner(settings, shutdown, ranks),
+                    grace_s=settings.node.stop_grace_s,
+                )
+            return run_node(
+                lambda shutdown: follow(settings, shutdown, ranks), grace_s=FOLLOWER_GRACE_S
+            )
+    except TplrError as exc:
+        report_error(exc)
+        return EXIT_CONFIG
