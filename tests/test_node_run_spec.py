@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import logging
 from pathlib import Path
 
 import pytest
@@ -20,14 +19,10 @@ from tplr.node.run_spec import (
     RunSpec,
     RunSpecConflict,
     RunSpecInvalid,
-    RunSpecTimeout,
     check_local_overrides,
     publish_run_spec,
     read_run_spec,
-    resolve_run_spec,
-    wait_for_run_spec,
 )
-from tplr.node.run_spec import log as run_spec_log
 
 
 def make_spec(**changes) -> RunSpec:
@@ -102,34 +97,6 @@ async def test_two_racing_creators_agree_on_one_spec(store):
     assert {result.spec for result in results} == {stored}
 
 
-async def test_followers_wait_for_run_json_on_the_fake_clock(tmp_path, caplog):
-    store = LocalStore(tmp_path)
-    clock = FakeClock()
-    caplog.set_level(logging.INFO, logger=run_spec_log.name)
-    waiter = asyncio.create_task(
-        wait_for_run_spec(store, clock=clock, poll_interval_s=5, log_every_s=30)
-    )
-    for _ in range(3):
-        await clock.wait_for_sleepers(1)
-        clock.advance(5)
-    assert not waiter.done()
-    waiting_lines = [r.getMessage() for r in caplog.records if "waiting for run.json" in r.message]
-    assert waiting_lines and "--lead" in waiting_lines[0] and str(tmp_path) in waiting_lines[0]
-    assert len(waiting_lines) == 1  # logged again only every log_every_s
-
-    await store.put(RUN_SPEC_KEY, make_spec().to_json())
-    await clock.wait_for_sleepers(1)
-    clock.advance(5)
-    assert await asyncio.wait_for(waiter, timeout=5) == make_spec()
-
-
-async def test_waiting_gives_up_after_the_timeout(tmp_path):
-    clock = FakeClock(auto_advance=True)
-    with pytest.raises(RunSpecTimeout, match="within 60s") as info:
-        await wait_for_run_spec(LocalStore(tmp_path), clock=clock, timeout_s=60)
-    assert "--lead" in info.value.hint
-
-
 def test_conflicting_local_override_names_field_and_both_values():
     spec = make_spec()
     with pytest.raises(RunSpecConflict) as info:
@@ -165,23 +132,3 @@ def test_spec_builds_the_clock_and_compression_settings():
     assert RunSpec.from_json(spec.to_json()) == spec
     scoring = make_spec(score_ema_alpha=0.5, peers_top_n=4).scoring_config()
     assert (scoring.ema_alpha, scoring.top_n, scoring.missing_decay) == (0.5, 4, 0.9)
-
-
-async def test_resolve_run_spec_for_lead_and_followers(tmp_path):
-    store = LocalStore(tmp_path)
-    clock = FakeClock(auto_advance=True)
-    with pytest.raises(ConfigError, match="needs the run's hyperparameters"):
-        await resolve_run_spec(store, lead=True, clock=clock)
-    spec = await resolve_run_spec(store, lead=True, clock=clock, proposed=make_spec())
-    assert spec == make_spec()
-    follower = await resolve_run_spec(
-        store, lead=False, clock=clock, local_overrides={"model": "tiny"}
-    )
-    assert follower == spec
-    with pytest.raises(RunSpecConflict, match="model: run has 'tiny', local setting is 'small'"):
-        await resolve_run_spec(store, lead=False, clock=clock, local_overrides={"model": "small"})
-    # a restarted lead with a different proposal adopts the existing run
-    restarted = await resolve_run_spec(
-        store, lead=True, clock=clock, proposed=make_spec(genesis_s=1_900_000_000.0)
-    )
-    assert restarted == spec

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
-from tplr.comms.errors import AlreadyExists, NotFound, StoreError
+from tplr.comms.errors import AlreadyExists
 from tplr.comms.store import ObjectStore
 from tplr.errors import ConfigError, TplrError
 from tplr.node.clock import Clock, WindowClock
@@ -38,10 +38,6 @@ class RunSpecError(TplrError):
 
 class RunSpecInvalid(RunSpecError):
     hint = "fix or delete run.json in the lead validator's bucket (only before the run starts)"
-
-
-class RunSpecTimeout(RunSpecError):
-    hint = "start the lead validator (--lead) or check that this node reads the lead's bucket"
 
 
 class RunSpecConflict(RunSpecError):
@@ -200,67 +196,3 @@ async def publish_run_spec(
         return PublishedRunSpec(existing, created=False, location=location)
     log.info("created run.json at %s for run %s", location, spec.run_id)
     return PublishedRunSpec(spec, created=True, location=location)
-
-
-async def wait_for_run_spec(
-    store: ObjectStore,
-    *,
-    clock: Clock,
-    key: str = RUN_SPEC_KEY,
-    poll_interval_s: float = 5.0,
-    timeout_s: float | None = None,
-    log_every_s: float = 60.0,
-) -> RunSpec:
-    """Poll until run.json exists, logging what is awaited; a retryable error is a retry."""
-    location = store.url(key)
-    started_s = clock.now()
-    last_log_s: float | None = None
-    while True:
-        try:
-            return await read_run_spec(store, key)
-        except NotFound:
-            reason = "not there yet"
-        except StoreError as exc:
-            if not exc.retryable:
-                raise
-            reason = f"{type(exc).__name__}: {exc.message}"
-        waited_s = clock.now() - started_s
-        if timeout_s is not None and waited_s >= timeout_s:
-            raise RunSpecTimeout(f"run.json did not appear at {location} within {timeout_s:g}s")
-        if last_log_s is None or clock.now() - last_log_s >= log_every_s:
-            log.info(
-                "waiting for run.json at %s (%s); the lead validator (--lead) creates it; "
-                "waited %.0fs",
-                location,
-                reason,
-                waited_s,
-            )
-            last_log_s = clock.now()
-        await clock.sleep(poll_interval_s)
-
-
-async def resolve_run_spec(
-    store: ObjectStore,
-    *,
-    lead: bool,
-    clock: Clock,
-    proposed: RunSpec | None = None,
-    local_overrides: Mapping[str, Any] | None = None,
-    timeout_s: float | None = None,
-    poll_interval_s: float = 5.0,
-) -> RunSpec:
-    """What a node does at start: the lead creates run.json (if absent), others wait for it;
-    then local overrides are checked against the spec in effect."""
-    if lead:
-        if proposed is None:
-            raise ConfigError(
-                "the lead validator needs the run's hyperparameters to create run.json",
-                hint="pass the proposed RunSpec when starting with --lead",
-            )
-        spec = (await publish_run_spec(store, proposed)).spec
-    else:
-        spec = await wait_for_run_spec(
-            store, clock=clock, timeout_s=timeout_s, poll_interval_s=poll_interval_s
-        )
-    check_local_overrides(spec, local_overrides or {}, source=store.url(RUN_SPEC_KEY))
-    return spec

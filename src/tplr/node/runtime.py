@@ -183,7 +183,6 @@ async def agree_on_run(
             describe="read the dataset manifest",
         )
         proposed = settings.run.proposed_spec(dataset_defaults=defaults, now_s=clock.now())
-        # the settle wait is about real write propagation, so it uses the real clock
         published = await retry(
             lambda: publish_run_spec(lead_store, proposed),
             settings.transfer.retry_policy(),
