@@ -10,6 +10,9 @@ from collections.abc import Iterator
 import boto3
 import pytest
 from moto.server import ThreadedMotoServer
+from pydantic import SecretStr
+
+from tplr.comms.config import BucketConfig
 
 TEST_ACCESS_KEY = "testing-access-key"
 TEST_SECRET_KEY = "testing-secret-key"
@@ -42,6 +45,19 @@ def isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory) -> Iterator[
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(home / "aws_credentials"))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     yield
+
+
+def moto_bucket_config(
+    endpoint: str, name: str, *, key: str = TEST_ACCESS_KEY, secret: str = TEST_SECRET_KEY
+) -> BucketConfig:
+    """Settings for one bucket on the test S3 server."""
+    return BucketConfig(
+        bucket_name=name,
+        access_key_id=SecretStr(key),
+        secret_access_key=SecretStr(secret),
+        endpoint_url=endpoint,
+        region="us-east-1",
+    )
 
 
 @pytest.fixture(scope="session")

@@ -5,10 +5,8 @@ import hashlib
 from pathlib import Path
 
 import pytest
-from conftest import TEST_ACCESS_KEY, TEST_SECRET_KEY
-from pydantic import SecretStr
+from conftest import moto_bucket_config
 
-from tplr.comms.config import BucketConfig
 from tplr.comms.errors import AlreadyExists
 from tplr.comms.local_store import LocalStore
 from tplr.comms.s3_store import S3Store
@@ -44,16 +42,6 @@ def make_spec(**changes) -> RunSpec:
     return RunSpec(**values)
 
 
-def s3_bucket_config(s3_server: str, bucket: str) -> BucketConfig:
-    return BucketConfig(
-        bucket_name=bucket,
-        access_key_id=SecretStr(TEST_ACCESS_KEY),
-        secret_access_key=SecretStr(TEST_SECRET_KEY),
-        endpoint_url=s3_server,
-        region="us-east-1",
-    )
-
-
 @pytest.fixture(params=["local", "s3"])
 async def store(request, tmp_path: Path):
     if request.param == "local":
@@ -61,7 +49,7 @@ async def store(request, tmp_path: Path):
         return
     s3_server = request.getfixturevalue("s3_server")
     bucket = request.getfixturevalue("bucket")
-    async with S3Store(s3_bucket_config(s3_server, bucket)) as s3:
+    async with S3Store(moto_bucket_config(s3_server, bucket)) as s3:
         yield s3
 
 

@@ -17,8 +17,7 @@ from collections.abc import AsyncIterator, Iterator
 import boto3
 import pytest
 from aiohttp import web
-from conftest import TEST_ACCESS_KEY, TEST_SECRET_KEY
-from pydantic import SecretStr
+from conftest import TEST_ACCESS_KEY, TEST_SECRET_KEY, moto_bucket_config
 
 from tplr.comms.config import BucketConfig
 from tplr.comms.errors import (
@@ -41,14 +40,8 @@ MiB = 1024 * 1024
 
 def bucket_config(
     endpoint: str, name: str, key: str = TEST_ACCESS_KEY, secret: str = TEST_SECRET_KEY
-):
-    return BucketConfig(
-        bucket_name=name,
-        access_key_id=SecretStr(key),
-        secret_access_key=SecretStr(secret),
-        endpoint_url=endpoint,
-        region="us-east-1",
-    )
+) -> BucketConfig:
+    return moto_bucket_config(endpoint, name, key=key, secret=secret)
 
 
 @pytest.fixture(params=["local", "s3"])

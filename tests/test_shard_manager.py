@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import moto_bucket_config
 from prometheus_client import CollectorRegistry
 from shard_fixtures import CountingStore, publish_folder, write_llmc_dataset
 
@@ -196,19 +197,10 @@ async def test_missing_dataset_prefix_is_a_clear_error(tmp_path):
 
 
 async def test_with_the_s3_server(s3_server, bucket, tmp_path, monkeypatch):
-    from pydantic import SecretStr
-
-    from tplr.comms.config import BucketConfig
     from tplr.comms.s3_store import S3Store
 
     write_llmc_dataset(tmp_path / "src", 3, TOKENS, part_size=16 * 1024)
-    config = BucketConfig(
-        bucket_name=bucket,
-        access_key_id=SecretStr("testing-access-key"),
-        secret_access_key=SecretStr("testing-secret-key"),
-        endpoint_url=s3_server,
-        region="us-east-1",
-    )
+    config = moto_bucket_config(s3_server, bucket)
     async with S3Store(config, TransferConfig(), max_connections=8) as s3:
         await publish_folder(s3, tmp_path / "src", PREFIX)
         async with make_manager(s3, tmp_path) as manager:
