@@ -47,25 +47,38 @@ async def publish(store: LocalStore, src: Path) -> Manifest:
     return manifest
 
 
+class CancelHalfway:
+    """A progress sink that cancels the download once half of its bytes have arrived."""
+
+    def __init__(self) -> None:
+        self.task: asyncio.Task | None = None
+        self.total = self.done = 0
+
+    def start(self, description: str, total_bytes: int, done_bytes: int) -> None:
+        self.total, self.done = total_bytes, done_bytes
+
+    def advance(self, num_bytes: int) -> None:
+        self.done += num_bytes
+        if self.task is not None and self.done >= self.total // 2:
+            self.task.cancel()
+            self.task = None
+
+    def close(self) -> None:
+        return None
+
+
 async def interrupted_fetch(store: LocalStore, manifest: Manifest, dest: Path) -> None:
-    """Start a deliberately slow fetch (one part at a time) and cancel it halfway."""
+    """Start a fetch of one part at a time and cancel it halfway (as Ctrl-C would)."""
+    halfway = CancelHalfway()
     task = asyncio.create_task(
-        download(
-            store, KEY, dest, manifest=manifest, slots=TransferSlots(1),
-            checkpoint_interval_s=0.05, progress=False,
-        )
-    )  # fmt: skip
-    partial = dest.with_name(dest.name + ".partial.journal")
-    while not task.done():
-        lines = partial.read_text().count("\n") if partial.exists() else 0
-        if lines - 1 >= manifest.entry("sample.bin").part_count(PART_BYTES) // 2:
-            task.cancel()
-            break
-        await asyncio.sleep(0.01)
+        download(store, KEY, dest, manifest=manifest, slots=TransferSlots(1), progress=halfway)
+    )
+    halfway.task = task
     try:
         await task
     except asyncio.CancelledError:
-        print(f"interrupted halfway; {partial.name} keeps the verified parts")
+        journal = dest.with_name(dest.name + ".partial.journal")
+        print(f"interrupted halfway; {journal.name} keeps the verified parts")
 
 
 async def main(root: Path, size: int) -> int:

@@ -28,8 +28,8 @@ from tplr.comms.progress import LogProgress, NoProgress, make_progress
         (8 * MiB, 8 * MiB, 1),
         (8 * MiB + 1, 8 * MiB, 2),
         (100 * MiB, 8 * MiB, 13),
-        (2 * 1024 * MiB, 32 * MiB, 64),
-        (100 * 1024 * MiB, 64 * MiB, 64),
+        (2 * 1024 * MiB, 16 * MiB, 128),
+        (100 * 1024 * MiB, 64 * MiB, 128),
     ],
 )
 def test_default_layout_scales_with_size(size, part, workers):
@@ -44,15 +44,16 @@ def test_default_layout_scales_with_size(size, part, workers):
     ("size", "fixed", "piece", "requests"),
     [
         (200 * MiB, 32 * MiB, 8 * MiB, 25),  # a small shard: 25 streams, not 7
-        (2048 * MiB, 32 * MiB, 32 * MiB, 64),  # enough parts already: no pieces
-        (1024 * MiB, 64 * MiB, 16 * MiB, 64),
+        (2048 * MiB, 32 * MiB, 16 * MiB, 128),
+        (8192 * MiB, 32 * MiB, 32 * MiB, 256),  # enough parts already: no pieces
+        (1024 * MiB, 64 * MiB, 8 * MiB, 128),
         (50 * MiB, 5 * MiB, 5 * MiB, 10),  # never below 8 MiB a request
     ],
 )
 def test_fixed_parts_are_cut_into_pieces_for_enough_streams(size, fixed, piece, requests):
     plan = plan_download(size, fixed_part_size=fixed)
     assert (plan.part_size, plan.piece_size, plan.request_count) == (fixed, piece, requests)
-    assert plan.workers == min(64, requests)
+    assert plan.workers == min(128, requests)
     configured = plan_download(size, part_size=fixed)  # the operator's size is the request
     assert configured.piece_size == fixed
 
@@ -61,7 +62,7 @@ def test_layout_overrides():
     assert plan_download(10 * MiB, part_size=MiB, workers=3).part_count == 10
     assert plan_download(10 * MiB, part_size=MiB, fixed_part_size=4 * MiB).part_size == 4 * MiB
     assert plan_download(10 * MiB, workers=200).workers == 200
-    assert auto_part_size(640 * MiB) == 10 * MiB
+    assert auto_part_size(1280 * MiB) == 10 * MiB
 
 
 def test_etag_forms():

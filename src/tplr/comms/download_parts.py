@@ -122,8 +122,8 @@ class PartFetcher:
     """Fetches parts into the sidecar: slot, ranged GET, hash, positioned writes, retries.
 
     A part up to ``piece_size`` is one request, hashed as it streams. A larger part (a
-    manifest's 32 MiB parts of a small file) is fetched as concurrent pieces, so a small
-    object still gets many streams; its hash is then computed from the page cache.
+    manifest's 32 MiB parts, when they are fewer than the streams wanted) is fetched as
+    concurrent pieces; its hash is then computed from the page cache.
     """
 
     def __init__(
