@@ -104,7 +104,9 @@ async def test_dest_folder_means_basename_and_default_part_layout(store, tmp_pat
     data = payload(3 * MiB + 5)
     await store.put("deep/dir/shard_000.bin", data)
     (tmp_path / "here").mkdir()
-    result = await download(store, "deep/dir/shard_000.bin", tmp_path / "here", progress=False)
+    result = await download(
+        store, "deep/dir/shard_000.bin", tmp_path / "here", progress=False, fsync_on_publish=True
+    )
     assert result.path == tmp_path / "here" / "shard_000.bin"
     assert result.path.read_bytes() == data
 
