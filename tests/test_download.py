@@ -10,12 +10,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from conftest import TEST_ACCESS_KEY, TEST_SECRET_KEY
+from conftest import moto_bucket_config as bucket_config
 from prometheus_client import CollectorRegistry
-from pydantic import SecretStr
 
 from tplr.comms.buffers import TransferSlots
-from tplr.comms.config import BucketConfig
 from tplr.comms.download import download
 from tplr.comms.download_sidecar import sidecar_paths
 from tplr.comms.errors import InsufficientSpace, IntegrityError, PreconditionFailed
@@ -31,16 +29,6 @@ from tplr.errors import ConfigError
 KiB = 1024
 MiB = 1024 * KiB
 PART = 64 * KiB  # the smallest part size TransferConfig accepts: many parts, small data
-
-
-def bucket_config(endpoint: str, name: str) -> BucketConfig:
-    return BucketConfig(
-        bucket_name=name,
-        access_key_id=SecretStr(TEST_ACCESS_KEY),
-        secret_access_key=SecretStr(TEST_SECRET_KEY),
-        endpoint_url=endpoint,
-        region="us-east-1",
-    )
 
 
 def payload(size: int, seed: int = 0) -> bytes:
