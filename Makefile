@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test lint format bench
+.PHONY: setup demo demo-transfers bench-download test lint
 
 setup: $(VENV)/.installed
 
@@ -11,6 +11,12 @@ $(VENV)/.installed: pyproject.toml requirements/ci-constraints.txt docker/requir
 
 demo: setup
 	$(PY) scripts/demo_network.py
+
+demo-transfers: setup
+	$(PY) scripts/demo.py
+
+bench-download: setup
+	$(PY) scripts/bench_download.py
 
 test: setup
 	$(VENV)/bin/ruff check .

@@ -68,16 +68,6 @@ def _presigner(store: ObjectStore) -> Callable[[str, int], Awaitable[str]] | Non
         return None
     if isinstance(store, PresigningStore):
         return store.presigned_get_url
-    from tplr.comms.s3_store import S3Store
-
-    if isinstance(store, S3Store):
-        # TEMPORARY, until S3Store offers presigned_get_url(key, expires_s) itself.
-        async def presign(key: str, expires_s: int) -> str:
-            return await store._client.generate_presigned_url(
-                "get_object", Params={"Bucket": store.bucket_name, "Key": key}, ExpiresIn=expires_s
-            )
-
-        return presign
     return None
 
 

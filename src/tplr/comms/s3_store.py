@@ -410,6 +410,13 @@ class S3Store:
             last_modified=_server_time(response),
         )
 
+    async def presigned_get_url(self, key: str, expires_s: int) -> str:
+        """A URL that GETs ``key`` without credentials for ``expires_s`` seconds (SigV4 query
+        auth). ``Range`` and ``If-Match`` headers may be added; they are not signed."""
+        return await self._client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket_name, "Key": key}, ExpiresIn=expires_s
+        )
+
     async def put_if_absent(self, key: str, data: bytes) -> ObjectInfo:
         """``PutObject`` with ``If-None-Match: *`` (AWS S3 and R2 honour it)."""
         try:
