@@ -64,6 +64,17 @@ async def test_fetch_from_a_local_store_into_a_folder(tmp_path):
     assert " MB/s, 0 retries, verified: etag" in summary
 
 
+async def test_a_dest_ending_in_a_slash_is_a_new_folder(tmp_path):
+    data = payload(PART + 3)
+    async with LocalStore(tmp_path / "store") as store:
+        await store.put("a/b.bin", data)
+    res = tplr(
+        "fetch", f"file://{tmp_path}/store/a/b.bin", f"{tmp_path}/new/shards/", "--no-progress"
+    )
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "new" / "shards" / "b.bin").read_bytes() == data
+
+
 def test_fetch_from_s3_with_a_manifest_file(s3_server, s3_client, bucket, tmp_path):
     data = payload(5 * PART + 1, seed=4)
     (tmp_path / "src").mkdir()

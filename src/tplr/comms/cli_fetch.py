@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import os
 import signal
 import sys
 from pathlib import Path
@@ -34,7 +35,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         " folder means DEST/basename(KEY). Interrupted downloads resume from DEST.partial.",
     )
     p.add_argument("url", help="s3://BUCKET/KEY, file:///abs/path or a local path")
-    p.add_argument("dest", type=Path, help="destination file, or an existing folder")
+    p.add_argument(
+        "dest",
+        help="destination file, or a folder (an existing one, or any path ending in '/')",
+    )
     p.add_argument("--endpoint-url", default=None, help="S3 endpoint (overrides the env's)")
     p.add_argument("--workers", type=int, default=None, help="parallel part requests")
     p.add_argument("--part-size", default=None, help="bytes per part, e.g. 32MiB")
@@ -150,6 +154,10 @@ async def _fetch(args: argparse.Namespace, config) -> int:
     from tplr.comms.download_plan import MAX_AUTO_WORKERS
     from tplr.comms.store_url import open_store_for_url
 
+    dest = Path(args.dest)
+    if args.dest.endswith(("/", os.sep)):
+        # "DIR/" names a folder, new or not
+        await asyncio.to_thread(dest.mkdir, parents=True, exist_ok=True)
     manifest = None
     if args.manifest:
         manifest = await _load_manifest(args.manifest, args.endpoint_url, config)
@@ -161,7 +169,7 @@ async def _fetch(args: argparse.Namespace, config) -> int:
         result = await download(
             store,
             key,
-            args.dest,
+            dest,
             config=config,
             manifest=manifest,
             manifest_key=args.manifest_key,
