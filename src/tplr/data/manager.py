@@ -266,7 +266,7 @@ class SharedShardedDatasetManager:
                 if not await self._make_ready(slot):
                     postponed = True
                     break
-            self._update_disk_metrics()
+            await self._update_disk_metrics()
             timeout = self.config.disk_retry_s if postponed else None
             try:
                 async with asyncio.timeout(timeout):
@@ -366,7 +366,7 @@ class SharedShardedDatasetManager:
         while True:
             if await asyncio.to_thread(markers.ready_is_valid, self.local_dir, spec.index, paths):
                 return
-            error = markers.read_error(self.local_dir, spec.index)
+            error = await asyncio.to_thread(markers.read_error, self.local_dir, spec.index)
             if error is not None:
                 raise ShardUnavailable(f"rank 0 failed to prepare shard {spec.index}: {error}")
             if time.monotonic() > deadline:
@@ -377,12 +377,15 @@ class SharedShardedDatasetManager:
                 )
             await asyncio.sleep(self.config.rank_poll_s)
 
-    def _update_disk_metrics(self) -> None:
-        self.metrics.bytes_on_disk.set(self.files.bytes_on_disk())
+    async def _update_disk_metrics(self) -> None:
+        """Disk gauges; the folder walk and the free-space probe run off the event loop."""
+        self.metrics.bytes_on_disk.set(await asyncio.to_thread(self.files.bytes_on_disk))
         try:
-            self.metrics.free_bytes.set(self._free_space(self.local_dir))
-        except OSError:
-            pass
+            free = await asyncio.to_thread(self._free_space, self.local_dir)
+        except OSError as exc:  # a gauge left stale is no reason to stop prefetching
+            log.debug("free-space probe failed for %s: %s", self.local_dir, exc)
+        else:
+            self.metrics.free_bytes.set(free)
         pending = [
             self.slots[i].size_bytes
             for i in self._upcoming()
