@@ -102,7 +102,7 @@ class SharedShardedDatasetManager:
 
     # ---------------------------------------------------------------- lifecycle
     async def __aenter__(self) -> SharedShardedDatasetManager:
-        self.local_dir.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(self.local_dir.mkdir, parents=True, exist_ok=True)
         await self._load_catalog()
         self._tasks = asyncio.TaskGroup()
         await self._tasks.__aenter__()
@@ -127,8 +127,8 @@ class SharedShardedDatasetManager:
             except (TplrError, OSError) as exc:
                 await self.channel.broadcast(json.dumps({"error": str(exc)}))
                 raise
-            for spec in catalog.train:
-                markers.clear_error(self.local_dir, spec.index)
+            for spec in catalog.train:  # a previous run's failures are not this run's
+                await asyncio.to_thread(markers.clear_error, self.local_dir, spec.index)
             await self.channel.broadcast(message)
         else:
             received = json.loads(await self.channel.broadcast(None))
