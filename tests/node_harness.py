@@ -4,7 +4,6 @@ server, and a driver that runs real nodes as asyncio tasks on one FakeClock."""
 from __future__ import annotations
 
 import asyncio
-import sysconfig
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Any
 
 import yaml
 from conftest import TEST_ACCESS_KEY, TEST_SECRET_KEY
+from demo_network import write_text_corpus  # scripts/ is on pytest's pythonpath
 from pydantic import SecretStr
 
 from tplr.comms.config import DatasetBucketSettings, GradientsBucketSettings
@@ -53,18 +53,6 @@ TEST_RUN = {
     "seed": 1234,
     "peers_min_score": 2e-5,
 }
-
-
-def write_text_corpus(folder: Path, max_bytes: int) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    total = 0
-    for index, source in enumerate(sorted(stdlib.glob("*.py"))):
-        text = source.read_text(encoding="utf-8", errors="replace")
-        (folder / f"{index:04d}.txt").write_text(text, encoding="utf-8")
-        total += len(text)
-        if total >= max_bytes:
-            return
 
 
 def build_dataset(folder: Path, *, text_bytes: int = 320_000) -> Path:
