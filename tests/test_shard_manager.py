@@ -95,17 +95,17 @@ async def test_first_blocks_next_prefetched_swap_is_instant_old_deleted(dataset_
 
 
 async def test_keep_flag_keeps_shards_and_second_pass_reuses_them(dataset_store, tmp_path):
+    shard0 = PREFIX + "fineweb_train_000000.bin"
     async with make_manager(dataset_store, tmp_path, keep_shards=True) as manager:
-        for window in range(0, 4 * WPS + 1, WPS):  # a whole pass, then shard 0 again
+        await manager.dataset_for(0)
+        first_pass_reads = dataset_store.keys_read.count(shard0)
+        assert first_pass_reads >= 1
+        for window in range(WPS, 4 * WPS + 1, WPS):  # the rest of the pass, then shard 0 again
+            await wait_state(manager, (window // WPS) % 4, ShardState.READY)
             await manager.dataset_for(window)
-            await wait_state(manager, (window // WPS + 1) % 4, ShardState.READY)
         assert manager.active_index == 0
-        assert len(shard_files(tmp_path)) == 4
-    reads = [k for k in dataset_store.keys_read if k.endswith("000000.bin")]
-    assert len(reads) == len(set(reads)) or dataset_store.keys_read.count(reads[0]) == len(reads)
-    assert sum(1 for k in dataset_store.keys_read if k.endswith("000000.bin")) == len(reads)
-    first_pass_reads = len(reads)
-    assert first_pass_reads >= 1
+        assert len(shard_files(tmp_path)) == 4  # nothing was deleted
+    assert dataset_store.keys_read.count(shard0) == first_pass_reads  # not downloaded again
 
 
 async def test_wrap_around_redownloads_when_not_kept(dataset_store, tmp_path):
