@@ -14,6 +14,7 @@ from shard_fixtures import CountingStore, publish_folder, write_llmc_dataset
 from tplr.comms.errors import IntegrityError
 from tplr.comms.local_store import LocalStore
 from tplr.comms.transfer_config import TransferConfig
+from tplr.data.layout import DatasetLayoutError
 from tplr.data.manager import ShardUnavailable, SharedShardedDatasetManager, dataset_opener
 from tplr.data.manager_config import DatasetConfig
 from tplr.data.manager_metrics import DatasetMetrics
@@ -191,7 +192,7 @@ async def test_corrupt_object_is_refetched_then_reported(dataset_store, tmp_path
 
 async def test_missing_dataset_prefix_is_a_clear_error(tmp_path):
     store = LocalStore(tmp_path / "empty-bucket")
-    with pytest.raises(Exception, match="DATASET_BINS_PATH"):
+    with pytest.raises(DatasetLayoutError, match="DATASET_BINS_PATH"):
         async with make_manager(store, tmp_path):
             pass
 
