@@ -9,6 +9,8 @@ from collections.abc import Iterator
 
 import boto3
 import pytest
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
 from moto.server import ThreadedMotoServer
 from pydantic import SecretStr
 
@@ -16,6 +18,30 @@ from tplr.comms.config import BucketConfig
 
 TEST_ACCESS_KEY = "testing-access-key"
 TEST_SECRET_KEY = "testing-secret-key"
+
+# Fuzz budget: the whole property-based suite must stay well under 3 minutes on 2 cores.
+# CI (CI=true) runs a fixed, derandomized sample so a red build is reproducible; locally the
+# examples vary between runs. HYPOTHESIS_PROFILE=deep runs many more examples on demand.
+hypothesis_settings.register_profile(
+    "ci",
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+hypothesis_settings.register_profile(
+    "dev",
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+hypothesis_settings.register_profile(
+    "deep", max_examples=2000, deadline=None, suppress_health_check=list(HealthCheck)
+)
+hypothesis_settings.load_profile(
+    os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev")
+)
 
 _ISOLATED_PREFIXES = (
     "AWS_",
