@@ -20,13 +20,17 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tplr.comms.manifest import (
+    DATASET_SECTION,
     DEFAULT_PART_SIZE,
     MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
     Manifest,
+    ManifestError,
     build_manifest,
+    describe_validation_error,
     write_manifest_atomic,
 )
-from tplr.data.formats import ShardFormatError
+from tplr.comms.store import ObjectStore
 
 SAMPLE_IDS_FORMAT = "sample-ids"
 
@@ -104,18 +108,45 @@ def write_dataset_manifest(
 
 
 def dataset_info(manifest: Manifest, *, source: str = MANIFEST_NAME) -> DatasetInfo | None:
-    """The manifest's ``dataset`` section, or None when it has none (a plain manifest)."""
-    section = (manifest.model_extra or {}).get("dataset")
+    """The manifest's ``dataset`` section, or None when it has none (a plain manifest).
+
+    A section that is there but malformed raises :class:`ManifestError` naming ``source``
+    and the field."""
+    section = (manifest.model_extra or {}).get(DATASET_SECTION)
     if section is None:
         return None
     try:
-        return DatasetInfo.model_validate(section)
+        return DatasetInfo.model_validate(section, strict=True)
     except ValidationError as exc:
-        raise ShardFormatError(
-            source,
-            f"has an invalid 'dataset' section: {exc.errors()[0]['msg']}",
+        raise ManifestError(
+            f"{source} has an invalid {DATASET_SECTION!r} section: "
+            f"{DATASET_SECTION}.{describe_validation_error(exc)}",
+            location=source,
             hint="regenerate it with `tplr shards prepare` or `convert`",
-        ) from exc
+        ) from None
+
+
+async def fetch_manifest(store: ObjectStore, prefix: str) -> tuple[Manifest, str]:
+    """The manifest under ``prefix`` (parsed) and its text, read with bounded memory.
+
+    The object's size is checked (HEAD) before a byte is read, and exactly that many bytes
+    are read, so a hostile bucket cannot make the node hold more than
+    :data:`~tplr.comms.manifest.MAX_MANIFEST_BYTES`. Raises the store's ``NotFound`` when
+    there is no manifest, :class:`ManifestError` when it is malformed.
+    """
+    key = prefix + MANIFEST_NAME
+    source = store.url(key)
+    info = await store.head(key)
+    if info.size > MAX_MANIFEST_BYTES:
+        raise ManifestError(
+            f"{source} is {info.size} bytes; a manifest may be at most {MAX_MANIFEST_BYTES}",
+            location=source,
+        )
+    data = bytearray(info.size)
+    if info.size:
+        await store.get_range(key, 0, memoryview(data), if_match=info.etag or None)
+    manifest = Manifest.from_json(bytes(data), source=source)
+    return manifest, data.decode("utf-8")
 
 
 def entry_metadata(manifest: Manifest, key: str) -> dict:

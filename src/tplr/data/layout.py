@@ -7,6 +7,11 @@ from its bytes when it is opened (:mod:`tplr.data.formats`).
 - templar: ``<name>_NNNNNN.npy`` + ``sample_ids_NNNNNN.bin`` (both must be present).
 - llm.c: ``<name>_NNNNNN.bin`` (e.g. ``edu_fineweb_train_000001.bin``).
 
+Keys are untrusted (a bucket listing or a manifest): each must be a safe relative key
+(:func:`tplr.untrusted.check_key`) or the whole layout is refused; shard file names are
+ASCII (``[A-Za-z0-9._-]``, ASCII digits), other names are ignored, never downloaded.
+Zero-byte "folder" keys ending in ``/`` (made by bucket consoles) are ignored.
+
 Shards are ordered by their number. Validation: files whose name says ``val``
 (``fineweb_val_000000.bin``) are the validation split when present; otherwise the
 last ``val_shards`` shards are held out (default 1, or the manifest's
@@ -22,9 +27,10 @@ from typing import Literal
 
 from tplr.comms.manifest import MANIFEST_NAME, Manifest
 from tplr.errors import TplrError
+from tplr.untrusted import MalformedInput, check_key
 
-_SHARD_RE = re.compile(r"^(?P<stem>.*?)_?(?P<number>\d+)\.(?P<ext>npy|bin)$")
-_IDS_RE = re.compile(r"^sample_ids_(?P<number>\d+)\.bin$")
+_SHARD_RE = re.compile(r"^(?P<stem>[A-Za-z0-9._-]*?)_?(?P<number>[0-9]{1,12})\.(?P<ext>npy|bin)$")
+_IDS_RE = re.compile(r"^sample_ids_(?P<number>[0-9]{1,12})\.bin$")
 _VAL_RE = re.compile(r"(^|[_\-.])val(idation)?([_\-.]|$)")
 
 Split = Literal["train", "val"]
@@ -86,13 +92,38 @@ def _manifest_formats(manifest: Manifest | None, prefix: str) -> dict[str, str]:
     return formats
 
 
+def is_folder_marker(key: str) -> bool:
+    """True for a key like ``sub/`` (a console's "folder"): safe, and never a shard."""
+    if not key.endswith("/"):
+        return False
+    try:
+        check_key(key[:-1])
+    except MalformedInput:
+        return False
+    return True
+
+
+def check_dataset_key(key: object) -> str:
+    """``key`` (relative to the dataset prefix) if it is safe, else DatasetLayoutError."""
+    try:
+        return check_key(key, what="dataset key")
+    except MalformedInput as exc:
+        raise DatasetLayoutError(
+            exc.message,
+            hint="remove or rename that object in the dataset bucket; nothing was downloaded",
+        ) from None
+
+
 def _group_keys(keys: Iterable[str]) -> tuple[dict, dict[int, str], list[str]]:
     """``{(split, number): tokens_key}``, ``{number: ids_key}``, ignored keys."""
     tokens: dict[tuple[Split, int], str] = {}
     ids: dict[int, str] = {}
     ignored: list[str] = []
     for key in sorted(set(keys)):
-        name = _basename(key)
+        if key == "" or is_folder_marker(key):
+            ignored.append(key)
+            continue
+        name = _basename(check_dataset_key(key))
         if name == MANIFEST_NAME or name.endswith(".tmp"):
             ignored.append(key)
             continue

@@ -278,19 +278,28 @@ class SharedShardedDatasetManager:
         for slot in self.slots:
             if slot.state is not ShardState.RETIRED:
                 continue
-            paths = self.files.local_paths(slot.keys)
-            if self.config.keep_shards and all(p.exists() for p in paths):
-                self._set_state(slot, ShardState.READY)
-                self._datasets[slot.index] = await asyncio.to_thread(
-                    self._open_shard, self._spec(slot.index), paths
-                )
-                self._ready[slot.index].set()
-                continue
-            if self.channel.rank == 0 and not self.config.keep_shards:
-                markers.clear_ready(self.local_dir, slot.index)
-                freed = await asyncio.to_thread(self.files.delete, slot.keys)
-                log.info("deleted retired shard %d (%s)", slot.index, format_size(freed))
-            self._set_state(slot, ShardState.REMOTE)
+            try:
+                await self._retire(slot)
+            except asyncio.CancelledError:
+                raise
+            except (TplrError, OSError) as exc:  # the files are fetched again when needed
+                log.error("retiring shard %d failed: %s", slot.index, exc)
+                self._set_state(slot, ShardState.REMOTE)
+
+    async def _retire(self, slot: ShardSlot) -> None:
+        """Keep a retired shard mapped (keep set and its files present) or delete it."""
+        paths = await asyncio.to_thread(self.files.local_paths, slot.keys)
+        if self.config.keep_shards and await asyncio.to_thread(_all_exist, paths):
+            dataset = await asyncio.to_thread(self._open_shard, self._spec(slot.index), paths)
+            self._datasets[slot.index] = dataset
+            self._set_state(slot, ShardState.READY)
+            self._ready[slot.index].set()
+            return
+        if self.channel.rank == 0 and not self.config.keep_shards:
+            await asyncio.to_thread(markers.clear_ready, self.local_dir, slot.index)
+            freed = await asyncio.to_thread(self.files.delete, slot.keys)
+            log.info("deleted retired shard %d (%s)", slot.index, format_size(freed))
+        self._set_state(slot, ShardState.REMOTE)
 
     def _spec(self, index: int) -> ShardSpec:
         assert self.catalog is not None
@@ -299,11 +308,11 @@ class SharedShardedDatasetManager:
     async def _make_ready(self, slot: ShardSlot) -> bool:
         """Download/verify (rank 0) or await rank 0 (others), then map. False = postponed."""
         spec = self._spec(slot.index)
-        paths = self.files.local_paths(spec.keys)
         self._failures.pop(slot.index, None)
         if slot.state is ShardState.REMOTE:
             self._set_state(slot, ShardState.DOWNLOADING)
         try:
+            paths = await asyncio.to_thread(self.files.local_paths, spec.keys)
             if self.channel.rank == 0:
                 if not await self._fetch_as_rank0(spec, paths):
                     self._set_state(slot, ShardState.REMOTE)
@@ -314,7 +323,7 @@ class SharedShardedDatasetManager:
         except asyncio.CancelledError:
             raise
         except (TplrError, OSError) as exc:
-            self._record_failure(slot, exc)
+            await self._record_failure(slot, exc)
             return False
         self._datasets[slot.index] = dataset
         self._set_state(slot, ShardState.READY)
@@ -323,12 +332,15 @@ class SharedShardedDatasetManager:
         log.info("shard %d ready (%s)", slot.index, format_size(spec.size_bytes))
         return True
 
-    def _record_failure(self, slot: ShardSlot, exc: BaseException) -> None:
+    async def _record_failure(self, slot: ShardSlot, exc: BaseException) -> None:
         self._failures[slot.index] = exc
         self.metrics.download_failures.labels(reason=reason_of(exc)).inc()
         log.error("shard %d could not be made ready: %s", slot.index, exc)
         if self.channel.rank == 0:
-            markers.write_error(self.local_dir, slot.index, str(exc))
+            try:
+                await asyncio.to_thread(markers.write_error, self.local_dir, slot.index, str(exc))
+            except (TplrError, OSError) as marker_exc:  # the other ranks time out instead
+                log.error("could not write shard %d's error marker: %s", slot.index, marker_exc)
         if slot.state is ShardState.DOWNLOADING:
             self._set_state(slot, ShardState.REMOTE)
 
@@ -392,6 +404,10 @@ class SharedShardedDatasetManager:
             if self.slots[i].state is not ShardState.READY
         ]
         self.metrics.next_shard_bytes.set(pending[0] if pending else 0)
+
+
+def _all_exist(paths: list[Path]) -> bool:
+    return all(path.exists() for path in paths)
 
 
 def _worth_waiting(failure: BaseException) -> bool:

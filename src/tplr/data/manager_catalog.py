@@ -16,7 +16,14 @@ from typing import Protocol
 from tplr.comms.errors import NotFound
 from tplr.comms.manifest import MANIFEST_NAME, Manifest
 from tplr.comms.store import ObjectStore
-from tplr.data.layout import DatasetLayoutError, ShardGroup, plan_layout
+from tplr.data.dataset_manifest import fetch_manifest
+from tplr.data.layout import (
+    DatasetLayoutError,
+    ShardGroup,
+    check_dataset_key,
+    is_folder_marker,
+    plan_layout,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,20 +75,18 @@ class ShardCatalog:
 
 
 async def discover_catalog(store: ObjectStore, prefix: str, val_shards: int | None) -> ShardCatalog:
-    """Read the manifest (or list the prefix) and build the ordered train/val shards."""
+    """Read the manifest (or list the prefix) and build the ordered train/val shards.
+
+    Every key is checked before use (the manifest's by its parser, the listing's here):
+    relative to ``prefix``, with no empty, ``.`` or ``..`` segment.
+    """
     manifest: Manifest | None = None
     manifest_json: str | None = None
     try:
-        raw = await store.get(prefix + MANIFEST_NAME)
+        manifest, manifest_json = await fetch_manifest(store, prefix)
     except NotFound:
-        sizes = {
-            info.key[len(prefix) :]: info.size
-            async for info in store.list(prefix)
-            if info.key != prefix + MANIFEST_NAME
-        }
+        sizes = await listed_sizes(store, prefix)
     else:
-        manifest_json = raw.decode("utf-8")
-        manifest = Manifest.from_json(manifest_json, source=store.url(prefix + MANIFEST_NAME))
         sizes = {key: entry.size for key, entry in manifest.files.items()}
     if not sizes:
         raise DatasetLayoutError(
@@ -106,11 +111,31 @@ async def discover_catalog(store: ObjectStore, prefix: str, val_shards: int | No
     return ShardCatalog(specs(layout.train), specs(layout.val), manifest_json)
 
 
+async def listed_sizes(store: ObjectStore, prefix: str) -> dict[str, int]:
+    """``{key relative to prefix: size}`` of the objects a LIST of ``prefix`` names.
+
+    A listing is untrusted: a key outside ``prefix`` or an unsafe relative key is refused
+    (:class:`DatasetLayoutError` naming it); folder markers (``sub/``) are skipped."""
+    sizes: dict[str, int] = {}
+    async for info in store.list(prefix):
+        if not info.key.startswith(prefix):
+            raise DatasetLayoutError(
+                f"the listing of {store.url(prefix)} named {info.key[:200]!r}, which is not "
+                "under that prefix",
+                hint="the storage endpoint answered a LIST wrongly; check its URL",
+            )
+        key = info.key[len(prefix) :]
+        if key in ("", MANIFEST_NAME) or is_folder_marker(key):
+            continue
+        sizes[check_dataset_key(key)] = info.size
+    return sizes
+
+
 def _recorded_max(manifest: Manifest | None, key: str) -> int | None:
     if manifest is None or key not in manifest.files:
         return None
     value = (manifest.files[key].model_extra or {}).get("max_token_id")
-    return int(value) if value is not None else None
+    return value if isinstance(value, int) else None  # typed by Manifest.from_json
 
 
 class RankChannel(Protocol):

@@ -1,4 +1,12 @@
-"""The local files of the manager's shards: where they live, what is missing, fetch, delete."""
+"""The local files of the manager's shards: where they live, what is missing, fetch, delete.
+
+Keys come from outside (a manifest or a listing, checked by :mod:`tplr.data.layout`); every
+local path is also resolved under the dataset folder (:func:`tplr.untrusted.resolve_under`),
+so a symlink planted in the folder cannot redirect a download or a delete outside it. A
+shard's files are exactly ``DEST`` and the download's sidecars (``DEST.partial`` and its
+journal): nothing else is ever deleted, and no name from outside is globbed. These methods
+do file I/O: call them from a worker thread.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +16,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+from tplr.comms.download_sidecar import sidecar_paths
 from tplr.comms.manifest import Manifest, hash_file_parts
 from tplr.comms.store import ObjectStore
 from tplr.comms.transfer_config import TransferConfig
+from tplr.data.layout import DatasetLayoutError
 from tplr.data.manager_catalog import ShardSpec
+from tplr.untrusted import MalformedInput, resolve_under
 
 log = logging.getLogger(__name__)
 
@@ -32,15 +43,28 @@ class ShardFiles:
         self.transfer_metrics = transfer_metrics
         self.manifest: Manifest | None = None
 
-    def local_paths(self, keys: tuple[str, ...]) -> list[Path]:
-        return [self.local_dir / key for key in keys]
+    def local_path(self, key: str) -> Path:
+        """Where ``key`` lives on disk: under the dataset folder, or DatasetLayoutError."""
+        try:
+            return resolve_under(self.local_dir, key, what="dataset key")
+        except MalformedInput as exc:
+            raise DatasetLayoutError(
+                exc.message,
+                hint=f"remove the symlink or odd entry under {self.local_dir}; nothing outside "
+                "the dataset folder is written or deleted",
+            ) from None
 
-    def _partials(self, path: Path) -> list[Path]:
-        return [p for p in path.parent.glob(path.name + ".*") if p.is_file()]
+    def local_paths(self, keys: tuple[str, ...]) -> list[Path]:
+        return [self.local_path(key) for key in keys]
+
+    def _sidecars(self, path: Path) -> list[Path]:
+        """The download's own files beside ``path`` (data, journal, journal being rewritten)."""
+        partial, journal = sidecar_paths(path)
+        return [partial, journal, journal.with_name(journal.name + ".tmp")]
 
     def is_complete(self, key: str, size: int) -> bool:
         """Present with the right size, and matching the manifest's hashes when there is one."""
-        path = self.local_dir / key
+        path = self.local_path(key)
         try:
             if path.stat().st_size != size:
                 return False
@@ -58,10 +82,11 @@ class ShardFiles:
         """Bytes the shard still needs on disk (space held by partial downloads counts)."""
         missing = 0
         for key, size in zip(spec.keys, spec.sizes, strict=True):
-            path = self.local_dir / key
+            path = self.local_path(key)
             if path.exists() and path.stat().st_size == size:
                 continue
-            held = sum(_allocated(p) for p in self._partials(path))
+            partial, _ = sidecar_paths(path)
+            held = _allocated(partial) if partial.is_file() else 0
             missing += max(size - held, 0)
         return missing
 
@@ -73,8 +98,7 @@ class ShardFiles:
         for key, size in zip(spec.keys, spec.sizes, strict=True):
             if await asyncio.to_thread(self.is_complete, key, size):
                 continue
-            dest = self.local_dir / key
-            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest = await asyncio.to_thread(self._prepare_dest, key)
             has_entry = self.manifest is not None and key in self.manifest.files
             await download(
                 self.store,
@@ -87,13 +111,21 @@ class ShardFiles:
                 metrics=self.transfer_metrics,
             )
 
+    def _prepare_dest(self, key: str) -> Path:
+        dest = self.local_path(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        return self.local_path(key)  # again: the folders just made are ours, not links
+
     def delete(self, keys: tuple[str, ...]) -> int:
-        """Delete the files of a shard (and any partial downloads); returns bytes freed."""
+        """Delete the files of a shard and its download sidecars; returns bytes freed.
+
+        Exactly those names, each checked under the folder (a link is removed, never
+        followed); any other file beside them is left alone."""
         freed = 0
         for path in self.local_paths(keys):
-            for victim in [path, *self._partials(path)]:
+            for victim in [path, *self._sidecars(path)]:
                 try:
-                    freed += victim.stat().st_size
+                    freed += victim.lstat().st_size
                     victim.unlink()
                 except FileNotFoundError:
                     pass

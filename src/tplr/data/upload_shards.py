@@ -3,7 +3,9 @@
 Order of operations, so a reader of the prefix never sees a manifest that names a
 missing or stale file:
 
-1. check every file the local ``manifest.json`` names exists with the recorded size;
+1. check every file the local ``manifest.json`` names: its key is a safe relative key, it
+   resolves (through any symlink) under the folder, and it exists with the recorded size
+   (so a manifest naming ``../.env``, or a link to it, uploads nothing);
 2. delete the destination's old ``manifest.json`` (if any);
 3. upload the files (multipart, retried, ETag-checked: :func:`tplr.comms.upload.upload_file`),
    ``concurrency`` files at a time;
@@ -20,12 +22,15 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from tplr.comms.manifest import MANIFEST_NAME, Manifest, read_manifest
+from tplr.comms.manifest import MANIFEST_NAME, Manifest, ManifestError, read_manifest
 from tplr.comms.retry import retry
 from tplr.comms.store import ObjectStore
 from tplr.comms.transfer_config import TransferConfig
 from tplr.comms.upload import Progress, UploadResult, upload_file
 from tplr.errors import ConfigError
+from tplr.untrusted import MalformedInput, resolve_under
+
+NOTHING_UPLOADED = "nothing was uploaded"
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +45,9 @@ class DatasetUpload:
         return sum(r.size for r in self.files) + self.manifest.size
 
 
-def local_dataset(src_dir: Path) -> tuple[Manifest, list[Path]]:
-    """The folder's manifest and the files it names, checked present with their sizes."""
+def local_dataset(src_dir: Path) -> tuple[Manifest, dict[str, Path]]:
+    """The folder's manifest and ``{key: file}`` for every file it names, each checked:
+    a safe key, resolving under ``src_dir``, present with the recorded size."""
     manifest_path = src_dir / MANIFEST_NAME
     if not manifest_path.is_file():
         raise ConfigError(
@@ -49,14 +55,19 @@ def local_dataset(src_dir: Path) -> tuple[Manifest, list[Path]]:
             hint="upload a folder written by `tplr shards prepare`/`convert`, or run "
             "`tplr manifest DIR` first",
         )
-    manifest = read_manifest(manifest_path)
-    paths = []
+    try:
+        manifest = read_manifest(_under(src_dir, MANIFEST_NAME))
+    except ManifestError as exc:
+        raise ManifestError(
+            f"{exc.message}; {NOTHING_UPLOADED}", location=exc.location, hint=exc.hint
+        ) from None
+    paths: dict[str, Path] = {}
     for key, entry in manifest.files.items():
-        path = src_dir / key
+        path = _under(src_dir, key)
         if not path.is_file():
             raise ConfigError(
                 f"{path} is named by {manifest_path} but does not exist",
-                hint="re-create the dataset folder; nothing was uploaded",
+                hint=f"re-create the dataset folder; {NOTHING_UPLOADED}",
             )
         size = path.stat().st_size
         if size != entry.size:
@@ -64,8 +75,20 @@ def local_dataset(src_dir: Path) -> tuple[Manifest, list[Path]]:
                 f"{path} is {size} bytes but {manifest_path} records {entry.size}",
                 hint="the folder changed after the manifest was written; regenerate it",
             )
-        paths.append(path)
+        paths[key] = path
     return manifest, paths
+
+
+def _under(src_dir: Path, key: str) -> Path:
+    """``src_dir / key`` resolved, refused (ConfigError) if it is not inside ``src_dir``."""
+    try:
+        return resolve_under(src_dir, key, what=f"{MANIFEST_NAME} entry")
+    except MalformedInput as exc:
+        raise ConfigError(
+            f"{exc.message}; {NOTHING_UPLOADED}",
+            hint="upload only files inside the dataset folder: fix the manifest (`tplr "
+            "manifest DIR`) or replace the symlink by the file itself",
+        ) from None
 
 
 def dataset_prefix(key: str) -> str:
@@ -96,15 +119,15 @@ async def upload_dataset(
     )
     slots = asyncio.Semaphore(concurrency)
 
-    async def one(path: Path) -> UploadResult:
+    async def one(name: str, path: Path) -> UploadResult:
         async with slots:
-            key = prefix + path.relative_to(src_dir).as_posix()
+            key = prefix + name
             result = await upload_file(store, path, key, config=config, progress=progress)
             log.info("uploaded %s -> %s", path, store.url(key))
             return result
 
     async with asyncio.TaskGroup() as group:
-        tasks = [group.create_task(one(path)) for path in paths]
+        tasks = [group.create_task(one(name, path)) for name, path in paths.items()]
     results = [task.result() for task in tasks]
     # Only now, with every file in place, does the manifest appear.
     manifest_result = await upload_file(
@@ -118,8 +141,9 @@ async def _upload_command(args: argparse.Namespace, config: TransferConfig) -> D
     from tplr.comms.progress import make_progress
     from tplr.comms.store_url import open_store_for_url
 
-    _, paths = local_dataset(args.src)
-    total = sum(p.stat().st_size for p in paths) + (args.src / MANIFEST_NAME).stat().st_size
+    _, paths = await asyncio.to_thread(local_dataset, args.src)
+    files = [*paths.values(), args.src / MANIFEST_NAME]
+    total = await asyncio.to_thread(lambda: sum(p.stat().st_size for p in files))
     bar = make_progress(False if args.no_progress else None)
     bar.start(f"upload {args.src.name}", total, 0)
     try:
