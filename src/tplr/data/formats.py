@@ -16,7 +16,10 @@ Every problem raises :class:`ShardFormatError` naming the file and what is wrong
 
 from __future__ import annotations
 
+import io
+import math
 import re
+import tokenize
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -28,6 +31,17 @@ from tplr.errors import TplrError
 LLMC_HEADER_INTS = 256
 LLMC_HEADER_BYTES = LLMC_HEADER_INTS * 4
 NPY_MAGIC = b"\x93NUMPY"
+NPY_PREAMBLE_BYTES = 12  # magic (6), version (2), header length (2 or 4)
+NPY_MAX_HEADER_BYTES = 64 * 1024  # numpy's own writer pads to 64 bytes; its reader allows 10000
+# What numpy's header parser raises on hostile text (it runs ast.literal_eval/tokenize on it).
+_NPY_HEADER_ERRORS = (
+    ValueError,
+    SyntaxError,
+    TypeError,
+    RecursionError,
+    MemoryError,
+    tokenize.TokenError,
+)
 SAMPLE_ID_DTYPE = np.dtype("<u8")
 TOKEN_DTYPES = (np.dtype("<u2"), np.dtype("<u4"))
 
@@ -191,23 +205,44 @@ def _open_llmc(path: Path, size: int) -> TokenFile:
     return TokenFile(path, variant.format, variant.dtype, LLMC_HEADER_BYTES, tokens)
 
 
-def _read_npy_header(path: Path) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+def _read_npy_header(path: Path, size: int) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """Shape, Fortran order, dtype and data offset of a ``.npy`` file.
+
+    The header length is checked against the file size (and a bound) before the header is
+    read, so a hostile length never sizes an allocation; only then does numpy parse it."""
+    preamble = _read_prefix(path, NPY_PREAMBLE_BYTES)
+    width = {(1, 0): 2, (2, 0): 4}.get((preamble[6], preamble[7]) if len(preamble) > 7 else None)
+    if width is None:
+        version = tuple(preamble[6:8])
+        raise ShardFormatError(path, f"has an unsupported or truncated .npy version {version}")
+    start = 8 + width
+    if len(preamble) < start:
+        raise ShardFormatError(path, f"is truncated inside its .npy header ({size} bytes)")
+    header_len = int.from_bytes(preamble[8:start], "little")
+    if header_len > NPY_MAX_HEADER_BYTES or start + header_len > size:
+        raise ShardFormatError(
+            path,
+            f"has a malformed .npy header: it claims {header_len} header bytes in a file of "
+            f"{size} bytes (at most {NPY_MAX_HEADER_BYTES})",
+        )
+    head = io.BytesIO(_read_prefix(path, start + header_len))
     try:
-        with open(path, "rb") as fh:
-            version = np.lib.format.read_magic(fh)
-            if version == (1, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
-            elif version == (2, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
-            else:
-                raise ShardFormatError(path, f"has unsupported .npy version {version}")
-            return shape, fortran, dtype, fh.tell()
-    except ValueError as exc:
-        raise ShardFormatError(path, f"has a malformed .npy header: {exc}") from exc
+        np.lib.format.read_magic(head)
+        read = (
+            np.lib.format.read_array_header_1_0
+            if width == 2
+            else np.lib.format.read_array_header_2_0
+        )
+        shape, fortran, dtype = read(head)
+    except _NPY_HEADER_ERRORS as exc:
+        raise ShardFormatError(path, f"has a malformed .npy header: {str(exc)[:200]}") from None
+    if any(type(dim) is not int or dim < 0 for dim in shape):
+        raise ShardFormatError(path, f"has a malformed .npy header: shape {shape}")
+    return shape, fortran, dtype, head.tell()
 
 
 def _open_npy(path: Path, size: int) -> TokenFile:
-    shape, fortran, dtype, offset = _read_npy_header(path)
+    shape, fortran, dtype, offset = _read_npy_header(path, size)
     if dtype not in TOKEN_DTYPES:
         raise ShardFormatError(
             path,
@@ -218,7 +253,7 @@ def _open_npy(path: Path, size: int) -> TokenFile:
         raise ShardFormatError(
             path, f"has shape {shape}; expected a 1-D token array or C-ordered (rows, seq_len)"
         )
-    count = int(np.prod(shape))
+    count = math.prod(shape)  # Python ints: a shape cannot wrap around to a plausible count
     if count == 0:
         raise ShardFormatError(path, f"holds no tokens (shape {shape})")
     expected = offset + count * dtype.itemsize
@@ -226,8 +261,8 @@ def _open_npy(path: Path, size: int) -> TokenFile:
         state = "truncated" if size < expected else "longer than its .npy header says"
         raise ShardFormatError(
             path,
-            f"is {state}: {size} bytes, but header ({offset} bytes) + {count} {dtype.name} "
-            f"tokens = {expected} bytes",
+            f"is {state}: {size} bytes, but header ({offset} bytes) + shape {shape} "
+            f"({count} {dtype.name} tokens) = {expected} bytes",
         )
     stored_seq_len = int(shape[1]) if len(shape) == 2 else None
     tokens = _map(path, dtype, offset, count)

@@ -20,9 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from tplr.errors import TplrError
+from tplr.untrusted import json_depth
 
 SUFFIX_KINDS = {".txt": "txt", ".jsonl": "jsonl", ".parquet": "parquet"}
 JSONL_TASK_BYTES = 8 * 1024 * 1024
+MAX_JSONL_DEPTH = 64
 
 
 class PrepareInputError(TplrError):
@@ -137,6 +139,25 @@ def _decode(data: bytes, where: str) -> str:
         ) from exc
 
 
+def _parse_line(line: bytes, where: str) -> Any:
+    """One JSON value, nesting bounded before parsing (no RecursionError, no huge ints).
+
+    NaN/Infinity in other fields are accepted as Python's json reads them: the input is
+    the operator's own text, and only the ``text`` field is used."""
+    depth = json_depth(line)
+    if depth > MAX_JSONL_DEPTH:
+        raise PrepareInputError(
+            f"{where}: the JSON nests {depth} levels deep (at most {MAX_JSONL_DEPTH})",
+            hint="each line must be a JSON object with a string text field",
+        )
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise PrepareInputError(f"{where}: invalid JSON: {exc.msg}") from None
+    except (ValueError, RecursionError) as exc:  # e.g. an integer of thousands of digits
+        raise PrepareInputError(f"{where}: invalid JSON: {str(exc)[:200]}") from None
+
+
 def _jsonl_documents(task: SourceTask, text_field: str) -> list[str]:
     with open(task.path, "rb") as fh:
         fh.seek(task.start)
@@ -148,10 +169,7 @@ def _jsonl_documents(task: SourceTask, text_field: str) -> list[str]:
         offset += len(line) + 1
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise PrepareInputError(f"{where}: invalid JSON: {exc.msg}") from exc
+        record = _parse_line(line, where)
         text = record.get(text_field) if isinstance(record, dict) else None
         if not isinstance(text, str):
             raise PrepareInputError(
