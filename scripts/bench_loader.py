@@ -13,7 +13,9 @@ a warm page cache, in one process, alternating rounds of:
   (pinned on CUDA hosts), which the worker copies to the GPU and upcasts there.
 
 Each of ours runs twice: with a background loader thread (``--workers``), and with
-``workers=0`` (each batch assembled in the caller's thread when asked for). The tutorial
+``workers=0`` (each batch assembled in the caller's thread when asked for). The host
+format also runs with the per-batch token-range check off, to price that check (one max
+per batch against the vocabulary), printed as a ratio. The tutorial
 runs as written (torch's default intra-op threads) and with torch at one thread.
 
 Prints tokens/s (B * T per batch) of each, per-round ratios and their medians, and
@@ -134,6 +136,7 @@ LABELS = {
     "host": "ours host format, loader thread",
     "int64_inline": "ours int64, workers=0",
     "host_inline": "ours host format, workers=0",
+    "host_inline_nocheck": "ours host, workers=0, no range check",
 }
 
 
@@ -165,6 +168,9 @@ def main() -> None:
         for output in ("int64", "host")
         for suffix, workers in (("", args.workers), ("_inline", 0))
     }
+    configs["host_inline_nocheck"] = configs["host_inline"].model_copy(
+        update={"token_range_check": False}
+    )
     print(f"shard {args.path}: {ds.shard.tokens.shape[0]:,} tokens, {len(ds):,} rows of {T + 1}")
     print(
         f"B={B} T={T}, torch threads={torch.get_num_threads()}, cpus={os.cpu_count()}, "
@@ -209,6 +215,11 @@ def report(results: dict[str, list[float]], gbps: float, T: int) -> None:
         f"\nmemcpy bandwidth (this run): {gbps:.2f} GB/s. The host format copies "
         f"{bytes_per_token:.2f} B/token, so memcpy alone caps it near "
         f"{gbps * 1e9 / bytes_per_token / 1e6:,.0f} M tok/s."
+    )
+    check_cost = _median_ratio(results["host_inline"], results["host_inline_nocheck"])
+    print(
+        "per-batch token-range check (one max per batch): the host format with it runs at "
+        f"{check_cost:.2f}x its speed without it"
     )
     for base_key, name in (("tutorial", "as written"), ("tutorial_1t", "at 1 torch thread")):
         verdicts = []

@@ -20,6 +20,7 @@ from tplr.data.loader import (
     StaleBatchError,
 )
 from tplr.data.sampler import window_sample_indices
+from tplr.data.validate import TokenIdOutOfRange
 
 
 @pytest.fixture
@@ -243,3 +244,58 @@ def test_a_host_batch_held_too_long_is_refused(templar_dataset):
                 ramp(300 * 16, modulo=70_000), 16, range(number * 2, number * 2 + 2)
             )
             assert torch.equal(inputs, expected)
+
+
+# --- token ids beyond the vocabulary, outside the blocks checked at open ----------------
+
+
+def shard_with_one_bad_token(tmp_path, *, dtype: str, bad_id: int) -> tuple:
+    """2M tokens: more than the 1M sampled at open, so position 100_003 (between the
+    first and second sampled blocks) is never looked at when the shard is opened."""
+    tokens = ramp(2_000_000, modulo=1000)
+    tokens[100_003] = bad_id
+    if dtype == "<u2":
+        path = write_llmc(tmp_path / "edu_fineweb_train_000003.bin", tokens)
+        seq_len, row_len = 15, 16  # llm.c windows of seq_len + 1
+    else:
+        path, _ = write_templar(tmp_path, 3, tokens, 16, dtype=dtype)
+        seq_len, row_len = 16, 16
+    return path, seq_len, 100_003 // row_len, 100_003 % row_len
+
+
+@pytest.mark.parametrize("output", ["int64", "host"])
+@pytest.mark.parametrize("dtype", ["<u2", "<u4"])
+def test_a_batch_with_a_token_beyond_the_vocabulary_is_refused_naming_shard_and_row(
+    tmp_path, output, dtype
+):
+    bad_id = 5000 if dtype == "<u2" else 3_000_000_000  # above int32's range for uint32
+    path, seq_len, row, column = shard_with_one_bad_token(tmp_path, dtype=dtype, bad_id=bad_id)
+    ds = SharedShardedDataset.open(path, seq_len=seq_len, vocab_size=1000)  # opens fine
+    indices = np.array([7, row, 9])
+    config = LoaderConfig(batch_size=3, output=output, workers=1)
+    with (
+        BatchLoader(ds, indices, config=config) as loader,
+        pytest.raises(TokenIdOutOfRange) as info,
+    ):
+        next(loader)
+    error = info.value
+    assert isinstance(error, ShardFormatError) and error.path == str(path)
+    assert f"sample {row} " in error.message and f"token {column} of the row" in error.message
+    assert f"token id {bad_id}" in error.message and "vocabulary size 1000" in error.message
+    # Batches without it are fine, and the check can be named off for benchmarks.
+    with BatchLoader(ds, np.array([7, 9]), config=config) as loader:
+        assert len(list(loader)) == 1
+    unchecked = config.model_copy(update={"token_range_check": False})
+    with BatchLoader(ds, indices, config=unchecked) as loader:
+        assert len(list(loader)) == 1
+
+
+def test_the_loader_vocabulary_overrides_the_datasets(tmp_path):
+    path, seq_len, row, _ = shard_with_one_bad_token(tmp_path, dtype="<u2", bad_id=5000)
+    ds = SharedShardedDataset.open(path, seq_len=seq_len)  # no vocabulary given at open
+    with BatchLoader(ds, np.array([row]), config=LoaderConfig(batch_size=1)) as loader:
+        assert len(list(loader)) == 1
+    config = LoaderConfig(batch_size=1, vocab_size=1000)
+    loader = BatchLoader(ds, np.array([row]), config=config)
+    with loader, pytest.raises(TokenIdOutOfRange, match=f"sample {row} "):
+        next(loader)

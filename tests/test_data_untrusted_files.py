@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import struct
 import tracemalloc
 from pathlib import Path
@@ -73,7 +72,7 @@ def corrupt_deep(manifest: dict) -> bytes:
 
 
 CORRUPTIONS = {
-    "max_token_id=abc": (corrupt_max_token_id, r"files\['fineweb_train_000000\.bin'\]\.max_token_id"),
+    "max_token_id=abc": (corrupt_max_token_id, r"files\['fineweb_train_000000\.bin'\]\.max_tok"),
     "1e400": (corrupt_huge_number, "1e400"),
     "val_shards=abc": (corrupt_val_shards, r"dataset\.val_shards"),
     "bad-utf8": (corrupt_utf8, "not UTF-8"),
@@ -219,7 +218,7 @@ def test_npy_shape_that_lies_about_its_count_is_refused(tmp_path, shape):
 def test_npy_header_that_is_not_a_literal_is_refused(tmp_path):
     path = tmp_path / "train_000000.npy"
     path.write_bytes(npy_with_header("(" * 5000 + "\n", b"\0" * 64))
-    with pytest.raises(ShardFormatError, match="malformed .npy header"):
+    with pytest.raises(ShardFormatError, match=r"malformed \.npy header"):
         open_shard(path)
 
 
@@ -245,5 +244,6 @@ def test_jsonl_still_reads_good_lines(tmp_path):
     for text in ("one", "two é", ""):
         buf.write(json.dumps({"text": text, "meta": {"id": 1}}).encode() + b"\n")
     path.write_bytes(buf.getvalue() + b"\n")
-    task = SourceTask(str(path), "jsonl", 0, os.path.getsize(path), os.path.getsize(path))
+    size = path.stat().st_size
+    task = SourceTask(str(path), "jsonl", 0, size, size)
     assert read_documents(task) == ["one", "two é", ""]

@@ -33,12 +33,21 @@ class SampleIndexError(TplrError):
 class SharedShardedDataset:
     """Rows of one shard. Build with :meth:`open`, or from an opened :class:`TokenShard`."""
 
-    def __init__(self, shard: TokenShard, *, seq_len: int, shard_index: int) -> None:
+    def __init__(
+        self,
+        shard: TokenShard,
+        *,
+        seq_len: int,
+        shard_index: int,
+        vocab_size: int | None = None,
+    ) -> None:
         if seq_len < (1 if shard.format.is_stream else 2):
             raise ShardFormatError(shard.path, f"sequence length {seq_len} is too short")
         self.shard = shard
         self.shard_index = shard_index
         self.seq_len = seq_len
+        # The model's vocabulary, when known: the loader checks every batch against it.
+        self.vocab_size = vocab_size
         if shard.format.is_stream:
             self.row_len = seq_len + 1
         else:
@@ -70,7 +79,10 @@ class SharedShardedDataset:
         vocab_size: int | None = None,
         recorded_max_token_id: int | None = None,
     ) -> SharedShardedDataset:
-        """Open, validate and map a shard; check token ids cheaply if ``vocab_size``."""
+        """Open, validate and map a shard; check token ids cheaply if ``vocab_size``.
+
+        The check at open reads a sample of blocks; every batch is then checked in full
+        by the loader (:class:`~tplr.data.loader.BatchAssembler`) against ``vocab_size``."""
         shard = open_shard(
             path,
             ids_path=ids_path,
@@ -85,7 +97,7 @@ class SharedShardedDataset:
             )
         if vocab_size is not None:
             check_token_ids(shard.tokens, vocab_size, path=path, recorded_max=recorded_max_token_id)
-        return cls(shard, seq_len=seq_len, shard_index=shard_index)
+        return cls(shard, seq_len=seq_len, shard_index=shard_index, vocab_size=vocab_size)
 
     @property
     def context_len(self) -> int:

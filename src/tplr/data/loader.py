@@ -31,6 +31,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from tplr.data.dataset import SharedShardedDataset
+from tplr.data.validate import batch_token_range_error
 from tplr.errors import TplrError
 
 HOST_TORCH_DTYPES = {np.dtype("<u2"): torch.uint16, np.dtype("<u4"): torch.int32}
@@ -50,6 +51,10 @@ class LoaderConfig(BaseModel):
     # Host batches live in reused buffers: how many the consumer may hold at once (the
     # one in use plus any it reads ahead, e.g. depth + 2 for the trainer's BatchFeed).
     hold_batches: int = Field(default=1, ge=1, le=64)
+    # Every batch's max token id is checked against the vocabulary (this, else the
+    # dataset's ``vocab_size``): one max per batch, so a bad id never reaches the model.
+    vocab_size: int | None = Field(default=None, ge=1)
+    token_range_check: bool = True
 
 
 class StaleBatchError(TplrError):
@@ -164,16 +169,29 @@ class _Deferred:
 
 
 class BatchAssembler:
-    """Gathers rows of ``dataset`` into host buffers; thread-safe for distinct buffers."""
+    """Gathers rows of ``dataset`` into host buffers; thread-safe for distinct buffers.
 
-    def __init__(self, dataset: SharedShardedDataset, batch_size: int, *, pin_memory: bool):
+    With ``vocab_size``, each gathered batch's largest id is checked against it, and
+    :class:`~tplr.data.validate.TokenIdOutOfRange` names the shard, sample and token of
+    the first id beyond it (:class:`BatchLoader` passes its config's or the dataset's)."""
+
+    def __init__(
+        self,
+        dataset: SharedShardedDataset,
+        batch_size: int,
+        *,
+        pin_memory: bool,
+        vocab_size: int | None = None,
+    ):
         self.dataset = dataset
         self.batch_size = batch_size
         self.pin_memory = pin_memory
+        self.vocab_size = vocab_size
         dtype = np.dtype(dataset.token_dtype).newbyteorder("<")
         self.host_torch_dtype = HOST_TORCH_DTYPES[dtype]
-        # uint32 ids are < 2**31 (validated vocab), so int32 reads them unchanged
+        # uint32 ids are < 2**31 once range-checked, so int32 reads them unchanged
         self._rows = dataset.rows if dtype.itemsize == 2 else dataset.rows.view(np.int32)
+        self._unsigned = np.dtype("<u2") if dtype.itemsize == 2 else np.dtype("<u4")
 
     def new_host_buffer(self) -> torch.Tensor:
         shape = (self.batch_size, self.dataset.row_len)
@@ -186,9 +204,16 @@ class BatchAssembler:
     def gather_checked(self, indices: np.ndarray, out: torch.Tensor) -> torch.Tensor:
         """:meth:`gather` for indices already passed through ``dataset.check_indices``."""
         view = out[: len(indices)]
+        rows = view.numpy()  # (B, row_len), shares the buffer
         # One call for the whole (B, row_len) batch. mode="clip" skips numpy's bounds
         # pass and its buffered copy; the indices were range-checked by the caller.
-        np.take(self._rows, indices, axis=0, out=view.numpy(), mode="clip")
+        np.take(self._rows, indices, axis=0, out=rows, mode="clip")
+        if self.vocab_size is not None:
+            ids = rows.view(self._unsigned)  # int32 words as the uint32 ids they hold
+            if int(ids.max()) >= self.vocab_size:  # one max per batch
+                raise batch_token_range_error(
+                    ids, indices, self.vocab_size, path=self.dataset.shard.path
+                )
         return view
 
     def int64_batch(
@@ -220,7 +245,10 @@ class BatchLoader:
         self.device = torch.device(device)
         self._indices = dataset.check_indices(indices)
         is_cuda = self.device.type == "cuda"
-        self._assembler = BatchAssembler(dataset, config.batch_size, pin_memory=is_cuda)
+        vocab_size = (config.vocab_size or dataset.vocab_size) if config.token_range_check else None
+        self._assembler = BatchAssembler(
+            dataset, config.batch_size, pin_memory=is_cuda, vocab_size=vocab_size
+        )
         # one slot per batch in flight plus those the consumer holds
         count = config.prefetch_batches + config.hold_batches
         self._slots = [_Slot(self._assembler.new_host_buffer()) for _ in range(count)]

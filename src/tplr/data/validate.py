@@ -23,6 +23,28 @@ _VOCAB_HINT = (
 )
 
 
+class TokenIdOutOfRange(ShardFormatError):
+    """A batch holds a token id the model cannot embed (names the shard, sample and token)."""
+
+    hint = _VOCAB_HINT
+
+
+def batch_token_range_error(
+    rows: np.ndarray, indices: np.ndarray, vocab_size: int, *, path: Path | str
+) -> TokenIdOutOfRange:
+    """The error for the first token ``>= vocab_size`` in ``rows`` (``(B, row_len)`` ids of
+    samples ``indices``); call it only once a batch's max showed there is one."""
+    over = rows >= vocab_size
+    batch_row = int(np.flatnonzero(over.any(axis=1))[0])
+    column = int(over[batch_row].argmax())
+    sample = int(indices[batch_row])
+    return TokenIdOutOfRange(
+        path,
+        f"sample {sample} (row {sample} of the shard, token {column} of the row) holds token "
+        f"id {int(rows[batch_row, column])}, >= the model's vocabulary size {vocab_size}",
+    )
+
+
 def max_token_id(tokens: np.ndarray, *, chunk_tokens: int = FULL_SCAN_CHUNK_TOKENS) -> int:
     """The largest token id, scanning ``tokens`` in bounded chunks."""
     best = 0
