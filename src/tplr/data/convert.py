@@ -2,7 +2,8 @@
 
 The token stream is copied unchanged (never the header), in bounded chunks, cut into
 sequences of ``seq_len``; fewer than ``seq_len`` tokens left at the end of a file are
-dropped (reported). Shard numbers come from the source names
+dropped (reported). A conversion that fails (a full disk: InsufficientSpace) removes
+every file it wrote. Shard numbers come from the source names
 (``edu_fineweb_train_000007.bin`` -> ``train_000007.npy``); ids are derived
 (``shard << 40 | offset``, see :mod:`tplr.data.writers`).
 """
@@ -15,9 +16,16 @@ from pathlib import Path
 
 from tplr.comms.manifest import DEFAULT_PART_SIZE, Manifest
 from tplr.data.dataset_manifest import DatasetInfo, ShardRecord, write_dataset_manifest
-from tplr.data.formats import LLMC_BY_FORMAT, ShardFormatError, TokenFormat, open_token_file
+from tplr.data.formats import (
+    LLMC_BY_FORMAT,
+    LlmcVariant,
+    ShardFormatError,
+    TokenFormat,
+    open_token_file,
+)
 from tplr.data.formats import shard_number_from_name as number_of
 from tplr.data.packer import ShardPacker, ensure_empty_dir, shard_file_names
+from tplr.data.writers import FileSpaceProbe, free_bytes_for
 from tplr.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -50,7 +58,15 @@ def _shard_numbers(sources: list[Path]) -> list[int]:
     return [int(n) for n in numbers if n is not None]
 
 
-def _convert_one(src: Path, dst: Path, index: int, seq_len: int) -> tuple[ShardRecord, int]:
+def _convert_one(
+    src: Path,
+    dst: Path,
+    index: int,
+    seq_len: int,
+    published: list[Path],
+    free_space: FileSpaceProbe,
+) -> tuple[ShardRecord, int]:
+    """Convert one source; the files it publishes are appended to ``published``."""
     source = open_token_file(src)
     if source.format not in LLMC_BY_FORMAT:
         raise ShardFormatError(
@@ -65,6 +81,7 @@ def _convert_one(src: Path, dst: Path, index: int, seq_len: int) -> tuple[ShardR
         rows_per_shard=None,
         first_index=index,
         names=shard_file_names(TokenFormat.TEMPLAR, index),
+        free_space=free_space,
     )
     try:
         for start in range(0, source.num_tokens, COPY_CHUNK_TOKENS):
@@ -73,6 +90,8 @@ def _convert_one(src: Path, dst: Path, index: int, seq_len: int) -> tuple[ShardR
     except BaseException:
         packer.abort()
         raise
+    finally:
+        published.extend(packer.published)
     if not records:
         raise ShardFormatError(
             src, f"holds {source.num_tokens} tokens, fewer than one sequence of {seq_len}"
@@ -87,6 +106,7 @@ def convert_llmc_to_templar(
     seq_len: int,
     val_shards: int | None = None,
     part_size: int = DEFAULT_PART_SIZE,
+    free_space_probe: FileSpaceProbe = free_bytes_for,
 ) -> ConvertResult:
     """Convert llm.c shards into a templar dataset folder ``dst`` (new or empty)."""
     if seq_len < 2:
@@ -102,19 +122,47 @@ def convert_llmc_to_templar(
     if not 0 <= held_out < len(sources):
         raise ConfigError(f"--val-shards {held_out} must be >= 0 and below the number of sources")
     ensure_empty_dir(dst, flag="DST")
+    published: list[Path] = []
+    try:
+        jobs = list(zip(sources, numbers, strict=True))
+        records, dropped = _convert_sources(jobs, dst, seq_len, published, free_space_probe)
+        info = _dataset_info(records, variant, seq_len=seq_len, held_out=held_out, dst=dst)
+        manifest = write_dataset_manifest(
+            dst, records, info, part_size=part_size, free_space=free_space_probe
+        )
+        return ConvertResult(records, manifest, dropped)
+    except BaseException:  # a failed conversion keeps nothing: DST is empty again
+        for path in published:
+            path.unlink(missing_ok=True)
+        raise
+
+
+def _convert_sources(
+    jobs: list[tuple[Path, int]],
+    dst: Path,
+    seq_len: int,
+    published: list[Path],
+    free_space: FileSpaceProbe,
+) -> tuple[list[ShardRecord], int]:
     records, dropped = [], 0
-    for src, index in zip(sources, numbers, strict=True):
-        record, lost = _convert_one(src, dst, index, seq_len)
+    for src, index in jobs:
+        record, lost = _convert_one(src, dst, index, seq_len, published, free_space)
         records.append(record)
         dropped += lost
         log.info("converted %s -> %s (%d tokens dropped)", src, record.tokens_path.name, lost)
+    return records, dropped
+
+
+def _dataset_info(
+    records: list[ShardRecord], variant: LlmcVariant, *, seq_len: int, held_out: int, dst: Path
+) -> DatasetInfo:
     vocab_size, eot = VOCAB_BY_TOKENIZER[variant.tokenizer]
     top = max(r.max_token_id for r in records)
     if top >= vocab_size:
         raise ShardFormatError(
             dst, f"token id {top} is >= the {variant.tokenizer} vocabulary size {vocab_size}"
         )
-    info = DatasetInfo(
+    return DatasetInfo(
         tokenizer=variant.tokenizer,
         vocab_size=vocab_size,
         eot_token_id=eot,
@@ -125,5 +173,3 @@ def convert_llmc_to_templar(
         shards=len(records),
         tokens=sum(r.num_tokens for r in records),
     )
-    manifest = write_dataset_manifest(dst, records, info, part_size=part_size)
-    return ConvertResult(records, manifest, dropped)

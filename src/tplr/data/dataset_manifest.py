@@ -28,9 +28,9 @@ from tplr.comms.manifest import (
     ManifestError,
     build_manifest,
     describe_validation_error,
-    write_manifest_atomic,
 )
 from tplr.comms.store import ObjectStore
+from tplr.data.writers import FileSpaceProbe, write_bytes_atomic
 
 SAMPLE_IDS_FORMAT = "sample-ids"
 
@@ -94,8 +94,11 @@ def write_dataset_manifest(
     info: DatasetInfo,
     *,
     part_size: int = DEFAULT_PART_SIZE,
+    free_space: FileSpaceProbe | None = None,
 ) -> Manifest:
-    """Hash the shards' files and write ``root/manifest.json`` atomically, last."""
+    """Hash the shards' files and write ``root/manifest.json`` atomically, last.
+
+    A full disk raises InsufficientSpace and leaves no ``manifest.json.tmp``."""
     metadata: dict[str, dict] = {}
     files: list[Path] = []
     for record in records:
@@ -103,7 +106,8 @@ def write_dataset_manifest(
         files.extend(record.paths())
     manifest = build_manifest(root, files, part_size=part_size, metadata=metadata)
     manifest = Manifest.model_validate({**manifest.model_dump(), "dataset": info.model_dump()})
-    write_manifest_atomic(manifest, root / MANIFEST_NAME)
+    data = manifest.to_json().encode("utf-8")
+    write_bytes_atomic(root / MANIFEST_NAME, data, free_space=free_space)
     return manifest
 
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from tplr.data.dataset_manifest import ShardRecord
 from tplr.data.formats import TokenFormat
-from tplr.data.writers import TokenShardWriter, write_derived_sample_ids
+from tplr.data.writers import FileSpaceProbe, TokenShardWriter, write_derived_sample_ids
 from tplr.errors import ConfigError
 
 
@@ -51,6 +51,7 @@ class ShardPacker:
         rows_per_shard: int | None,
         first_index: int = 0,
         names: tuple[str, str | None] | None = None,
+        free_space: FileSpaceProbe | None = None,
     ) -> None:
         self.out_dir = Path(out_dir)
         self.format = fmt
@@ -60,14 +61,18 @@ class ShardPacker:
         self.rows_per_shard = rows_per_shard
         self.next_index = first_index
         self._names = names  # fixed names for a single-shard packer (convert)
+        self._free_space = free_space
         self._writer: TokenShardWriter | None = None
         self._carry = np.empty(0, dtype=self.dtype)
         self.records: list[ShardRecord] = []
+        self.published: list[Path] = []  # every file written under its final name, in order
         self.dropped_tokens = 0
 
     def _open(self) -> TokenShardWriter:
         tokens_name, _ = self._names or shard_file_names(self.format, self.next_index)
-        self._writer = TokenShardWriter(self.out_dir / tokens_name, self.format, self.dtype)
+        self._writer = TokenShardWriter(
+            self.out_dir / tokens_name, self.format, self.dtype, free_space=self._free_space
+        )
         return self._writer
 
     def _space_rows(self) -> int | None:
@@ -97,12 +102,16 @@ class ShardPacker:
         writer, self._writer = self._writer, None
         if writer is None:
             return
-        written = writer.finish()
+        written = writer.finish()  # removes its temp file itself if it fails
+        self.published.append(written.path)
         num_rows = written.num_tokens // self.row_len
         _, ids_name = self._names or shard_file_names(self.format, self.next_index)
         ids_path = self.out_dir / ids_name if ids_name else None
         if ids_path is not None:
-            write_derived_sample_ids(ids_path, self.next_index, num_rows, self.row_len)
+            write_derived_sample_ids(
+                ids_path, self.next_index, num_rows, self.row_len, free_space=self._free_space
+            )
+            self.published.append(ids_path)
         self.records.append(
             ShardRecord(
                 index=self.next_index,
@@ -125,6 +134,13 @@ class ShardPacker:
         return self.records
 
     def abort(self) -> None:
+        """Drop the shard being written (its temp file)."""
         if self._writer is not None:
             self._writer.abort()
             self._writer = None
+
+    def remove_published(self) -> None:
+        """Delete every file this packer published (a run that failed keeps nothing)."""
+        for path in self.published:
+            path.unlink(missing_ok=True)
+        self.published.clear()

@@ -30,6 +30,7 @@ from tplr.data.formats import TokenFormat
 from tplr.data.packer import ShardPacker, ensure_empty_dir
 from tplr.data.sources import SourceTask, discover_inputs, plan_tasks, read_documents
 from tplr.data.tokenizers import Tokenizer, get_tokenizer, token_dtype_for
+from tplr.data.writers import FileSpaceProbe, free_bytes_for
 from tplr.errors import ConfigError, TplrError
 
 log = logging.getLogger(__name__)
@@ -177,15 +178,9 @@ def _token_batches(config: PrepareConfig, tokenizer: Tokenizer, tasks: list[Sour
     )
 
 
-def _pack(config: PrepareConfig, tokenizer: Tokenizer, tasks: list[SourceTask]) -> ShardPacker:
-    packer = ShardPacker(
-        config.out_dir,
-        fmt=config.token_format,
-        dtype=token_dtype_for(tokenizer.vocab_size),
-        seq_len=config.seq_len,
-        row_len=config.row_len,
-        rows_per_shard=config.shard_tokens // config.row_len,
-    )
+def _pack(
+    config: PrepareConfig, tokenizer: Tokenizer, tasks: list[SourceTask], packer: ShardPacker
+) -> None:
     total = sum(t.size_bytes for t in tasks)
     bar = tqdm(
         total=total,
@@ -204,16 +199,50 @@ def _pack(config: PrepareConfig, tokenizer: Tokenizer, tasks: list[SourceTask]) 
     except BaseException:
         packer.abort()
         raise
-    return packer
 
 
-def prepare_shards(config: PrepareConfig) -> PrepareResult:
-    """Tokenize ``config.inputs`` into shards under ``config.out_dir``; manifest last."""
+def prepare_shards(
+    config: PrepareConfig, *, free_space_probe: FileSpaceProbe = free_bytes_for
+) -> PrepareResult:
+    """Tokenize ``config.inputs`` into shards under ``config.out_dir``; manifest last.
+
+    ``free_space_probe`` (free bytes for a file about to be written) is checked before
+    every write; a full disk raises InsufficientSpace. A run that fails for any reason
+    removes every file it wrote, so the folder is empty again and the command can be rerun.
+    """
     tokenizer = get_tokenizer(config.tokenizer)  # fails here, before any work, if unavailable
     files = discover_inputs(config.inputs)
     ensure_empty_dir(config.out_dir)
     tasks = plan_tasks(files)
-    packer = _pack(config, tokenizer, tasks)
+    packer = ShardPacker(
+        config.out_dir,
+        fmt=config.token_format,
+        dtype=token_dtype_for(tokenizer.vocab_size),
+        seq_len=config.seq_len,
+        row_len=config.row_len,
+        rows_per_shard=config.shard_tokens // config.row_len,
+        free_space=free_space_probe,
+    )
+    try:
+        _pack(config, tokenizer, tasks, packer)
+        manifest, info = _write_manifest(config, tokenizer, packer, free_space_probe)
+    except BaseException:
+        packer.remove_published()
+        raise
+    log.info(
+        "wrote %d shard(s), %d tokens to %s (%d trailing tokens dropped)",
+        len(packer.records),
+        info.tokens,
+        config.out_dir,
+        packer.dropped_tokens,
+    )
+    documents_bytes = sum(t.size_bytes for t in tasks)
+    return PrepareResult(packer.records, manifest, packer.dropped_tokens, documents_bytes)
+
+
+def _write_manifest(
+    config: PrepareConfig, tokenizer: Tokenizer, packer: ShardPacker, free_space: FileSpaceProbe
+) -> tuple[Manifest, DatasetInfo]:
     records = packer.records
     if not records:
         raise TplrError(
@@ -224,7 +253,7 @@ def prepare_shards(config: PrepareConfig) -> PrepareResult:
         raise ConfigError(
             f"--val-shards {config.val_shards} would hold out every one of the "
             f"{len(records)} shard(s) written, leaving nothing to train on",
-            hint="lower --val-shards or --shard-tokens (no manifest was written)",
+            hint="lower --val-shards or --shard-tokens (nothing was kept)",
         )
     info = DatasetInfo(
         tokenizer=tokenizer.name,
@@ -237,12 +266,7 @@ def prepare_shards(config: PrepareConfig) -> PrepareResult:
         shards=len(records),
         tokens=sum(r.num_tokens for r in records),
     )
-    manifest = write_dataset_manifest(config.out_dir, records, info, part_size=config.part_size)
-    log.info(
-        "wrote %d shard(s), %d tokens to %s (%d trailing tokens dropped)",
-        len(records),
-        info.tokens,
-        config.out_dir,
-        packer.dropped_tokens,
+    manifest = write_dataset_manifest(
+        config.out_dir, records, info, part_size=config.part_size, free_space=free_space
     )
-    return PrepareResult(records, manifest, packer.dropped_tokens, sum(t.size_bytes for t in tasks))
+    return manifest, info
