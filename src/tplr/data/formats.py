@@ -177,96 +177,123 @@ def detect_format(path: Path | str, *, raw_uint16: bool = False) -> TokenFormat:
     )
 
 
-def _open_llmc(path: Path, size: int) -> TokenFile:
-    if size < LLMC_HEADER_BYTES:
+def parse_llmc_header(head: bytes, size: int, where: Path | str) -> tuple[LlmcVariant, int]:
+    """The variant and token count of an llm.c file of ``size`` bytes whose first bytes are
+    ``head`` (at least the 1024-byte header); checked against the size. No I/O."""
+    if size < LLMC_HEADER_BYTES or len(head) < LLMC_HEADER_BYTES:
         raise ShardFormatError(
-            path, f"is truncated: {size} bytes, but an llm.c header alone is 1024 bytes"
+            where, f"is truncated: {size} bytes, but an llm.c header alone is 1024 bytes"
         )
-    header = np.frombuffer(_read_prefix(path, LLMC_HEADER_BYTES), dtype="<i4")
+    header = np.frombuffer(head[:LLMC_HEADER_BYTES], dtype="<i4")
     magic, version, ntok = (int(v) for v in header[:3])
-    variant = LLMC_VARIANTS[magic]
+    variant = LLMC_VARIANTS.get(magic)
+    if variant is None:
+        raise ShardFormatError(where, f"does not start with an llm.c magic (got {magic})")
     if version != variant.version:
         raise ShardFormatError(
-            path,
+            where,
             f"has llm.c magic {magic} but version {version}; expected version "
             f"{variant.version} ({variant.dtype.name} tokens)",
         )
     if ntok <= 0:
-        raise ShardFormatError(path, f"header says it holds {ntok} tokens; a shard needs > 0")
+        raise ShardFormatError(where, f"header says it holds {ntok} tokens; a shard needs > 0")
     expected = LLMC_HEADER_BYTES + variant.dtype.itemsize * ntok
     if size != expected:
         state = "truncated" if size < expected else "longer than its header says"
         raise ShardFormatError(
-            path,
+            where,
             f"is {state}: {size} bytes, but the header says {ntok} {variant.dtype.name} "
             f"tokens, i.e. 1024 + {variant.dtype.itemsize} * {ntok} = {expected} bytes",
         )
+    return variant, ntok
+
+
+def _open_llmc(path: Path, size: int) -> TokenFile:
+    variant, ntok = parse_llmc_header(_read_prefix(path, LLMC_HEADER_BYTES), size, path)
     tokens = _map(path, variant.dtype, LLMC_HEADER_BYTES, ntok)
     return TokenFile(path, variant.format, variant.dtype, LLMC_HEADER_BYTES, tokens)
 
 
-def _read_npy_header(path: Path, size: int) -> tuple[tuple[int, ...], bool, np.dtype, int]:
-    """Shape, Fortran order, dtype and data offset of a ``.npy`` file.
+@dataclass(frozen=True, slots=True)
+class NpyTokens:
+    """What a templar ``.npy`` header says, checked against the file size."""
 
-    The header length is checked against the file size (and a bound) before the header is
-    read, so a hostile length never sizes an allocation; only then does numpy parse it."""
-    preamble = _read_prefix(path, NPY_PREAMBLE_BYTES)
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    offset: int  # where the tokens start
+    count: int
+    stored_seq_len: int | None  # a 2-D (rows, seq_len) array carries its row length
+
+
+def npy_header_bytes(preamble: bytes, size: int, where: Path | str) -> int:
+    """Bytes of magic + header of a ``.npy`` of ``size`` bytes, from its first 12 bytes.
+
+    Checked against the size and :data:`NPY_MAX_HEADER_BYTES` before anything reads the
+    header, so a hostile length never sizes an allocation. No I/O."""
     width = {(1, 0): 2, (2, 0): 4}.get((preamble[6], preamble[7]) if len(preamble) > 7 else None)
     if width is None:
         version = tuple(preamble[6:8])
-        raise ShardFormatError(path, f"has an unsupported or truncated .npy version {version}")
+        raise ShardFormatError(where, f"has an unsupported or truncated .npy version {version}")
     start = 8 + width
     if len(preamble) < start:
-        raise ShardFormatError(path, f"is truncated inside its .npy header ({size} bytes)")
+        raise ShardFormatError(where, f"is truncated inside its .npy header ({size} bytes)")
     header_len = int.from_bytes(preamble[8:start], "little")
     if header_len > NPY_MAX_HEADER_BYTES or start + header_len > size:
         raise ShardFormatError(
-            path,
+            where,
             f"has a malformed .npy header: it claims {header_len} header bytes in a file of "
             f"{size} bytes (at most {NPY_MAX_HEADER_BYTES})",
         )
-    head = io.BytesIO(_read_prefix(path, start + header_len))
+    return start + header_len
+
+
+def parse_npy_tokens_header(head: bytes, size: int, where: Path | str) -> NpyTokens:
+    """The templar tokens layout from ``head`` (magic + header, see
+    :func:`npy_header_bytes`) of a file of ``size`` bytes; every field checked. No I/O."""
+    stream = io.BytesIO(head[: npy_header_bytes(head[:NPY_PREAMBLE_BYTES], size, where)])
     try:
-        np.lib.format.read_magic(head)
+        version = np.lib.format.read_magic(stream)
         read = (
             np.lib.format.read_array_header_1_0
-            if width == 2
+            if version == (1, 0)
             else np.lib.format.read_array_header_2_0
         )
-        shape, fortran, dtype = read(head)
+        shape, fortran, dtype = read(stream)
     except _NPY_HEADER_ERRORS as exc:
-        raise ShardFormatError(path, f"has a malformed .npy header: {str(exc)[:200]}") from None
+        raise ShardFormatError(where, f"has a malformed .npy header: {str(exc)[:200]}") from None
     if any(type(dim) is not int or dim < 0 for dim in shape):
-        raise ShardFormatError(path, f"has a malformed .npy header: shape {shape}")
-    return shape, fortran, dtype, head.tell()
-
-
-def _open_npy(path: Path, size: int) -> TokenFile:
-    shape, fortran, dtype, offset = _read_npy_header(path, size)
+        raise ShardFormatError(where, f"has a malformed .npy header: shape {shape}")
     if dtype not in TOKEN_DTYPES:
         raise ShardFormatError(
-            path,
+            where,
             f"holds {dtype.str} values; templar token files are little-endian uint16 or uint32",
             hint="re-create it with `tplr shards prepare` or `convert`",
         )
     if len(shape) not in (1, 2) or (len(shape) == 2 and fortran):
         raise ShardFormatError(
-            path, f"has shape {shape}; expected a 1-D token array or C-ordered (rows, seq_len)"
+            where, f"has shape {shape}; expected a 1-D token array or C-ordered (rows, seq_len)"
         )
     count = math.prod(shape)  # Python ints: a shape cannot wrap around to a plausible count
     if count == 0:
-        raise ShardFormatError(path, f"holds no tokens (shape {shape})")
+        raise ShardFormatError(where, f"holds no tokens (shape {shape})")
+    offset = stream.tell()
     expected = offset + count * dtype.itemsize
     if size != expected:
         state = "truncated" if size < expected else "longer than its .npy header says"
         raise ShardFormatError(
-            path,
+            where,
             f"is {state}: {size} bytes, but header ({offset} bytes) + shape {shape} "
             f"({count} {dtype.name} tokens) = {expected} bytes",
         )
     stored_seq_len = int(shape[1]) if len(shape) == 2 else None
-    tokens = _map(path, dtype, offset, count)
-    return TokenFile(path, TokenFormat.TEMPLAR, dtype, offset, tokens, stored_seq_len)
+    return NpyTokens(dtype, shape, offset, count, stored_seq_len)
+
+
+def _open_npy(path: Path, size: int) -> TokenFile:
+    header_bytes = npy_header_bytes(_read_prefix(path, NPY_PREAMBLE_BYTES), size, path)
+    npy = parse_npy_tokens_header(_read_prefix(path, header_bytes), size, path)
+    tokens = _map(path, npy.dtype, npy.offset, npy.count)
+    return TokenFile(path, TokenFormat.TEMPLAR, npy.dtype, npy.offset, tokens, npy.stored_seq_len)
 
 
 def _open_raw(path: Path, size: int) -> TokenFile:
