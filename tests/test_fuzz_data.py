@@ -276,8 +276,8 @@ class ListingOnlyStore:
 def test_listing_keys_never_leave_the_folder(keys, under_prefix):
     prefix = "remote/tokenized/"
     listed = [prefix + key if under_prefix else key for key in keys] + [
-        prefix + "fineweb_train_000000.bin",
-        prefix + "fineweb_train_000001.bin",
+        prefix + "fineweb_train_000007.bin",  # numbered apart from the hostile keys' 1 and 2
+        prefix + "fineweb_train_000008.bin",
     ]
     try:
         sizes = asyncio.run(listed_sizes(ListingOnlyStore(listed), prefix))
@@ -293,9 +293,10 @@ def test_listing_keys_never_leave_the_folder(keys, under_prefix):
         for group in layout.train + layout.val:
             for key in group.keys:
                 path = files.local_path(key)
-                assert path.is_relative_to(root.resolve())
+                assert path.resolve().is_relative_to(root.resolve())
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_bytes(b"x")
             files.delete(group.keys)
         assert sentinel.read_text() == "keep"
-        assert [p for p in root.rglob("*") if p.is_file()] == []
+        everything = [p for p in Path(folder).rglob("*") if p.is_file()]
+        assert everything == [sentinel], f"files left or written outside: {everything}"
