@@ -6,10 +6,15 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
+from prometheus_client import CollectorRegistry
 
 from tplr.comms.manifest import MANIFEST_NAME, build_manifest, write_manifest_atomic
 from tplr.comms.store import ObjectInfo, ObjectStore
+from tplr.comms.transfer_config import TransferConfig
 from tplr.data.formats import TokenFormat
+from tplr.data.manager import SharedShardedDatasetManager, dataset_opener
+from tplr.data.manager_config import DatasetConfig
+from tplr.data.manager_metrics import DatasetMetrics
 from tplr.data.writers import TokenShardWriter
 
 
@@ -28,6 +33,20 @@ def write_llmc_dataset(
         paths.append(path)
     write_manifest_atomic(build_manifest(folder, part_size=part_size), folder / MANIFEST_NAME)
     return paths
+
+
+def small_manager(
+    store: ObjectStore, local: Path, *, prefix: str = "remote/tokenized/", seq_len: int = 32
+) -> SharedShardedDatasetManager:
+    """A manager of one window per shard, one download attempt, its own metrics registry."""
+    return SharedShardedDatasetManager(
+        store,
+        DatasetConfig(bins_path=prefix, local_dir=local),
+        windows_per_shard=1,
+        open_shard=dataset_opener(seq_len),
+        transfer=TransferConfig(transfer_max_attempts=1),
+        metrics=DatasetMetrics(CollectorRegistry()),
+    )
 
 
 async def publish_folder(store: ObjectStore, folder: Path, prefix: str) -> None:

@@ -15,35 +15,18 @@ from pathlib import Path
 
 import pytest
 from conftest import moto_bucket_config
-from prometheus_client import CollectorRegistry
-from shard_fixtures import publish_folder, write_llmc_dataset
+from shard_fixtures import publish_folder, small_manager, write_llmc_dataset
 
 from tplr.comms.local_store import LocalStore
 from tplr.comms.manifest import MANIFEST_NAME, ManifestError, build_manifest, write_manifest_atomic
 from tplr.comms.s3_store import S3Store
-from tplr.comms.transfer_config import TransferConfig
 from tplr.data.layout import DatasetLayoutError
-from tplr.data.manager import SharedShardedDatasetManager, dataset_opener
-from tplr.data.manager_config import DatasetConfig
-from tplr.data.manager_metrics import DatasetMetrics
 from tplr.data.shard_state import ShardState
 from tplr.data.upload_shards import upload_dataset
 from tplr.errors import ConfigError, TplrError
 
 PREFIX = "remote/tokenized/"
 TOKENS = 4_000
-
-
-def make_manager(store, local: Path) -> SharedShardedDatasetManager:
-    config = DatasetConfig(bins_path=PREFIX, local_dir=local)
-    return SharedShardedDatasetManager(
-        store,
-        config,
-        windows_per_shard=1,
-        open_shard=dataset_opener(32),
-        transfer=TransferConfig(transfer_max_attempts=1),
-        metrics=DatasetMetrics(CollectorRegistry()),
-    )
 
 
 def files_outside(root: Path, local: Path, bucket_dir: Path | None = None) -> list[Path]:
@@ -70,7 +53,7 @@ async def test_listing_keys_that_escape_the_folder_are_refused(
         await s3.delete(PREFIX + "fineweb_train_000001.bin")
         await s3.put(PREFIX + hostile, (tmp_path / "src" / "fineweb_train_000001.bin").read_bytes())
         with pytest.raises(DatasetLayoutError, match=r"evil_train_000001\.bin") as info:
-            async with make_manager(s3, local) as manager:
+            async with small_manager(s3, local) as manager:
                 await manager.dataset_for(0)
                 await wait_ready(manager, 1)
     assert "relative" in str(info.value)
@@ -91,7 +74,7 @@ async def test_listing_key_outside_the_prefix_is_refused(tmp_path):
     await publish_folder(store, tmp_path / "src", PREFIX)
     await store.put("elsewhere/fineweb_train_000005.bin", b"x" * 1026)
     with pytest.raises(DatasetLayoutError, match=r"elsewhere/fineweb_train_000005\.bin"):
-        async with make_manager(store, tmp_path / "local"):
+        async with small_manager(store, tmp_path / "local"):
             pass
 
 
@@ -114,7 +97,7 @@ async def test_hostile_manifest_key_is_refused_on_moto(s3_server, bucket, tmp_pa
         await s3.put(PREFIX + "../../evil_train_000001.bin", shard)
         await s3.put(PREFIX + MANIFEST_NAME, json.dumps(manifest).encode())
         with pytest.raises(ManifestError, match=r"evil_train_000001\.bin") as info:
-            async with make_manager(s3, local) as manager:
+            async with small_manager(s3, local) as manager:
                 await manager.dataset_for(0)
                 await wait_ready(manager, 1)
     assert MANIFEST_NAME in str(info.value) and info.value.hint
@@ -132,7 +115,7 @@ async def test_retirement_deletes_only_the_files_it_created(tmp_path):
     keep = [local / "fineweb_train_000000.bin.notes", local / "fineweb_train_000000.bin.d.txt"]
     for path in keep:
         path.write_text("the operator's own file")
-    async with make_manager(store, local) as manager:
+    async with small_manager(store, local) as manager:
         await manager.dataset_for(0)
         await wait_ready(manager, 1)
         await manager.dataset_for(1)  # shard 0 retires and is deleted

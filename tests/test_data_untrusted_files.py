@@ -12,20 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import moto_bucket_config
-from prometheus_client import CollectorRegistry
-from shard_fixtures import CountingStore, publish_folder, write_llmc_dataset
+from shard_fixtures import CountingStore, publish_folder, small_manager, write_llmc_dataset
 from test_data_helpers import ramp
 
 from tplr.comms.local_store import LocalStore
 from tplr.comms.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, ManifestError
 from tplr.comms.s3_store import S3Store
-from tplr.comms.transfer_config import TransferConfig
 from tplr.data import manager_markers as markers
 from tplr.data.dataset_manifest import dataset_info, fetch_manifest
 from tplr.data.formats import ShardFormatError, open_shard
-from tplr.data.manager import SharedShardedDatasetManager, dataset_opener
-from tplr.data.manager_config import DatasetConfig
-from tplr.data.manager_metrics import DatasetMetrics
 from tplr.data.sources import PrepareInputError, SourceTask, read_documents
 
 PREFIX = "remote/tokenized/"
@@ -87,20 +82,11 @@ async def test_corrupt_dataset_manifest_is_a_typed_error_naming_file_and_field(
 ):
     corrupt, field = CORRUPTIONS[name]
     manifest = prepared_manifest(tmp_path)
-    config = DatasetConfig(bins_path=PREFIX, local_dir=tmp_path / "local")
     async with S3Store(moto_bucket_config(s3_server, bucket), max_connections=4) as s3:
         await publish_folder(s3, tmp_path / "src", PREFIX)
         await s3.put(PREFIX + MANIFEST_NAME, corrupt(manifest))
-        manager = SharedShardedDatasetManager(
-            s3,
-            config,
-            windows_per_shard=1,
-            open_shard=dataset_opener(32),
-            transfer=TransferConfig(transfer_max_attempts=1),
-            metrics=DatasetMetrics(CollectorRegistry()),
-        )
         with pytest.raises(ManifestError, match=field) as info:
-            async with manager:
+            async with small_manager(s3, tmp_path / "local"):
                 pass
     assert s3.url(PREFIX + MANIFEST_NAME) in info.value.message
     assert info.value.hint
