@@ -21,6 +21,8 @@ from tplr.comms.s3_store import S3Store
 from tplr.data import manager_markers as markers
 from tplr.data.dataset_manifest import dataset_info, fetch_manifest
 from tplr.data.formats import ShardFormatError, open_shard
+from tplr.data.layout import DatasetLayoutError
+from tplr.data.manager_catalog import ShardCatalog, ShardSpec
 from tplr.data.sources import PrepareInputError, SourceTask, read_documents
 
 PREFIX = "remote/tokenized/"
@@ -233,3 +235,31 @@ def test_jsonl_still_reads_good_lines(tmp_path):
     size = path.stat().st_size
     task = SourceTask(str(path), "jsonl", 0, size, size)
     assert read_documents(task) == ["one", "two é", ""]
+
+
+# --- rank 0's catalog, as the other local ranks receive it ---------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[",
+        "[1]",
+        '{"train": {}, "val": [], "manifest_json": null}',
+        '{"train": [{"index": 0, "keys": ["../x_000000.bin"], "sizes": [9], "number": 0}], '
+        '"val": [], "manifest_json": null}',
+        '{"train": [{"index": "0", "keys": ["a_000000.bin"], "sizes": [9], "number": 0}], '
+        '"val": [], "manifest_json": null}',
+        '{"train": [], "val": [], "manifest_json": 5}',
+    ],
+    ids=["torn", "list", "train-object", "dotdot-key", "string-index", "manifest-int"],
+)
+def test_a_malformed_catalog_from_rank0_is_a_typed_error(text):
+    with pytest.raises(DatasetLayoutError):
+        ShardCatalog.from_json(text)
+
+
+def test_the_catalog_round_trips(tmp_path):
+    spec = ShardSpec(0, ("train_000000.npy", "sample_ids_000000.bin"), (10, 8), 0, 99)
+    catalog = ShardCatalog((spec,), (), None)
+    assert ShardCatalog.from_json(catalog.to_json()) == catalog

@@ -29,6 +29,7 @@ from tplr.comms.store import ObjectStore
 from tplr.comms.transfer_config import TransferConfig
 from tplr.data import manager_markers as markers
 from tplr.data.manager_catalog import (
+    CATALOG_MAX_BYTES,
     RankChannel,
     ShardCatalog,
     ShardSpec,
@@ -41,6 +42,7 @@ from tplr.data.manager_metrics import DatasetMetrics
 from tplr.data.shard_state import ShardSlot, ShardState
 from tplr.errors import TplrError
 from tplr.units import format_size
+from tplr.untrusted import MalformedInput, load_json
 
 log = logging.getLogger(__name__)
 
@@ -131,10 +133,8 @@ class SharedShardedDatasetManager:
                 await asyncio.to_thread(markers.clear_error, self.local_dir, spec.index)
             await self.channel.broadcast(message)
         else:
-            received = json.loads(await self.channel.broadcast(None))
-            if "error" in received:
-                raise ShardUnavailable(f"rank 0 could not read the dataset: {received['error']}")
-            catalog = ShardCatalog.from_json(received["catalog"])
+            received = await self.channel.broadcast(None)
+            catalog = _catalog_from_rank0(received)
         self.catalog = catalog
         self.files.manifest = catalog.manifest()
         self.slots = [ShardSlot(s.index, s.keys, s.size_bytes) for s in catalog.train]
@@ -404,6 +404,19 @@ class SharedShardedDatasetManager:
             if self.slots[i].state is not ShardState.READY
         ]
         self.metrics.next_shard_bytes.set(pending[0] if pending else 0)
+
+
+def _catalog_from_rank0(message: str) -> ShardCatalog:
+    """Rank 0's broadcast: ``{"catalog": ...}`` or ``{"error": ...}`` (checked, bounded)."""
+    try:
+        received = load_json(message, what="rank 0's message", max_bytes=CATALOG_MAX_BYTES + 4096)
+    except MalformedInput as exc:
+        raise ShardUnavailable(exc.message) from None
+    if isinstance(received, dict) and isinstance(received.get("error"), str):
+        raise ShardUnavailable(f"rank 0 could not read the dataset: {received['error'][:4000]}")
+    if not isinstance(received, dict) or not isinstance(received.get("catalog"), str):
+        raise ShardUnavailable("rank 0's message holds neither a catalog nor an error")
+    return ShardCatalog.from_json(received["catalog"])
 
 
 def _all_exist(paths: list[Path]) -> bool:

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from typing import Protocol
 
 from tplr.comms.errors import NotFound
-from tplr.comms.manifest import MANIFEST_NAME, Manifest
+from tplr.comms.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest
 from tplr.comms.store import ObjectStore
 from tplr.data.dataset_manifest import fetch_manifest
 from tplr.data.layout import (
@@ -24,6 +24,9 @@ from tplr.data.layout import (
     is_folder_marker,
     plan_layout,
 )
+from tplr.untrusted import MalformedInput, load_json
+
+CATALOG_MAX_BYTES = 2 * MAX_MANIFEST_BYTES  # the manifest, verbatim, plus the shard list
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,21 +60,45 @@ class ShardCatalog:
 
     @classmethod
     def from_json(cls, text: str) -> ShardCatalog:
-        data = json.loads(text)
+        """Rebuild rank 0's catalog; another process's bytes, so every field is checked."""
+        what = "rank 0's shard catalog"
+        try:
+            data = load_json(text, what=what, max_bytes=CATALOG_MAX_BYTES, max_depth=8)
+        except MalformedInput as exc:
+            raise DatasetLayoutError(exc.message) from None
+        manifest_json = data.get("manifest_json") if isinstance(data, dict) else None
+        if not isinstance(data, dict) or not isinstance(manifest_json, str | None):
+            raise DatasetLayoutError(f"{what} is not a catalog object")
+        return cls(_specs(data.get("train")), _specs(data.get("val")), manifest_json)
 
-        def specs(items: list[dict]) -> tuple[ShardSpec, ...]:
-            return tuple(
-                ShardSpec(
-                    int(s["index"]),
-                    tuple(s["keys"]),
-                    tuple(s["sizes"]),
-                    int(s["number"]),
-                    s.get("max_token_id"),
-                )
-                for s in items
-            )
 
-        return cls(specs(data["train"]), specs(data["val"]), data["manifest_json"])
+def _is_count(value: object) -> bool:
+    return type(value) is int and value >= 0
+
+
+def _spec(item: object) -> ShardSpec:
+    if not isinstance(item, dict):
+        raise DatasetLayoutError("rank 0's shard catalog holds a shard that is not an object")
+    keys, sizes = item.get("keys"), item.get("sizes")
+    top = item.get("max_token_id")
+    if (
+        not _is_count(item.get("index"))
+        or not _is_count(item.get("number"))
+        or not isinstance(keys, list)
+        or not isinstance(sizes, list)
+        or not 1 <= len(keys) == len(sizes) <= 2
+        or not all(_is_count(size) for size in sizes)
+        or not (top is None or _is_count(top))
+    ):
+        raise DatasetLayoutError("rank 0's shard catalog holds a malformed shard")
+    checked = tuple(check_dataset_key(key) for key in keys)
+    return ShardSpec(item["index"], checked, tuple(sizes), item["number"], top)
+
+
+def _specs(items: object) -> tuple[ShardSpec, ...]:
+    if not isinstance(items, list):
+        raise DatasetLayoutError("rank 0's shard catalog has no list of shards")
+    return tuple(_spec(item) for item in items)
 
 
 async def discover_catalog(store: ObjectStore, prefix: str, val_shards: int | None) -> ShardCatalog:
