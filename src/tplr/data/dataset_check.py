@@ -18,6 +18,7 @@ at most a few KiB). It returns a :class:`DatasetSummary`, or raises:
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 from tplr.comms.manifest import Manifest
@@ -92,7 +93,7 @@ async def check_dataset_for_run(
     if prefix and not prefix.endswith("/"):
         prefix += "/"
     catalog = await discover_catalog(store, prefix, None)
-    manifest = catalog.manifest()
+    manifest = await asyncio.to_thread(catalog.manifest)  # parsing megabytes: off the loop
     if manifest is not None:
         _check_listed(manifest, await listed_sizes(store, prefix), store.url(prefix))
     if not catalog.val:

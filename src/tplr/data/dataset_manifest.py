@@ -14,6 +14,7 @@ for llm.c streams the model context (samples are windows of ``seq_len + 1``).
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,7 +150,7 @@ async def fetch_manifest(store: ObjectStore, prefix: str) -> tuple[Manifest, str
     data = bytearray(info.size)
     if info.size:
         await store.get_range(key, 0, memoryview(data), if_match=info.etag or None)
-    manifest = Manifest.from_json(bytes(data), source=source)
+    manifest = await asyncio.to_thread(Manifest.from_json, bytes(data), source=source)
     return manifest, data.decode("utf-8")
 
 

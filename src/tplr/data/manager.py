@@ -134,9 +134,9 @@ class SharedShardedDatasetManager:
             await self.channel.broadcast(message)
         else:
             received = await self.channel.broadcast(None)
-            catalog = _catalog_from_rank0(received)
+            catalog = await asyncio.to_thread(_catalog_from_rank0, received)
         self.catalog = catalog
-        self.files.manifest = catalog.manifest()
+        self.files.manifest = await asyncio.to_thread(catalog.manifest)
         self.slots = [ShardSlot(s.index, s.keys, s.size_bytes) for s in catalog.train]
         self._ready = {s.index: asyncio.Event() for s in catalog.train}
         for slot in self.slots:
