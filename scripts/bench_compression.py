@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 import torch
 
-from tplr.node.payload import PayloadMeta, encode_payload
+from tplr.protocol.payload import PayloadMeta, encode_payload
 from tplr.train.compression import (
     CompressionSettings,
     ErrorFeedbackCompressor,

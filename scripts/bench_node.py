@@ -39,10 +39,10 @@ from pydantic import SecretStr
 from tplr.comms.config import BucketConfig
 from tplr.comms.retry import RetryPolicy
 from tplr.comms.s3_store import S3Store
-from tplr.node.clock import FakeClock, WindowClock
+from tplr.protocol.clock import FakeClock, WindowClock
 from tplr.node.gather import PayloadFetcher
 from tplr.node.health import HealthServer, ProgressTracker
-from tplr.node.payload import payload_key
+from tplr.protocol.payload import payload_key
 from tplr.node.prefixed_store import PrefixedStore
 from tplr.node.settings import GatherConfig
 from tplr.train.compression import CompressionSettings, ErrorFeedbackCompressor

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
 import shutil
 import signal
 import socket
@@ -72,17 +73,38 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def write_text_corpus(folder: Path, max_bytes: int) -> int:
-    """The standard library's sources as .txt files (text that ships with Python)."""
+def write_text_corpus(folder: Path, max_bytes: int, *, doc_bytes: int = 1500) -> int:
+    """Text that ships with Python: the standard library's sources (tests excluded) cut at
+    blank lines into documents of about ``doc_bytes`` and shuffled with a fixed seed, as a
+    pretraining corpus is (no shard holds another distribution than the next)."""
     folder.mkdir(parents=True, exist_ok=True)
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    total = 0
-    for index, source in enumerate(sorted(stdlib.glob("*.py"))):
-        text = source.read_text(encoding="utf-8", errors="replace")
-        (folder / f"{index:04d}_{source.stem}.txt").write_text(text, encoding="utf-8")
-        total += len(text)
+    sources = sorted(
+        path
+        for path in stdlib.rglob("*.py")
+        if not {"test", "tests", "site-packages", "idle_test"} & set(path.parts)
+    )
+    documents: list[str] = []
+    for source in sources:
+        lines, size = [], 0
+        for line in source.read_text(encoding="utf-8", errors="replace").splitlines(True):
+            lines.append(line)
+            size += len(line)
+            if size >= doc_bytes and not line.strip():
+                documents.append("".join(lines))
+                lines, size = [], 0
+        if lines:
+            documents.append("".join(lines))
+    random.Random(0).shuffle(documents)
+    total, batch = 0, []
+    for document in documents:
         if total >= max_bytes:
             break
+        batch.append(document)
+        total += len(document)
+    for start in range(0, len(batch), 500):
+        text = "".join(batch[start : start + 500])
+        (folder / f"{start // 500:04d}.txt").write_text(text, encoding="utf-8")
     return total
 
 

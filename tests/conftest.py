@@ -4,8 +4,12 @@ and per-test isolation of the AWS_* / R2_* / tplr environment variables."""
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import boto3
 import pytest
@@ -116,3 +120,46 @@ def bucket(s3_client) -> str:
     name = f"test-{uuid.uuid4().hex[:12]}"
     s3_client.create_bucket(Bucket=name)
     return name
+
+
+SMALL_DISK_BYTES = 2 * 1024 * 1024
+
+
+@dataclass
+class SmallDisk:
+    folder: Path
+    """A 2 MiB disk: a real tmpfs where this machine lets the test mount one (root), else
+    a folder whose injected free-space probe reports a 2 MiB disk. Tests run either way."""
+
+    real: bool  # a tmpfs of SMALL_DISK_BYTES: writes past it fail with ENOSPC
+
+    def probe(self, _path: Path) -> int:
+        """Free bytes of a SMALL_DISK_BYTES disk holding what is in ``folder`` now."""
+        if self.real:
+            return shutil.disk_usage(self.folder).free
+        used = sum(p.stat().st_size for p in self.folder.rglob("*") if p.is_file())
+        return SMALL_DISK_BYTES - used
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[SmallDisk]:
+    folder = tmp_path / "small"
+    folder.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", f"size={SMALL_DISK_BYTES}", "tmpfs", str(folder)]
+    mounted = (
+        shutil.which("mount") is not None
+        and subprocess.run(mount, capture_output=True, check=False).returncode == 0
+    )
+    try:
+        yield SmallDisk(folder, real=mounted)
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.fixture(scope="session")
+def node_test_data(tmp_path_factory):
+    """The node tests' dataset and warmed-up initial model, built once per session."""
+    from node_harness import make_test_data
+
+    return make_test_data(tmp_path_factory.mktemp("node-data"))

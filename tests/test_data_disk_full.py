@@ -8,49 +8,18 @@ elsewhere an injected free-space probe reports a 2 MiB disk. The test runs eithe
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import SMALL_DISK_BYTES
 
 from tplr.comms.errors import InsufficientSpace
 from tplr.comms.manifest import MANIFEST_NAME
 from tplr.data.prepare import PrepareConfig, prepare_shards
 
-DISK_BYTES = 2 * 1024 * 1024
-
-
-@dataclass
-class SmallDisk:
-    folder: Path
-    real: bool  # a tmpfs of DISK_BYTES: writes past it fail with ENOSPC
-
-    def probe(self, _path: Path) -> int:
-        """Free bytes of a DISK_BYTES disk holding what is in ``folder`` now."""
-        if self.real:
-            return shutil.disk_usage(self.folder).free
-        used = sum(p.stat().st_size for p in self.folder.rglob("*") if p.is_file())
-        return DISK_BYTES - used
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[SmallDisk]:
-    folder = tmp_path / "small"
-    folder.mkdir()
-    mount = ["mount", "-t", "tmpfs", "-o", f"size={DISK_BYTES}", "tmpfs", str(folder)]
-    mounted = (
-        shutil.which("mount") is not None
-        and subprocess.run(mount, capture_output=True, check=False).returncode == 0
-    )
-    try:
-        yield SmallDisk(folder, real=mounted)
-    finally:
-        if mounted:
-            subprocess.run(["umount", str(folder)], check=True)
+DISK_BYTES = SMALL_DISK_BYTES
 
 
 @pytest.fixture

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from tplr.comms.errors import InsufficientSpace, Throttled
-from tplr.node.clock import FakeClock, WindowClock
 from tplr.node.health import ProgressTracker
+from tplr.protocol.clock import FakeClock, WindowClock
 from tplr.train.config import ModelConfig
 from tplr.train.flops import flops_per_token, peak_flops_for, tokens_per_s_at
 

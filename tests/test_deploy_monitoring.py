@@ -17,8 +17,8 @@ from prometheus_client import CollectorRegistry
 
 from tplr.comms.transfer_metrics import TransferMetrics
 from tplr.data.manager_metrics import DatasetMetrics
-from tplr.node.clock import FakeClock
 from tplr.node.node_metrics import NodeMetrics
+from tplr.protocol.clock import FakeClock
 from tplr.train.metrics import TrainMetrics
 
 REPO = Path(__file__).resolve().parent.parent

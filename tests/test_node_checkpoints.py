@@ -1,6 +1,6 @@
 """The lead's checkpoints: safetensors + a ``latest`` pointer, pruning, and refusal of a
-checkpoint that is tampered with, truncated, a pickle, or for another model; plus the
-scoring rule and the validator's rotating subset."""
+checkpoint that is tampered with, truncated, a pickle, or for another model; disk full;
+and the initial model a new run may start from."""
 
 from __future__ import annotations
 
@@ -10,20 +10,21 @@ import pytest
 import torch
 from safetensors.torch import save as safetensors_save
 
-from tplr.comms.errors import NotFound
+from tplr.comms.errors import InsufficientSpace, NotFound
 from tplr.comms.local_store import LocalStore
 from tplr.comms.transfer_config import TransferConfig
+from tplr.errors import ConfigError
 from tplr.node.checkpoints import (
     LATEST_KEY,
     CheckpointPublisher,
     GlobalCheckpointError,
     checkpoint_key,
     fetch_checkpoint,
+    load_init_model,
     model_digest,
     read_latest_pointer,
+    write_checkpoint_file,
 )
-from tplr.node.scoring import LossMeasurement, window_score
-from tplr.node.validator import rotating_subset
 
 SHAPES = {"embed.weight": (16, 4), "norm.weight": (4,)}
 
@@ -106,19 +107,33 @@ async def test_a_pointer_to_a_deleted_checkpoint_is_a_clear_error(tmp_path):
         )
 
 
-def test_a_delta_that_does_not_help_its_own_samples_scores_zero():
-    # worse on the assigned samples, much worse on random ones: no reward for that
-    assert window_score(LossMeasurement(2.0, 2.1, 2.0, 2.5)) == 0.0
-    # better on the assigned samples than on random ones: rewarded
-    assert window_score(LossMeasurement(2.0, 1.5, 2.0, 1.9)) == pytest.approx(0.20)
+def test_disk_full_during_a_checkpoint_is_insufficient_space(small_disk):
+    """Issue 10, item 8: a full disk during the lead's checkpoint gave a raw SafetensorError
+    ("unexpected pos"); now it names the folder and the bytes, and leaves no temp file."""
+    big = {"w": torch.zeros(1024, 1024)}  # 4 MiB on a 2 MiB disk
+    path = small_disk.folder / "publish-1.safetensors"
+    with pytest.raises(InsufficientSpace) as info:
+        write_checkpoint_file(
+            big, path, run_id="r", window=1, digest="d", free_space_probe=small_disk.probe
+        )
+    assert info.value.needed_bytes >= 4 * 1024 * 1024 and str(small_disk.folder) in str(info.value)
+    assert list(small_disk.folder.iterdir()) == []
+    if small_disk.real:  # a probe that lies: the write itself runs out of space
+        with pytest.raises(InsufficientSpace):
+            write_checkpoint_file(
+                big, path, run_id="r", window=1, digest="d", free_space_probe=lambda _: 1 << 40
+            )
+        assert list(small_disk.folder.iterdir()) == []
 
 
-def test_rotating_subset_covers_every_miner_over_windows():
-    miners = list(range(10))
-    assert rotating_subset(miners, 5, 20) == miners
-    seen = set()
-    for window in range(5):
-        subset = rotating_subset(miners, window, 4)
-        assert len(subset) == 4
-        seen |= set(subset)
-    assert seen == set(miners)
+def test_an_init_model_must_fit_the_model(tmp_path):
+    path = tmp_path / "init.safetensors"
+    values = params(5)
+    write_checkpoint_file(values, path, run_id="old", window=40, digest=model_digest(values))
+    loaded = load_init_model(path, SHAPES)
+    assert model_digest(loaded) == model_digest(values)
+    with pytest.raises(GlobalCheckpointError, match="does not match the model"):
+        load_init_model(path, {**SHAPES, "head.weight": (4, 16)})
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ConfigError, match="TPLR_VALIDATOR_INIT_MODEL"):
+        load_init_model(tmp_path / "junk.safetensors", SHAPES)

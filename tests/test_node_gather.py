@@ -13,12 +13,12 @@ from safetensors.torch import load as safetensors_load
 
 from tplr.comms.local_store import LocalStore
 from tplr.comms.retry import RetryPolicy
-from tplr.node.clock import FakeClock, WindowClock
 from tplr.node.directory import UnknownPeer
 from tplr.node.gather import PayloadFetcher, validate_all
-from tplr.node.payload import PayloadMeta, PayloadSchema, encode_payload, payload_key
 from tplr.node.prefixed_store import PrefixedStore
 from tplr.node.settings import GatherConfig
+from tplr.protocol.clock import FakeClock, WindowClock
+from tplr.protocol.payload import PayloadMeta, PayloadSchema, encode_payload, payload_key
 from tplr.train.compression import CompressionSettings, compress_tensor
 
 SETTINGS = CompressionSettings(chunk_size=8, topk=2)

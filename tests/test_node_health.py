@@ -9,10 +9,10 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from tplr.errors import ConfigError
-from tplr.node.clock import FakeClock, WindowClock
 from tplr.node.health import HealthConfig, HealthServer, HealthStatus, ProgressTracker
 from tplr.node.node_metrics import METRIC_NAMES, NodeMetrics
-from tplr.node.payload import RejectReason
+from tplr.protocol.clock import FakeClock, WindowClock
+from tplr.protocol.payload import RejectReason
 
 GENESIS = 1_700_000_000.0
 

@@ -20,9 +20,9 @@ from tplr.comms.local_store import LocalStore
 from tplr.errors import ConfigError
 from tplr.node.directory import embedded_prefix
 from tplr.node.lifecycle import EXIT_CONFIG, EXIT_OK, NodeStopped, Shutdown, run_node, supervise
-from tplr.node.payload import read_safetensors_header
 from tplr.node.prefixed_store import PrefixedStore
 from tplr.node.reports import read_report, report_windows
+from tplr.protocol.payload import read_safetensors_header
 
 ROOT = Path(__file__).resolve().parents[1]
 

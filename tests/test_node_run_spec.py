@@ -11,15 +11,15 @@ from tplr.comms.errors import AlreadyExists
 from tplr.comms.local_store import LocalStore
 from tplr.comms.s3_store import S3Store
 from tplr.errors import ConfigError
-from tplr.node.clock import FakeClock
-from tplr.node.run_spec import (
+from tplr.node.run_spec import publish_run_spec, read_run_spec
+from tplr.protocol.clock import FakeClock
+from tplr.protocol.run_spec import (
     RUN_SPEC_KEY,
+    ProtocolMismatch,
     RunSpec,
     RunSpecConflict,
     RunSpecInvalid,
     check_local_overrides,
-    publish_run_spec,
-    read_run_spec,
 )
 
 
@@ -111,12 +111,51 @@ def test_invalid_run_json_names_the_field():
 
 
 def test_spec_builds_the_clock_and_compression_settings():
-    spec = make_spec(upload_deadline_fraction=0.5, compression_chunk_size=256)
+    spec = make_spec(commit_deadline_fraction=0.5, compression_chunk_size=256)
     windows = spec.window_clock(FakeClock(spec.genesis_s + 61))
     assert windows.current_window() == 1
-    assert windows.upload_deadline_s(1) == spec.genesis_s + 90
+    assert windows.commit_deadline_s(1) == spec.genesis_s + 90
     settings = spec.compression_settings()
     assert (settings.chunk_size, settings.topk) == (256, 32)
     assert RunSpec.from_json(spec.to_json()) == spec
     scoring = make_spec(score_ema_alpha=0.5, peers_top_n=4).scoring_config()
     assert (scoring.ema_alpha, scoring.top_n, scoring.missing_decay) == (0.5, 4, 0.9)
+    assert spec.version == 2
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ('"genesis_s": Infinity', "Infinity"),
+        ('"genesis_s": 1e400', "finite"),
+        ('"genesis_s": NaN', "NaN"),
+        ('"window_seconds": 1e-300', "window_seconds"),
+        ('"commit_deadline_fraction": 0.9', "commit < reveal_open"),
+        ('"admission_passes": 9', "admission_passes"),
+    ],
+)
+def test_a_hostile_or_broken_run_json_is_refused_clearly(change, field):
+    """Issue 10, item 7: ``genesis_s: Infinity`` or ``window_seconds: 1e-300`` crashed (or
+    stalled) every node."""
+    text = make_spec().to_json().decode()
+    key = change.split(":")[0]
+    lines = [line for line in text.splitlines() if not line.strip().startswith(key)]
+    document = "\n".join(lines).rstrip().rstrip("}").rstrip().rstrip(",")
+    document += f", {change}}}"
+    with pytest.raises(RunSpecInvalid, match=field) as info:
+        RunSpec.from_json(document.encode(), source="s3://lead/run.json")
+    assert "s3://lead/run.json" in str(info.value)
+
+
+def test_a_v1_run_is_refused_with_the_upgrade_path():
+    document = make_spec().model_dump()
+    document["version"] = 1
+    with pytest.raises(ProtocolMismatch, match="protocol v1 run") as info:
+        RunSpec.from_json(RunSpec.model_construct(**document).model_dump_json())
+    assert "TPLR_VALIDATOR_INIT_MODEL" in info.value.hint
+
+
+async def test_an_oversized_run_json_is_not_read(store):
+    await store.put(RUN_SPEC_KEY, b" " * (70 * 1024))
+    with pytest.raises(RunSpecInvalid, match="at most"):
+        await read_run_spec(store)

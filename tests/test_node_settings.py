@@ -13,13 +13,14 @@ from node_harness import TEST_RUN, build_dataset
 from tplr.comms.local_store import LocalStore
 from tplr.comms.transfer_config import TransferConfig
 from tplr.errors import ConfigError
-from tplr.node.clock import FakeClock
 from tplr.node.lifecycle import Shutdown
-from tplr.node.run_spec import RunSpec, RunSpecConflict, publish_run_spec
+from tplr.node.run_spec import publish_run_spec
 from tplr.node.runtime import open_runtime
 from tplr.node.settings import NodeConfig, RunSettings, build_settings, components_for
 from tplr.node.settings_cli import build_parser, load_settings, settable_fields
 from tplr.node.stores import open_node_stores
+from tplr.protocol.clock import FakeClock
+from tplr.protocol.run_spec import RunSpec, RunSpecConflict
 
 ROOT = Path(__file__).resolve().parents[1]
 

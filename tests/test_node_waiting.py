@@ -9,9 +9,10 @@ import pytest
 
 from tplr.comms.local_store import LocalStore
 from tplr.node import waiting
-from tplr.node.clock import FakeClock
 from tplr.node.lifecycle import NodeStopped, Shutdown
-from tplr.node.run_spec import RUN_SPEC_KEY, RunSpec, read_run_spec
+from tplr.node.run_spec import read_run_spec
+from tplr.protocol.clock import FakeClock
+from tplr.protocol.run_spec import RUN_SPEC_KEY, RunSpec
 
 ADVICE = "the lead validator (--lead) creates it"
 

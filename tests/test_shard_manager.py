@@ -20,7 +20,7 @@ from tplr.data.manager import ShardUnavailable, SharedShardedDatasetManager, dat
 from tplr.data.manager_config import DatasetConfig
 from tplr.data.manager_metrics import DatasetMetrics
 from tplr.data.shard_state import ShardState
-from tplr.node.clock import FakeClock, WindowClock
+from tplr.protocol.clock import FakeClock, WindowClock
 
 PREFIX = "remote/tokenized/"
 TOKENS = 40_000  # 80 KB per shard

@@ -14,6 +14,7 @@ honest nodes that applied the same aggregates hold bit-identical parameters.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import re
@@ -28,14 +29,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from tplr import __version__
+from tplr.comms.diskspace import FreeSpaceProbe, check_free_space, free_bytes
 from tplr.comms.download import download
-from tplr.comms.errors import NotFound, StoreError
+from tplr.comms.errors import InsufficientSpace, NotFound, StoreError
 from tplr.comms.retry import retry
 from tplr.comms.store import ObjectStore
 from tplr.comms.transfer_config import TransferConfig
 from tplr.comms.transfer_metrics import TransferMetrics
 from tplr.comms.upload import upload_file
-from tplr.errors import TplrError
+from tplr.errors import ConfigError, TplrError
+from tplr.untrusted import MalformedInput, load_json
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,8 @@ CHECKPOINTS_PREFIX = "checkpoints/"
 LATEST_KEY = "checkpoints/latest.json"
 CHECKPOINT_FORMAT = "tplr-global-checkpoint"
 _CHECKPOINT_KEY = re.compile(r"^checkpoints/(\d+)\.safetensors$")
+_HEADER_ROOM_BYTES = 1 << 20
+_MAX_POINTER_BYTES = 4096
 
 
 class GlobalCheckpointError(TplrError):
@@ -54,15 +59,15 @@ class GlobalCheckpointError(TplrError):
 class CheckpointPointer(BaseModel):
     """``checkpoints/latest.json``."""
 
-    model_config = ConfigDict(frozen=True, extra="ignore")
+    model_config = ConfigDict(frozen=True, extra="ignore", allow_inf_nan=False)
 
     format: str = CHECKPOINT_FORMAT
-    run_id: str
-    window: int = Field(ge=0)
-    key: str
-    size_bytes: int = Field(ge=0)
-    model_digest: str
-    created_at_s: float
+    run_id: str = Field(max_length=64)
+    window: int = Field(ge=0, lt=1 << 40)
+    key: str = Field(pattern=r"^checkpoints/(0|[1-9][0-9]{0,12})\.safetensors$")
+    size_bytes: int = Field(ge=0, lt=1 << 44)
+    model_digest: str = Field(max_length=128)
+    created_at_s: float = Field(ge=0)
 
 
 def checkpoint_key(window: int) -> str:
@@ -80,11 +85,28 @@ def model_digest(params: Mapping[str, torch.Tensor]) -> str:
     return "xxh3_128:" + hasher.hexdigest()
 
 
+def checkpoint_bytes(params: Mapping[str, torch.Tensor]) -> int:
+    """The size of the checkpoint file of ``params`` (tensor bytes plus a header bound)."""
+    data = sum(t.numel() * t.element_size() for t in params.values())
+    return data + _HEADER_ROOM_BYTES + 256 * len(params)
+
+
 def write_checkpoint_file(
-    params: Mapping[str, torch.Tensor], path: Path, *, run_id: str, window: int, digest: str
+    params: Mapping[str, torch.Tensor],
+    path: Path,
+    *,
+    run_id: str,
+    window: int,
+    digest: str,
+    free_space_probe: FreeSpaceProbe | None = None,
 ) -> None:
-    """Atomic safetensors file (tmp + rename). Blocking: run it in a worker thread."""
+    """Atomic safetensors file (tmp + rename). Blocking: run it in a worker thread.
+
+    A full disk is an :class:`InsufficientSpace` naming the folder and the bytes needed,
+    checked before writing and caught while writing; the temp file never stays behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    needed = checkpoint_bytes(params)
+    check_free_space(path.parent, needed, free_space_probe)
     tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
     metadata = {
         "format": CHECKPOINT_FORMAT,
@@ -96,19 +118,45 @@ def write_checkpoint_file(
     try:
         save_file({n: t.detach().cpu().contiguous() for n, t in params.items()}, tmp, metadata)
         tmp.replace(path)
+    except (OSError, SafetensorError) as exc:
+        if isinstance(exc, OSError) and exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        if isinstance(exc, SafetensorError) and not _looks_like_full_disk(exc, path.parent):
+            raise
+        raise InsufficientSpace(
+            str(path.parent),
+            needed,
+            (free_space_probe or free_bytes)(path.parent),
+            hint="free disk space in the node's cache folder (TPLR_HOME) or move it to a "
+            "larger disk; the checkpoint was not written",
+        ) from None
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def read_checkpoint_file(
-    path: Path, pointer: CheckpointPointer, param_shapes: Mapping[str, tuple[int, ...]]
-) -> dict[str, torch.Tensor]:
-    """Load and check a downloaded checkpoint. Blocking: run it in a worker thread."""
-    where = f"checkpoint {pointer.key} of run {pointer.run_id}"
+def _looks_like_full_disk(exc: SafetensorError, folder: Path) -> bool:
+    """safetensors reports a short write as e.g. 'unexpected pos': ask the filesystem."""
+    text = str(exc).lower()
+    return "no space" in text or "unexpected pos" in text or free_bytes(folder) < 1 << 20
+
+
+def load_init_model(path: Path, param_shapes: Mapping[str, tuple[int, ...]]) -> dict:
+    """Parameters to start a run from: a checkpoint file of this format (e.g. the latest of
+    an older run). Blocking. The names, shapes and float types must match the model."""
     try:
         params = load_file(path)
     except (SafetensorError, OSError) as exc:
-        raise GlobalCheckpointError(f"{where} is not a readable safetensors file: {exc}") from None
+        raise ConfigError(
+            f"TPLR_VALIDATOR_INIT_MODEL={path} is not a readable safetensors file: {exc}",
+            hint="point it at a checkpoints/<window>.safetensors file of a tplr run",
+        ) from None
+    _check_params(params, param_shapes, where=f"the initial model {path}")
+    return params
+
+
+def _check_params(
+    params: Mapping[str, torch.Tensor], param_shapes: Mapping[str, tuple[int, ...]], *, where: str
+) -> None:
     missing = sorted(set(param_shapes) - set(params))
     extra = sorted(set(params) - set(param_shapes))
     if missing or extra:
@@ -121,6 +169,20 @@ def read_checkpoint_file(
                 f"{where}: {name} is {params[name].dtype} {tuple(params[name].shape)}, "
                 f"the model needs a float tensor of shape {tuple(shape)}"
             )
+        if not bool(torch.isfinite(params[name]).all()):
+            raise GlobalCheckpointError(f"{where}: {name} holds NaN or infinity")
+
+
+def read_checkpoint_file(
+    path: Path, pointer: CheckpointPointer, param_shapes: Mapping[str, tuple[int, ...]]
+) -> dict[str, torch.Tensor]:
+    """Load and check a downloaded checkpoint. Blocking: run it in a worker thread."""
+    where = f"checkpoint {pointer.key} of run {pointer.run_id}"
+    try:
+        params = load_file(path)
+    except (SafetensorError, OSError) as exc:
+        raise GlobalCheckpointError(f"{where} is not a readable safetensors file: {exc}") from None
+    _check_params(params, param_shapes, where=where)
     digest = model_digest(params)
     if digest != pointer.model_digest:
         raise GlobalCheckpointError(
@@ -131,9 +193,16 @@ def read_checkpoint_file(
 
 async def read_latest_pointer(store: ObjectStore) -> CheckpointPointer:
     """The ``latest`` pointer; ``NotFound`` when no checkpoint was published yet."""
-    data = await store.get(LATEST_KEY)
+    info = await store.head(LATEST_KEY)
+    if info.size > _MAX_POINTER_BYTES:
+        raise GlobalCheckpointError(f"{store.url(LATEST_KEY)} is {info.size} bytes: too large")
     try:
-        return CheckpointPointer.model_validate_json(data)
+        document = load_json(
+            await store.get(LATEST_KEY), what=store.url(LATEST_KEY), max_bytes=_MAX_POINTER_BYTES
+        )
+        return CheckpointPointer.model_validate(document)
+    except MalformedInput as exc:
+        raise GlobalCheckpointError(f"not a checkpoint pointer: {exc.message}") from None
     except ValidationError as exc:
         raise GlobalCheckpointError(
             f"{store.url(LATEST_KEY)} is not a checkpoint pointer: {exc.errors()[0]['msg']}"

@@ -1,124 +1,206 @@
-"""The validator's judgement of one window's payloads: checks, then loss measurements.
+"""The validator's measurements of one window's payloads (the rules: protocol/scoring).
 
-For each miner that posted for window ``w``, evaluated with the model of ``w``:
+With the model of window ``w`` in the worker and the window's secret seed:
 
-1. Every payload check, plus the sample digest recomputed from ``(seed, uid, w, shard)``
-   and the upload time (the store's LastModified) inside ``w``'s upload window. A failed
-   check is a window score of 0 with its reason.
-2. The loss on ``eval_assigned_samples`` of the miner's assigned samples and on
-   ``eval_random_samples`` random samples of the shard (the same for every miner of the
-   window), before and after ``θ ← θ − step_lr · Δ``; the window score rewards the gain on
-   the assigned samples beyond the gain on random ones (:func:`~tplr.node.scoring.window_score`).
+1. ``r``: the median norm of every valid payload (the reference every Δ is scaled to).
+2. Once per window: the loss and its gradient ``g_H`` on fresh secret rows of the held-out
+   shard, and the per-row losses of secret rows of the current shard that no known miner
+   was assigned now or earlier on this shard (the gate's control rows ``U``).
+3. Per evaluated miner, in a worker thread: the per-row losses of a secret subset of its
+   fresh assigned rows ``A`` before, and of ``A`` and ``U`` after ``θ − outer_lr·r·Δ/‖Δ‖``;
+   the gate (rank test of the per-row gains) and the first-order held-out reward
+   ``outer_lr · (r/n) · g_H·Δ/‖Δ‖ / L_H``. The model is restored afterwards.
+
+Evaluation stops at the phase's real-time budget; the rest are "not evaluated".
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
-from dataclasses import dataclass, field
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from tplr.data.dataset import SharedShardedDataset
 from tplr.data.loader import Batch, BatchLoader, LoaderConfig
-from tplr.node.assignment import Assignment, assignment_for
-from tplr.node.gather import FetchOutcome, validate_all
-from tplr.node.payload import GradientPayload
-from tplr.node.runtime import NodeRuntime
-from tplr.node.scoring import EvaluationFailed, measure_delta, window_score
-from tplr.node.settings import ValidatorConfig
+from tplr.protocol.aggregation import total_norm
+from tplr.protocol.assignment import Assignment, gate_rows
+from tplr.protocol.evaluation_plan import window_rng
+from tplr.protocol.payload import GradientPayload
+from tplr.protocol.scoring import EvaluationFailed, GateResult, gate_result
 from tplr.train.compression import decompress_all
+from tplr.train.worker import TrainWorker
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class WindowScores:
-    window: int
-    scores: dict[int, float] = field(default_factory=dict)
-    failures: dict[int, str] = field(default_factory=dict)  # uid -> reason
-    missing: list[int] = field(default_factory=list)
+@dataclass(frozen=True, slots=True)
+class Measurement:
+    gate: GateResult | None
+    raw_reward: float | None
+    failure: str | None = None  # a reason label when the evaluation itself failed
 
 
-class MinerScorer:
-    """Scores the payloads of one window at a time (the worker holds that window's model)."""
+@dataclass(frozen=True)
+class WindowContext:
+    """What every miner of the window is measured against."""
 
-    def __init__(self, rt: NodeRuntime, config: ValidatorConfig) -> None:
-        self.rt = rt
-        self.config = config
-        self.seed = config.eval_seed if config.eval_seed is not None else secrets.randbits(63)
-        self.step_lr = config.score_step_lr or rt.spec.outer_lr
+    reference_norm: float
+    candidates: int
+    heldout_loss: float
+    heldout_gradient: dict[str, torch.Tensor]
+    control_rows: np.ndarray
+    control_before: np.ndarray
 
-    def batches(self, dataset: SharedShardedDataset, indices: np.ndarray) -> list[Batch]:
-        """Materialised evaluation batches (blocking)."""
-        config = LoaderConfig(batch_size=self.rt.spec.micro_batch_size)
-        with BatchLoader(dataset, indices, config=config, device=self.rt.worker.device) as loader:
-            return list(loader)
 
-    async def score_window(self, window: int, outcome: FetchOutcome) -> WindowScores:
-        rt = self.rt
-        dataset = await rt.manager.dataset_for(window)
-        assignments = await asyncio.to_thread(
-            lambda: {uid: assignment_for(rt.spec, dataset, uid, window) for uid in outcome.fetched}
-        )
-        validated = await asyncio.to_thread(
-            validate_all,
-            outcome,
-            rt.schema,
-            run_id=rt.spec.run_id,
-            window_clock=rt.upload_time_clock(),
-            digests={uid: assignment.digest for uid, assignment in assignments.items()},
-        )
-        result = WindowScores(window, failures=dict(validated.rejected), missing=outcome.missing)
-        if not validated.valid:
-            return result
-        rng = np.random.default_rng([self.seed, window])
-        count = min(self.config.eval_random_samples, len(dataset))
-        random_indices = rng.choice(len(dataset), size=count, replace=False)
-        random_batches = await asyncio.to_thread(self.batches, dataset, random_indices)
-        random_before = await asyncio.to_thread(rt.worker.evaluate, random_batches)
-        for uid, payload in sorted(validated.valid.items()):
-            try:
-                result.scores[uid] = await asyncio.to_thread(
-                    self.score_one,
-                    dataset,
-                    assignments[uid],
-                    payload,
-                    random_batches,
-                    random_before,
-                )
-            except EvaluationFailed as exc:
-                result.failures[uid] = exc.reason
-                log.info("window %d: uid %d scores 0: %s", window, uid, exc.message)
-        return result
+def load_batches(
+    dataset: SharedShardedDataset, rows: np.ndarray, *, batch_size: int, device: torch.device
+) -> list[Batch]:
+    """Materialised batches of ``rows`` (blocking)."""
+    config = LoaderConfig(batch_size=batch_size)
+    with BatchLoader(dataset, np.asarray(rows), config=config, device=device) as loader:
+        return list(loader)
 
-    def score_one(
+
+class WindowEvaluator:
+    """Measures the payloads of one window (the worker holds that window's model)."""
+
+    def __init__(
+        self,
+        worker: TrainWorker,
+        *,
+        outer_lr: float,
+        chunk_size: int,
+        micro_batch_size: int,
+        gate_samples: int,
+        gate_alpha: float,
+        heldout_samples: int,
+        seed: int,
+    ) -> None:
+        self.worker = worker
+        self.outer_lr = outer_lr
+        self.chunk_size = chunk_size
+        self.batch_size = micro_batch_size
+        self.gate_samples = gate_samples
+        self.gate_alpha = gate_alpha
+        self.heldout_samples = heldout_samples
+        self.seed = seed
+
+    def _losses(self, dataset: SharedShardedDataset, rows: np.ndarray) -> np.ndarray:
+        batches = load_batches(dataset, rows, batch_size=self.batch_size, device=self.worker.device)
+        return self.worker.sample_losses(batches).numpy().astype(np.float64)
+
+    def _deltas(self, payload: GradientPayload) -> dict[str, torch.Tensor]:
+        return decompress_all(payload.tensors, self.chunk_size, device=self.worker.device)
+
+    def norms(self, payloads: Mapping[int, GradientPayload]) -> dict[int, float]:
+        """Total norm of every decoded Δ (blocking)."""
+        return {uid: total_norm(self._deltas(payload)) for uid, payload in payloads.items()}
+
+    def prepare(
         self,
         dataset: SharedShardedDataset,
+        heldout: SharedShardedDataset,
+        *,
+        reference_norm: float,
+        candidates: int,
+        taken: np.ndarray,
+        recent: np.ndarray,
+    ) -> WindowContext:
+        """The window's shared measurements (blocking)."""
+        rng = window_rng(self.seed, "heldout")
+        rows = rng.choice(len(heldout), size=min(self.heldout_samples, len(heldout)), replace=False)
+        batches = load_batches(heldout, rows, batch_size=self.batch_size, device=self.worker.device)
+        loss, gradient = self.worker.loss_gradient(batches)
+        free = np.flatnonzero(~(taken | recent))
+        control_rng = window_rng(self.seed, "control")
+        control = control_rng.choice(free, size=min(self.gate_samples, free.size), replace=False)
+        before = self._losses(dataset, control) if control.size else np.empty(0)
+        return WindowContext(reference_norm, candidates, loss, gradient, control, before)
+
+    def measure(
+        self,
+        dataset: SharedShardedDataset,
+        context: WindowContext,
         assignment: Assignment,
         payload: GradientPayload,
-        random_batches: list[Batch],
-        random_before: float,
-    ) -> float:
-        """One miner's window score (blocking; the model is restored afterwards)."""
-        rng = np.random.default_rng([self.seed, assignment.window, assignment.uid])
-        count = min(self.config.eval_assigned_samples, assignment.count)
-        chosen = rng.choice(assignment.indices, size=count, replace=False)
-        assigned_batches = self.batches(dataset, chosen)
-        delta = decompress_all(
-            payload.tensors, self.rt.spec.compression_chunk_size, device=self.rt.worker.device
+        norm: float,
+        recent: np.ndarray,
+    ) -> Measurement:
+        """Gate and reward of one miner (blocking; the model is restored afterwards)."""
+        rng = window_rng(self.seed, "gate", assignment.uid)
+        empty = np.zeros(len(dataset), dtype=bool)
+        assigned, _ = gate_rows(
+            rng, assignment.indices, taken=empty, recent=recent, count=self.gate_samples
         )
-        measurement = measure_delta(
-            self.rt.worker,
-            delta,
-            step_lr=self.step_lr,
-            assigned_batches=assigned_batches,
-            random_batches=random_batches,
-            random_before=random_before,
+        delta = self._deltas(payload)
+        step = self.outer_lr * context.reference_norm / norm
+        raw_reward = (
+            step
+            / context.candidates
+            * sum(float((context.heldout_gradient[name] * delta[name]).sum()) for name in delta)
+            / context.heldout_loss
         )
-        score = window_score(measurement)
-        log.debug(
-            "window %d uid %d: %s -> %.5f", assignment.window, assignment.uid, measurement, score
+        if assigned.size < 8 or context.control_rows.size < 8:
+            log.info(
+                "uid %d: too few fresh rows for the gate (%d assigned, %d control)",
+                assignment.uid,
+                assigned.size,
+                context.control_rows.size,
+            )
+            return Measurement(gate=None, raw_reward=raw_reward)
+        before = self._losses(dataset, assigned)
+        snapshot = self.worker.snapshot()
+        try:
+            self.worker.apply_update(delta, step)
+            after = self._losses(dataset, assigned)
+            control_after = self._losses(dataset, context.control_rows)
+        finally:
+            self.worker.restore(snapshot)
+        try:
+            gate = gate_result(
+                before - after, context.control_before - control_after, alpha=self.gate_alpha
+            )
+        except EvaluationFailed as exc:
+            return Measurement(gate=None, raw_reward=None, failure=exc.reason)
+        return Measurement(gate=gate, raw_reward=raw_reward)
+
+
+async def measure_all(
+    evaluator: WindowEvaluator,
+    dataset: SharedShardedDataset,
+    context: WindowContext,
+    order: Sequence[int],
+    assignments: Mapping[int, Assignment],
+    payloads: Mapping[int, GradientPayload],
+    norms: Mapping[int, float],
+    recent: np.ndarray,
+    *,
+    budget_s: float,
+) -> dict[int, Measurement]:
+    """Measure ``order`` one by one in worker threads until ``budget_s`` of real time."""
+    started = time.monotonic()
+    results: dict[int, Measurement] = {}
+    for uid in order:
+        if time.monotonic() - started > budget_s:
+            log.warning(
+                "evaluation budget of %.1fs spent after %d of %d miners",
+                budget_s,
+                len(results),
+                len(order),
+            )
+            break
+        results[uid] = await asyncio.to_thread(
+            evaluator.measure,
+            dataset,
+            context,
+            assignments[uid],
+            payloads[uid],
+            norms[uid],
+            recent,
         )
-        return score
+    return results

@@ -19,11 +19,11 @@ from tplr.data.sampler import rank_share
 from tplr.node.lifecycle import Shutdown
 from tplr.node.miner import train_window
 from tplr.node.ranks import Apply, Command, Ranks, Restore, Start, Stop, Train
-from tplr.node.run_spec import RunSpec
 from tplr.node.runtime import manager_config
 from tplr.node.settings import NodeSettings
 from tplr.node.stores import dataset_uses_r2, embedded_dataset_root
 from tplr.node.worker_setup import build_worker
+from tplr.protocol.run_spec import RunSpec
 from tplr.train.worker import TrainWorker
 
 log = logging.getLogger(__name__)

@@ -1,16 +1,19 @@
-"""Fetching peers' payloads for a window, each within a deadline, then validating them.
+"""Fetching peers' commitments and payloads for a window, each within a deadline.
 
-:class:`PayloadFetcher` fetches ``gradients/{w}/{uid}.safetensors`` from every uid's store
-concurrently (bounded), each peer inside its own ``asyncio.timeout``: HEAD first (the
-size limit is enforced before any byte is downloaded; LastModified is kept for the
-upload-time check), then one GET pinned to the HEAD's ETag, so a payload replaced
-meanwhile is fetched again rather than mixed. Every request goes through the one retry
-policy. A peer that fails is recorded with a low-cardinality reason and never stops the
-others.
+:class:`PayloadFetcher` reads from many peers concurrently (bounded), each peer inside its
+own ``asyncio.timeout``: HEAD first (the size limit is enforced before any byte is
+downloaded; ``LastModified`` is kept for the timing checks), then one GET pinned to the
+HEAD's ETag. Every request goes through the one retry policy. A peer that fails is
+recorded with a :class:`~tplr.protocol.reasons.RejectReason` and never stops the others:
+**any** exception raised while handling one peer's data — ours included — becomes that
+peer's rejection (``internal_error``, logged with its traceback at DEBUG), so another
+node's bytes can only ever hurt that node's score.
 
-Validation is separate (:func:`validate_fetched`), because the same bytes are checked two
-ways: for aggregation (identical rules on every node, so all nodes keep the same model)
-and, by validators, additionally against the recomputed sample digest.
+- :meth:`PayloadFetcher.snapshot_commitments`: the validators' snapshot of the window's
+  commitments, taken between the commit deadline and the opening of the reveal phase.
+- :meth:`PayloadFetcher.fetch`: the revealed payloads; :func:`check_reveals` then keeps
+  only those whose bytes match a commitment of the snapshot and were revealed in time.
+- :func:`validate_all`: every payload check (a worker thread), with the same backstop.
 """
 
 from __future__ import annotations
@@ -18,35 +21,36 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from tplr.comms.errors import NotFound, PreconditionFailed, StoreError
 from tplr.comms.retry import RetryPolicy, retry
-from tplr.comms.store import ObjectInfo
+from tplr.comms.store import ObjectInfo, ObjectStore
 from tplr.comms.transfer_metrics import TransferMetrics
-from tplr.node.clock import WindowClock
 from tplr.node.directory import PeerDirectory, UnknownPeer
-from tplr.node.payload import (
+from tplr.node.settings import GatherConfig
+from tplr.protocol.clock import WindowClock
+from tplr.protocol.commitments import (
+    MAX_COMMITMENT_BYTES,
+    CommitmentInvalid,
+    ObservedCommitment,
+    commitment_key,
+    parse_commitment,
+)
+from tplr.protocol.payload import (
     GradientPayload,
     PayloadExpectation,
     PayloadRejected,
     PayloadSchema,
-    RejectReason,
-    check_payload_size,
     decode_payload,
     payload_key,
 )
-from tplr.node.settings import GatherConfig
+from tplr.protocol.reasons import RejectReason
 
 log = logging.getLogger(__name__)
-
-TIMEOUT = "timeout"
-UNREACHABLE = "unreachable"
-UNKNOWN_PEER = "unknown_peer"
-CHANGED = "changed"
-FETCH_FAILURE_REASONS = (TIMEOUT, UNREACHABLE, UNKNOWN_PEER, CHANGED)
-"""Reasons besides :class:`RejectReason` for which a peer's payload is not used."""
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,31 +65,23 @@ class FetchOutcome:
     window: int
     fetched: dict[int, FetchedPayload] = field(default_factory=dict)
     missing: list[int] = field(default_factory=list)  # posted nothing
-    failures: dict[int, str] = field(default_factory=dict)  # uid -> reason label
+    failures: dict[int, RejectReason] = field(default_factory=dict)
     seconds: float = 0.0
 
     @property
     def bytes(self) -> int:
         return sum(len(item.data) for item in self.fetched.values())
 
-    def subset(self, uids: Iterable[int]) -> FetchOutcome:
-        """The outcome restricted to ``uids`` (uids never fetched are absent)."""
-        wanted = set(uids)
-        return FetchOutcome(
-            window=self.window,
-            fetched={u: p for u, p in self.fetched.items() if u in wanted},
-            missing=[u for u in self.missing if u in wanted],
-            failures={u: r for u, r in self.failures.items() if u in wanted},
-            seconds=self.seconds,
-        )
 
-    def covers(self, uids: Iterable[int]) -> bool:
-        known = set(self.fetched) | set(self.missing) | set(self.failures)
-        return set(uids) <= known
+@dataclass
+class CommitmentSnapshot:
+    window: int
+    accepted: dict[int, ObservedCommitment] = field(default_factory=dict)
+    rejected: dict[int, RejectReason] = field(default_factory=dict)  # incl. no_commitment
 
 
 class PayloadFetcher:
-    """Fetch a window's payloads from many peers at once (see the module doc)."""
+    """Fetch a window's commitments and payloads from many peers at once."""
 
     def __init__(
         self,
@@ -100,55 +96,59 @@ class PayloadFetcher:
         self.policy = policy
         self.transfer_metrics = transfer_metrics
 
-    async def fetch(self, window: int, uids: Iterable[int], *, max_bytes: int) -> FetchOutcome:
-        outcome = FetchOutcome(window=window)
-        started = time.monotonic()
+    async def _for_each(
+        self,
+        window: int,
+        uids: Iterable[int],
+        what: str,
+        one: Callable[[int], Awaitable[T]],
+    ) -> tuple[dict[int, T], list[int], dict[int, RejectReason]]:
+        """Run ``one(uid)`` for every uid, bounded and each under its own deadline."""
+        results: dict[int, T] = {}
+        missing: list[int] = []
+        failures: dict[int, RejectReason] = {}
         slots = asyncio.Semaphore(self.config.max_concurrency)
+
+        async def guarded(uid: int) -> None:
+            try:
+                async with slots, asyncio.timeout(self.config.timeout_s):
+                    results[uid] = await one(uid)
+                return
+            except NotFound:
+                missing.append(uid)
+                return
+            except PayloadRejected as exc:
+                reason, detail = exc.reason, exc.message
+            except TimeoutError:
+                reason, detail = RejectReason.TIMEOUT, f"nothing within {self.config.timeout_s:g}s"
+            except UnknownPeer as exc:
+                reason, detail = RejectReason.UNKNOWN_PEER, exc.message
+            except PreconditionFailed as exc:
+                reason, detail = RejectReason.CHANGED, exc.message
+            except StoreError as exc:
+                reason, detail = RejectReason.UNREACHABLE, f"{type(exc).__name__}: {exc.message}"
+            except Exception as exc:  # backstop: one peer's bytes never stop the node
+                reason, detail = RejectReason.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}"
+                log.debug("window %d: %s of uid %d failed", window, what, uid, exc_info=True)
+            failures[uid] = reason
+            log.warning(
+                "window %d: %s of uid %d not used (%s): %s", window, what, uid, reason, detail
+            )
+
         async with asyncio.TaskGroup() as tasks:
             for uid in sorted(set(uids)):
-                tasks.create_task(self._fetch_into(outcome, uid, window, max_bytes, slots))
-        outcome.seconds = time.monotonic() - started
-        return outcome
+                tasks.create_task(guarded(uid))
+        return results, sorted(missing), failures
 
-    async def _fetch_into(
-        self,
-        outcome: FetchOutcome,
-        uid: int,
-        window: int,
-        max_bytes: int,
-        slots: asyncio.Semaphore,
-    ) -> None:
-        reason: str | None = None
-        try:
-            async with slots, asyncio.timeout(self.config.timeout_s):
-                outcome.fetched[uid] = await self._fetch_one(uid, window, max_bytes)
-            return
-        except NotFound:
-            outcome.missing.append(uid)
-            return
-        except PayloadRejected as exc:
-            reason, detail = exc.reason.value, exc.message
-        except TimeoutError:
-            reason, detail = TIMEOUT, f"no payload within {self.config.timeout_s:g}s"
-        except UnknownPeer as exc:
-            reason, detail = UNKNOWN_PEER, exc.message
-        except PreconditionFailed as exc:
-            reason, detail = CHANGED, exc.message
-        except StoreError as exc:
-            reason, detail = UNREACHABLE, f"{type(exc).__name__}: {exc.message}"
-        outcome.failures[uid] = reason
-        log.warning("window %d: payload of uid %d not used (%s): %s", window, uid, reason, detail)
-
-    async def _fetch_one(self, uid: int, window: int, max_bytes: int) -> FetchedPayload:
-        store = await self.directory.store_for(uid)
-        key = payload_key(window, uid)
+    async def fetch_object(
+        self, store: ObjectStore, key: str, *, max_bytes: int, reason: RejectReason
+    ) -> FetchedPayload:
+        """HEAD (size checked against ``max_bytes``), then a GET pinned to its ETag."""
 
         async def attempt() -> FetchedPayload:
             info = await store.head(key)
             if info.size > max_bytes:
-                raise PayloadRejected(
-                    RejectReason.TOO_LARGE, f"{info.size} bytes, the limit is {max_bytes}"
-                )
+                raise PayloadRejected(reason, f"{info.size} bytes, the limit is {max_bytes}")
             started = time.monotonic()
             buffer = bytearray(info.size)
             if info.size:
@@ -157,60 +157,123 @@ class PayloadFetcher:
                 self.transfer_metrics.observe_part(
                     "download", info.size, time.monotonic() - started
                 )
-            return FetchedPayload(uid, bytes(buffer), info)
+            return FetchedPayload(-1, bytes(buffer), info)
 
         return await retry(attempt, self.policy, describe=f"fetch {store.url(key)}")
 
+    async def _fetch_one(self, uid: int, window: int, max_bytes: int) -> FetchedPayload:
+        store = await self.directory.store_for(uid)
+        fetched = await self.fetch_object(
+            store, payload_key(window, uid), max_bytes=max_bytes, reason=RejectReason.TOO_LARGE
+        )
+        return FetchedPayload(uid, fetched.data, fetched.info)
 
-def validate_fetched(
-    fetched: FetchedPayload,
-    schema: PayloadSchema,
+    async def fetch(self, window: int, uids: Iterable[int], *, max_bytes: int) -> FetchOutcome:
+        """The revealed payloads ``gradients/{w}/{uid}.safetensors`` of ``uids``."""
+        started = time.monotonic()
+        fetched, missing, failures = await self._for_each(
+            window, uids, "payload", lambda uid: self._fetch_one(uid, window, max_bytes)
+        )
+        return FetchOutcome(window, fetched, missing, failures, time.monotonic() - started)
+
+    async def snapshot_commitments(
+        self,
+        window: int,
+        uids: Iterable[int],
+        *,
+        run_id: str,
+        windows: WindowClock,
+        check_store_clock: bool,
+    ) -> CommitmentSnapshot:
+        """Read every miner's commitment for ``window``; call it after the commit deadline.
+
+        A commitment counts when it parses, names this run, window and uid, was observed
+        before the reveal phase opened, and (``check_store_clock``) its ``LastModified``
+        lies in the window before the commit deadline."""
+
+        async def one(uid: int) -> ObservedCommitment:
+            store = await self.directory.store_for(uid)
+            fetched = await self.fetch_object(
+                store,
+                commitment_key(window, uid),
+                max_bytes=MAX_COMMITMENT_BYTES,
+                reason=RejectReason.BAD_COMMITMENT,
+            )
+            try:
+                commitment = parse_commitment(fetched.data, run_id=run_id, window=window, uid=uid)
+            except CommitmentInvalid as exc:
+                raise PayloadRejected(RejectReason.BAD_COMMITMENT, exc.message) from None
+            observed_at = windows.clock.now()
+            stamped = fetched.info.last_modified
+            if observed_at > windows.reveal_open_s(window) or (
+                check_store_clock and not windows.committed_in_time(window, stamped)
+            ):
+                raise PayloadRejected(
+                    RejectReason.LATE_COMMITMENT,
+                    f"stamped {stamped.isoformat()}, observed at {observed_at:.3f}; the commit "
+                    f"deadline was {windows.commit_deadline_s(window):.3f} (unix seconds)",
+                )
+            return ObservedCommitment(commitment, stamped, observed_at)
+
+        accepted, missing, failures = await self._for_each(window, uids, "commitment", one)
+        snapshot = CommitmentSnapshot(window, accepted, dict(failures))
+        for uid in missing:
+            snapshot.rejected[uid] = RejectReason.NO_COMMITMENT
+        return snapshot
+
+
+def check_reveals(
+    outcome: FetchOutcome,
+    snapshot: CommitmentSnapshot,
     *,
-    run_id: str,
-    window: int,
-    window_clock: WindowClock | None,
-    sample_digest: str | None = None,
-) -> GradientPayload:
-    """Every payload check; the upload time only when ``window_clock`` is given."""
-    check_payload_size(len(fetched.data), schema)
-    expect = PayloadExpectation(
-        run_id=run_id,
-        window=window,
-        uid=fetched.uid,
-        sample_digest=sample_digest,
-        window_clock=window_clock,
-    )
-    uploaded_at = fetched.info.last_modified if window_clock is not None else None
-    return decode_payload(fetched.data, schema, expect, uploaded_at=uploaded_at)
+    windows: WindowClock,
+    check_store_clock: bool,
+) -> tuple[dict[int, FetchedPayload], dict[int, RejectReason]]:
+    """Keep the payloads whose bytes match their commitment and were revealed in time."""
+    matched: dict[int, FetchedPayload] = {}
+    rejected: dict[int, RejectReason] = dict(outcome.failures)
+    for uid in outcome.missing:
+        rejected[uid] = RejectReason.NOT_REVEALED
+    for uid, fetched in sorted(outcome.fetched.items()):
+        observed = snapshot.accepted.get(uid)
+        if observed is None:
+            rejected[uid] = RejectReason.NO_COMMITMENT
+        elif check_store_clock and not windows.revealed_in_time(
+            outcome.window, fetched.info.last_modified
+        ):
+            rejected[uid] = RejectReason.LATE_REVEAL
+        elif not observed.commitment.matches(fetched.data):
+            rejected[uid] = RejectReason.REVEAL_MISMATCH
+        else:
+            matched[uid] = fetched
+    for uid, reason in sorted(rejected.items()):
+        if reason is not RejectReason.NOT_REVEALED:
+            log.info("window %d: reveal of uid %d refused (%s)", outcome.window, uid, reason)
+    return matched, rejected
 
 
 @dataclass
 class ValidatedPayloads:
     valid: dict[int, GradientPayload]
-    rejected: dict[int, str]  # uid -> reason label
+    rejected: dict[int, RejectReason]
 
 
 def validate_all(
-    outcome: FetchOutcome,
+    payloads: Mapping[int, FetchedPayload],
     schema: PayloadSchema,
-    *,
-    run_id: str,
-    window_clock: WindowClock | None,
-    digests: Mapping[int, str] | None = None,
+    expectations: Mapping[int, PayloadExpectation],
 ) -> ValidatedPayloads:
-    """Validate every fetched payload (blocking: call it in a worker thread)."""
-    result = ValidatedPayloads(valid={}, rejected=dict(outcome.failures))
-    for uid, fetched in sorted(outcome.fetched.items()):
+    """Every payload check (blocking: call it in a worker thread). Any failure on one
+    payload, whatever it is, is that payload's rejection."""
+    result = ValidatedPayloads(valid={}, rejected={})
+    for uid, fetched in sorted(payloads.items()):
         try:
-            result.valid[uid] = validate_fetched(
-                fetched,
-                schema,
-                run_id=run_id,
-                window=outcome.window,
-                window_clock=window_clock,
-                sample_digest=None if digests is None else digests.get(uid),
-            )
+            result.valid[uid] = decode_payload(fetched.data, schema, expectations[uid])
         except PayloadRejected as exc:
-            result.rejected[uid] = exc.reason.value
-            log.info("window %d: uid %d rejected: %s", outcome.window, uid, exc.message)
+            result.rejected[uid] = exc.reason
+            log.info("uid %d rejected: %s", uid, exc.message)
+        except Exception as exc:  # backstop: a bug or a gap in our checks
+            result.rejected[uid] = RejectReason.INTERNAL_ERROR
+            log.warning("uid %d rejected (internal_error): %s: %s", uid, type(exc).__name__, exc)
+            log.debug("validation of uid %d failed", uid, exc_info=True)
     return result

@@ -1,41 +1,42 @@
 """Keeping the worker's parameters equal to the run's global model, window by window.
 
 The global model at the start of window ``w + 1`` is the one at the start of ``w`` after
-the outer step of ``w``: ``θ ← θ − outer_lr · aggregate``, where the aggregate is the
-median-norm-clipped mean of the valid payloads of the peers in the peer list for ``w``
-(``peers/{w}.json`` from the lead validator, or every known miner when none exists yet).
-Validity is decided by the same checks on every node (no sample digests: only validators
-can afford to recompute them), so every honest node applies the same aggregate.
+the outer step of ``w``: ``θ ← θ − outer_lr · Σ weight_i · Δ_i`` over exactly the payloads
+the lead approved for ``w`` (``approvals/{w}.json``, with the weights it computed), and
+nothing else — an empty approved set is a null round. Before applying, a node checks that
+it holds the approval's ``base_digest``; after, that it reached its ``result_digest``.
 
-A node that starts (or fell behind, or disagrees with the lead's report) loads the lead's
-latest checkpoint and replays the outer steps of the windows since, from the payloads the
-miners still keep.
+A node that starts, fell behind, or cannot apply a window exactly (an approval that never
+came, a mirrored payload that does not match) never guesses: it loads the lead's latest
+checkpoint — one that is past the window it could not apply — and replays the approved
+sets of the windows since.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 
 from tplr.comms.errors import NotFound, StoreError
-from tplr.comms.retry import retry
+from tplr.errors import TplrError
+from tplr.node.approvals import ApprovalUnavailable, fetch_approved, wait_for_approval
 from tplr.node.checkpoints import (
     GlobalCheckpointError,
     fetch_checkpoint,
     model_digest,
     read_latest_pointer,
 )
-from tplr.node.gather import FetchOutcome, ValidatedPayloads, validate_all
-from tplr.node.payload import GradientPayload
-from tplr.node.peers import read_latest_peer_list
+from tplr.node.lifecycle import NodeStopped
 from tplr.node.ranks import Apply, Ranks, Restore
-from tplr.node.reports import ReportError, read_report
 from tplr.node.runtime import NodeRuntime
 from tplr.node.waiting import poll_until_found
-from tplr.train.aggregation import AggregationStats, aggregate_deltas
+from tplr.protocol.aggregation import AggregationStats, weighted_sum
+from tplr.protocol.approval import Approval, ApprovalInvalid
+from tplr.protocol.payload import GradientPayload
 from tplr.train.compression import decompress_all
 from tplr.train.worker import TrainWorker
 
@@ -44,42 +45,48 @@ log = logging.getLogger(__name__)
 DIGESTS_KEPT = 64
 
 
+class OutOfSync(TplrError):
+    """This node's model is not the one the lead's approval was made for (or led to)."""
+
+    hint = "the node resyncs from the lead validator's checkpoint"
+
+
 @dataclass
 class StepResult:
     """The outer step of one window."""
 
     window: int
-    peer_uids: list[int]
-    aggregated: list[int]
-    rejected: dict[int, str]
+    approved: list[int]
+    excluded: dict[int, str]
     digest: str  # model digest after the step (start of window + 1)
-    stats: AggregationStats | None = None  # None: a null round (nothing valid to apply)
+    bootstrap: bool = False
+    stats: AggregationStats | None = None  # None: a null round
     downloaded_bytes: int = 0
-    fetch: FetchOutcome | None = field(default=None, repr=False)
+    payloads: dict[int, GradientPayload] = field(default_factory=dict, repr=False)
 
 
-def aggregate_and_apply(
+def apply_weighted(
     worker: TrainWorker,
-    payloads: dict[int, GradientPayload],
+    payloads: Mapping[int, GradientPayload],
+    weights: Mapping[int, float],
     *,
     chunk_size: int,
     outer_lr: float,
     ranks: Ranks,
 ) -> AggregationStats:
-    """Decompress, clip to the median norm, average (uid order) and apply on every rank.
+    """Decompress, sum with the approved weights (uid order), apply on every rank.
 
     Blocking (and, with torchrun followers, a collective)."""
     deltas = {
         uid: decompress_all(payload.tensors, chunk_size, device=worker.device)
         for uid, payload in sorted(payloads.items())
     }
-    result = aggregate_deltas(deltas)
-    aggregate = result.aggregate
+    aggregate, stats = weighted_sum(deltas, weights)
     if ranks.has_followers:
         ranks.send(Apply(outer_lr))
         aggregate = ranks.broadcast_tensors(aggregate, like=dict(worker.model.named_parameters()))
     worker.apply_update(aggregate, outer_lr)
-    return result.stats
+    return stats
 
 
 def restore_everywhere(worker: TrainWorker, params: dict[str, torch.Tensor], ranks: Ranks) -> None:
@@ -93,76 +100,62 @@ def restore_everywhere(worker: TrainWorker, params: dict[str, torch.Tensor], ran
 class GlobalModel:
     """Tracks which window's model the worker holds; steps and syncs it."""
 
-    def __init__(self, rt: NodeRuntime, *, count_rejections: bool = True) -> None:
+    def __init__(self, rt: NodeRuntime) -> None:
         self.rt = rt
-        self.count_rejections = count_rejections
         self.window: int | None = None  # the worker holds the model at the start of this
         self.digests: dict[int, str] = {}  # window -> digest of the model at its start
+        self.blocked_at: int | None = None  # a window this node could not apply exactly
 
-    async def peers_for(self, window: int) -> list[int]:
-        """The uids whose payloads make up the aggregate of ``window``."""
-        store = self.rt.lead_store
-        try:
-            peer_list = await retry(
-                lambda: read_latest_peer_list(store, at_or_before=window),
-                self.rt.transfer.retry_policy(),
-                describe=f"read the peer list for window {window}",
+    @property
+    def digest(self) -> str | None:
+        return None if self.window is None else self.digests.get(self.window)
+
+    async def apply(
+        self, approval: Approval, payloads: Mapping[int, GradientPayload] | None = None
+    ) -> StepResult:
+        """Apply the outer step of ``approval.window`` (``payloads``: the lead's own copies;
+        else they are fetched from the lead's mirror). Raises OutOfSync/ApprovalUnavailable."""
+        rt, window = self.rt, approval.window
+        if self.window != window or self.digest != approval.base_digest:
+            raise OutOfSync(
+                f"window {window}: the approval was made for model {approval.base_digest}, "
+                f"this node holds {self.digest} (window {self.window})"
             )
-        except NotFound:
-            return await self.rt.stores.directory.miners()
-        return list(peer_list.uids)
-
-    async def step(self, window: int, *, prefetched: FetchOutcome | None = None) -> StepResult:
-        """Apply the outer step of ``window``; the worker must hold the model of ``window``."""
-        if self.window != window:
-            raise RuntimeError(f"outer step of window {window} on the model of {self.window}")
-        rt = self.rt
-        peers = await self.peers_for(window)
-        if prefetched is not None and prefetched.covers(peers):
-            outcome = prefetched.subset(peers)
-        else:
-            outcome = await rt.fetcher.fetch(window, peers, max_bytes=rt.schema.max_bytes)
-        validated: ValidatedPayloads = await asyncio.to_thread(
-            validate_all,
-            outcome,
-            rt.schema,
-            run_id=rt.spec.run_id,
-            window_clock=rt.upload_time_clock(),
-        )
-        self._record_gather(outcome, validated)
+        downloaded = 0
+        if payloads is None:
+            payloads = await fetch_approved(
+                rt.fetcher, rt.lead_store, approval, rt.schema, run_id=rt.spec.run_id
+            )
+            downloaded = sum(approval.entry(uid).bytes for uid in payloads)
         stats = None
-        if validated.valid:
+        if approval.approved:
             stats = await asyncio.to_thread(
-                aggregate_and_apply,
+                apply_weighted,
                 rt.worker,
-                validated.valid,
+                payloads,
+                approval.weights(),
                 chunk_size=rt.spec.compression_chunk_size,
                 outer_lr=rt.spec.outer_lr,
                 ranks=rt.ranks,
             )
-            rt.metrics.record_aggregation(
-                outer_step_norm=stats.outer_step_norm, clipped_peers=stats.clipped_count
-            )
-        else:
-            log.info("window %d: null round (no valid payload among %s)", window, peers)
+            rt.metrics.record_aggregation(outer_step_norm=stats.outer_step_norm, clipped_peers=0)
         digest = await self._advance_to(window + 1)
+        if digest != approval.result_digest:
+            self.window = None
+            raise OutOfSync(
+                f"window {window}: after the outer step this node holds {digest}, the lead "
+                f"reached {approval.result_digest}"
+            )
         return StepResult(
             window=window,
-            peer_uids=peers,
-            aggregated=sorted(validated.valid),
-            rejected=validated.rejected,
+            approved=approval.approved_uids(),
+            excluded={int(uid): reason for uid, reason in approval.excluded.items()},
             digest=digest,
+            bootstrap=approval.bootstrap,
             stats=stats,
-            downloaded_bytes=outcome.bytes,
-            fetch=outcome,
+            downloaded_bytes=downloaded,
+            payloads=dict(payloads),
         )
-
-    def _record_gather(self, outcome: FetchOutcome, validated: ValidatedPayloads) -> None:
-        metrics = self.rt.metrics
-        metrics.record_gather(seconds=outcome.seconds, gathered=len(validated.valid))
-        if self.count_rejections:
-            for reason in validated.rejected.values():
-                metrics.record_rejection(reason)
 
     async def _advance_to(self, window: int) -> str:
         params = dict(self.rt.worker.model.named_parameters())
@@ -173,8 +166,13 @@ class GlobalModel:
             del self.digests[old]
         return digest
 
-    async def load_latest_checkpoint(self) -> None:
-        """Load the lead's newest checkpoint (waiting for the first one)."""
+    async def note_window(self, window: int) -> str:
+        """The worker now holds the model at the start of ``window``; returns its digest."""
+        return await self._advance_to(window)
+
+    async def load_latest_checkpoint(self) -> bool:
+        """Load the lead's newest checkpoint (waiting for the first one). False when it is not
+        past the window this node is blocked at (then there is nothing to gain yet)."""
         rt = self.rt
         pointer = await poll_until_found(
             lambda: read_latest_pointer(rt.lead_store),
@@ -188,6 +186,8 @@ class GlobalModel:
             raise GlobalCheckpointError(
                 f"latest checkpoint is for run {pointer.run_id!r}, this run is {rt.spec.run_id!r}"
             )
+        if self.blocked_at is not None and pointer.window <= self.blocked_at:
+            return False
         params = await fetch_checkpoint(
             rt.lead_store,
             pointer,
@@ -198,37 +198,60 @@ class GlobalModel:
         )
         await asyncio.to_thread(restore_everywhere, rt.worker, params, rt.ranks)
         self.digests.clear()
+        self.blocked_at = None
         await self._advance_to(pointer.window)
         rt.metrics.mark_checkpoint(pointer.created_at_s)
         log.info("loaded checkpoint of window %d (%s)", pointer.window, pointer.model_digest)
+        return True
 
-    async def catch_up(self, target_window: int) -> list[StepResult]:
-        """Bring the model to the start of ``target_window`` (checkpoint, then replay)."""
-        if self.window is None or await self._checkpoint_is_ahead(target_window):
+    async def advance_to(self, target: int, *, give_up_at_s: float) -> list[StepResult]:
+        """Apply approved sets until the model is at the start of ``target`` (or until
+        ``give_up_at_s`` passes without the next approval). Loads a checkpoint when the
+        node holds no model, is far behind, or could not apply a window exactly."""
+        rt = self.rt
+        results: list[StepResult] = []
+        if (self.window is None or await self._checkpoint_is_ahead(target)) and not (
             await self.load_latest_checkpoint()
+        ):
+            return results
         assert self.window is not None
-        if self.window > target_window:
-            log.warning(
-                "the checkpoint (window %d) is ahead of window %d", self.window, target_window
-            )
-        results = []
-        while self.window < target_window:
-            if self.window < target_window - 1:
-                log.info("replaying window %d to reach window %d", self.window, target_window)
-            results.append(await self.step(self.window))
+        while self.window < target:
+            window = self.window
+            try:
+                approval = await wait_for_approval(
+                    rt.lead_store,
+                    run_id=rt.spec.run_id,
+                    window=window,
+                    windows=rt.windows,
+                    give_up_at_s=give_up_at_s,
+                    interval_s=rt.poll_interval_s,
+                )
+                if approval is None:
+                    log.warning("window %d: no approval from the lead in time", window)
+                    return results
+                if window < target - 1:
+                    log.info("replaying window %d to reach window %d", window, target)
+                results.append(await self.apply(approval))
+            except (ApprovalUnavailable, ApprovalInvalid, OutOfSync) as exc:
+                log.error("window %d: %s; waiting for a newer checkpoint", window, exc.message)
+                self.window, self.blocked_at = None, window
+                return results
         return results
 
     async def join(self, window: int) -> int:
-        """Catch up to ``window``, then again while catching up took whole windows.
-
-        Returns the (current) window the node joins at.
-        """
+        """Bring the model to the start of the current window (at least ``window``), again
+        while catching up took whole windows. Returns the window the node joins at."""
+        rt = self.rt
         while True:
-            await self.catch_up(window)
-            now = self.rt.windows.current_window()
-            if now <= window:
+            await self.advance_to(window, give_up_at_s=rt.windows.window_end_s(window))
+            now = rt.windows.current_window()
+            if self.window == window and now <= window:
                 return window
-            window = now
+            if self.window != window and now <= window:  # blocked: wait for news
+                reached, _ = await rt.shutdown.unless_stopped(rt.windows.wait_for_window(now + 1))
+                if not reached:
+                    raise NodeStopped("stopped while joining the run")
+            window = max(window, rt.windows.current_window())
 
     async def _checkpoint_is_ahead(self, target_window: int) -> bool:
         """When behind by more than one window, a newer checkpoint beats replaying."""
@@ -238,27 +261,7 @@ class GlobalModel:
             pointer = await read_latest_pointer(self.rt.lead_store)
         except NotFound:
             return False
-        except StoreError as exc:  # replaying instead is slower, never wrong
+        except (StoreError, GlobalCheckpointError) as exc:  # replaying is slower, never wrong
             log.warning("could not read the latest checkpoint pointer: %s", exc)
             return False
         return pointer.window > self.window
-
-    async def agrees_with_lead(self, window: int) -> bool:
-        """False when the lead's report for ``window`` has another model digest than ours."""
-        ours = self.digests.get(window + 1)
-        if ours is None or self.rt.is_lead:
-            return True
-        try:
-            report = await read_report(self.rt.lead_store, window)
-        except (NotFound, ReportError, StoreError):
-            return True  # not written yet (or unreadable now): nothing to compare
-        if report.model_digest == ours:
-            return True
-        log.error(
-            "window %d: our model %s differs from the lead's %s; resyncing from its checkpoint",
-            window,
-            ours,
-            report.model_digest,
-        )
-        self.window = None
-        return False

@@ -22,7 +22,7 @@ from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tplr.errors import ConfigError
-from tplr.node.clock import WindowClock
+from tplr.protocol.clock import WindowClock
 
 log = logging.getLogger(__name__)
 

@@ -1,19 +1,19 @@
-"""The miner: per window, train on the assigned samples, publish the compressed Δ, then apply
-the peers' aggregate.
+"""The miner (protocol v2): per window, train, commit, reveal, then apply the approved set.
 
-Window ``w``:
+Window ``w`` (the phases are in :mod:`tplr.protocol.clock`):
 
 1. The assigned samples (sampler of ``(seed, uid, w, shard)``), batches from the loader.
 2. ``snapshot()``; ``inner_steps`` optimizer steps; ``Δ = θ_start − θ_end``; ``restore()``.
-3. Error feedback and chunked top-k (the run's chunk size and k), values in bf16/fp16.
-4. Upload ``gradients/{w}/{uid}.safetensors`` before the window's upload deadline.
-5. At ``w + 1``: the outer step of ``w`` (:class:`~tplr.node.global_model.GlobalModel`),
-   identical on every honest node; a node that is behind loads the lead's checkpoint and
-   replays. Then its own payloads older than ``retention_windows`` are deleted.
+3. Error feedback and chunked top-k; the payload carries the digest of ``θ_start``.
+4. Before the commit deadline: only ``commitments/{w}/{uid}.json`` (SHA-256 and size of
+   the payload). In the reveal phase: the payload ``gradients/{w}/{uid}.safetensors``.
+5. The lead's approval of ``w`` (waited for, bounded), the approved payloads from the
+   lead's copies, the outer step — identical on every honest node, checked against the
+   approval's digest. A node that cannot apply a window exactly resyncs from a checkpoint.
 
 Compute runs in worker threads; the event loop keeps serving transfers and ``/metrics``.
-The hooks :meth:`Miner.assignment` and :meth:`Miner.produce_payload` are the seams where
-the integration test's adversaries deviate from honest behaviour.
+The hooks :meth:`Miner.assignment`, :meth:`Miner.produce_payload`, :meth:`Miner.commit`
+and :meth:`Miner.reveal` are the seams where the tests' adversaries deviate.
 """
 
 from __future__ import annotations
@@ -33,23 +33,24 @@ from tplr.comms.upload import upload_bytes
 from tplr.data.dataset import SharedShardedDataset
 from tplr.data.loader import BatchLoader, LoaderConfig
 from tplr.data.sampler import rank_share
-from tplr.node.assignment import Assignment, assignment_for
 from tplr.node.global_model import GlobalModel, StepResult
 from tplr.node.housekeeping import Housekeeper, run_with_housekeeping
 from tplr.node.lifecycle import NodeStopped, Shutdown
-from tplr.node.payload import PayloadMeta, encode_payload, payload_key
 from tplr.node.ranks import Ranks, Stop, Train
 from tplr.node.reports import REPORTS_PREFIX, WindowReport, publish_report
-from tplr.node.run_spec import RunSpec
 from tplr.node.runtime import NodeRuntime, check_retention, open_runtime
 from tplr.node.settings import MinerConfig, NodeSettings
+from tplr.protocol.assignment import Assignment, assignment_for
+from tplr.protocol.commitments import COMMITMENTS_PREFIX, Commitment, commit_to, commitment_key
+from tplr.protocol.payload import PayloadMeta, encode_payload, payload_key
+from tplr.protocol.run_spec import RunSpec
 from tplr.train.compression import CompressedTensor, CompressionError, ErrorFeedbackCompressor
 from tplr.train.errors import TrainingDivergedError
 from tplr.train.worker import TrainStats, TrainWorker
 
 log = logging.getLogger(__name__)
 
-_OWN_PAYLOAD_KEY = re.compile(r"^gradients/(\d+)/(\d+)\.safetensors$")
+_OWN_KEY = re.compile(r"^(?:gradients|commitments)/(\d+)/(\d+)\.(?:safetensors|json)$")
 _OWN_REPORT_KEY = re.compile(r"^reports/(\d+)\.json$")
 
 
@@ -59,6 +60,7 @@ class WindowWork:
 
     window: int
     stats: TrainStats | None = None
+    committed: bool = False
     uploaded_bytes: int = 0
 
 
@@ -96,31 +98,49 @@ class Miner:
         rt = self.rt
         window = await self.model.join(await rt.first_window())
         while not rt.shutdown.requested:
-            if window > 0 and not await self.model.agrees_with_lead(window - 1):
-                await self.model.catch_up(window)
-            self.work = await self.work_window(window)
+            self.work = WindowWork(window)
+            if self.model.window == window:
+                self.work = await self.work_window(window)
+            applied, steps = await rt.shutdown.unless_stopped(
+                self.model.advance_to(
+                    window + 1, give_up_at_s=rt.windows.commit_deadline_s(window + 1)
+                )
+            )
+            if not applied or steps is None:
+                break
+            await self.finish_window(window, steps)
             reached, _ = await rt.shutdown.unless_stopped(rt.windows.wait_for_window(window + 1))
             if not reached:
                 break
-            now = rt.windows.current_window()
-            steps = await self.model.catch_up(now)
-            await self.finish_window(window, steps)
-            window = now
+            window = max(window + 1, rt.windows.current_window())
 
     async def work_window(self, window: int) -> WindowWork:
-        """Train, compress and upload for ``window`` (skipping what cannot be done in time)."""
+        """Train, commit and reveal for ``window`` (skipping what cannot be done in time)."""
+        rt = self.rt
         work = WindowWork(window)
-        dataset = await self.rt.manager.dataset_for(window)
+        dataset = await rt.manager.dataset_for(window)
         assignment = self.assignment(dataset, window)
         try:
             data, work.stats = await self.produce_payload(dataset, assignment)
         except (TrainingDivergedError, CompressionError) as exc:
             log.error("window %d: no payload this window: %s", window, exc)
             return work
-        if self.rt.shutdown.requested:
-            log.info("window %d: stopping before the upload", window)
+        if rt.shutdown.requested:
+            log.info("window %d: stopping before the commitment", window)
             return work
-        work.uploaded_bytes = await self.upload(window, data)
+        late_s = -rt.windows.seconds_until(rt.windows.commit_deadline_s(window))
+        if late_s > 0:
+            log.warning("window %d: finished %.1fs after the commit deadline", window, late_s)
+            return work
+        commitment = commit_to(data, run_id=rt.spec.run_id, window=window, uid=rt.uid)
+        work.committed = await self.commit(window, commitment)
+        if not work.committed:
+            return work
+        reached, _ = await rt.shutdown.unless_stopped(
+            rt.windows.sleep_until(rt.windows.reveal_open_s(window))
+        )
+        if reached:
+            work.uploaded_bytes = await self.reveal(window, data)
         return work
 
     # -- hooks -------------------------------------------------------------------------
@@ -134,15 +154,44 @@ class Miner:
         """Train on ``assignment`` and encode the compressed Δ (an adversary forges it)."""
         stats, compressed = await asyncio.to_thread(self.train_and_compress, dataset, assignment)
         self.observe_training(stats)
+        return await asyncio.to_thread(self.encode, assignment, compressed), stats
+
+    def encode(self, assignment: Assignment, compressed: dict[str, CompressedTensor]) -> bytes:
         meta = PayloadMeta(
             run_id=self.rt.spec.run_id,
             window=assignment.window,
             uid=self.rt.uid,
+            base_digest=self.model.digest or "",
             sample_digest=assignment.digest,
             sample_count=assignment.count,
         )
-        data = await asyncio.to_thread(encode_payload, meta, compressed)
-        return data, stats
+        return encode_payload(meta, compressed)
+
+    async def commit(self, window: int, commitment: Commitment) -> bool:
+        """Publish the commitment before the deadline; False when that failed."""
+        return (
+            await self.upload(
+                window,
+                commitment.to_json(),
+                commitment_key(window, self.rt.uid),
+                deadline_s=self.rt.windows.commit_deadline_s(window),
+                what="commitment",
+            )
+            > 0
+        )
+
+    async def reveal(self, window: int, data: bytes) -> int:
+        """Upload the committed payload before the reveal deadline; returns its bytes."""
+        uploaded = await self.upload(
+            window,
+            data,
+            payload_key(window, self.rt.uid),
+            deadline_s=self.rt.windows.reveal_deadline_s(window),
+            what="payload",
+        )
+        if uploaded:
+            self.rt.metrics.payload_bytes.set(uploaded)
+        return uploaded
 
     # -- steps ---------------------------------------------------------------------------
     def train_and_compress(
@@ -170,13 +219,14 @@ class Miner:
         for _ in range(stats.steps):
             metrics.inner_step_seconds.observe(per_step_s)
 
-    async def upload(self, window: int, data: bytes) -> int:
-        """Upload before the deadline; a missed deadline is logged, not fatal. Returns bytes."""
+    async def upload(
+        self, window: int, data: bytes, key: str, *, deadline_s: float, what: str
+    ) -> int:
+        """Upload before ``deadline_s``; a missed deadline is logged, not fatal. Returns bytes."""
         rt = self.rt
-        remaining_s = rt.windows.seconds_until_upload_deadline(window)
-        key = payload_key(window, rt.uid)
+        remaining_s = rt.windows.seconds_until(deadline_s)
         if remaining_s <= 0:
-            log.warning("window %d: finished %.1fs after the upload deadline", window, -remaining_s)
+            log.warning("window %d: the %s deadline passed %.1fs ago", window, what, -remaining_s)
             return 0
         started = time.monotonic()
         try:
@@ -185,14 +235,15 @@ class Miner:
                     rt.stores.own, data, key, config=rt.transfer, metrics=rt.transfer_metrics
                 )
         except TimeoutError:
-            log.warning("window %d: upload of %s missed the deadline", window, key)
+            log.warning("window %d: upload of %s missed the %s deadline", window, key, what)
             return 0
         except StoreError as exc:
             if not exc.retryable:
                 raise  # wrong keys or bucket: the operator must fix it
             log.warning("window %d: upload of %s failed after retries: %s", window, key, exc)
             return 0
-        rt.metrics.record_upload(seconds=time.monotonic() - started, payload_bytes=len(data))
+        if what == "payload":
+            rt.metrics.record_upload(seconds=time.monotonic() - started, payload_bytes=len(data))
         log.info("window %d: uploaded %s (%d bytes)", window, rt.stores.own.url(key), len(data))
         return len(data)
 
@@ -205,8 +256,8 @@ class Miner:
                 f"publish the report of window {window}",
                 lambda: publish_report(rt.stores.own, report),
             )
-        rt.progress.mark_progress(window)
-        rt.metrics.mark_progress(window)
+            rt.progress.mark_progress(window)
+            rt.metrics.mark_progress(window)
         self.housekeeper.window_done(window)
 
     async def expire(self, window: int) -> None:
@@ -219,8 +270,8 @@ class Miner:
             role="miner",
             uid=self.rt.uid,
             window=window,
-            aggregated_uids=tuple(step.aggregated),
-            rejected={str(uid): reason for uid, reason in step.rejected.items()},
+            aggregated_uids=tuple(step.approved),
+            rejected={str(uid): reason for uid, reason in step.excluded.items()},
             model_digest=step.digest,
             outer_step_norm=None if step.stats is None else step.stats.outer_step_norm,
             train_loss=None if work is None or work.stats is None else work.stats.loss,
@@ -230,13 +281,15 @@ class Miner:
         )
 
     async def prune(self, *, before: int) -> None:
-        """Delete own payloads and reports of windows ``< before`` (retention)."""
+        """Delete own payloads, commitments and reports of windows ``< before``."""
         store = self.rt.stores.own
-        victims = [
-            info.key
-            async for info in store.list("gradients/")
-            if (match := _OWN_PAYLOAD_KEY.match(info.key)) and int(match.group(1)) < before
-        ]
+        victims: list[str] = []
+        for prefix in ("gradients/", COMMITMENTS_PREFIX):
+            victims += [
+                info.key
+                async for info in store.list(prefix)
+                if (match := _OWN_KEY.match(info.key)) and int(match.group(1)) < before
+            ]
         victims += [
             info.key
             async for info in store.list(REPORTS_PREFIX)

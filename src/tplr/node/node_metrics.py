@@ -14,8 +14,8 @@ from collections.abc import Mapping
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from tplr import __version__
-from tplr.node.clock import Clock, SystemClock
-from tplr.node.payload import RejectReason
+from tplr.protocol.clock import Clock, SystemClock
+from tplr.protocol.reasons import RejectReason
 
 _STEP_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
 _TRANSFER_BUCKETS_S = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)

@@ -21,36 +21,33 @@ from prometheus_client import CollectorRegistry, PlatformCollector, ProcessColle
 
 from tplr import __version__
 from tplr.comms.errors import NotFound
-from tplr.comms.manifest import MANIFEST_NAME, Manifest
 from tplr.comms.retry import retry
 from tplr.comms.store import ObjectStore
 from tplr.comms.transfer_config import TransferConfig
 from tplr.comms.transfer_metrics import TransferMetrics
-from tplr.data.dataset_manifest import dataset_info
+from tplr.data.dataset_check import check_dataset_for_run
+from tplr.data.dataset_manifest import dataset_info, fetch_manifest
 from tplr.data.manager import SharedShardedDatasetManager, dataset_opener
 from tplr.data.manager_config import DatasetConfig
 from tplr.data.manager_metrics import DatasetMetrics
 from tplr.errors import ConfigError
-from tplr.node.clock import Clock, SystemClock, WindowClock
 from tplr.node.gather import PayloadFetcher
 from tplr.node.health import HealthServer, ProgressTracker
 from tplr.node.lifecycle import Shutdown
 from tplr.node.node_metrics import NodeMetrics
-from tplr.node.payload import PayloadSchema
 from tplr.node.peers import NodeAnnouncement, announce_node
 from tplr.node.ranks import Ranks, SingleProcess, Start
-from tplr.node.run_spec import (
-    RUN_SPEC_KEY,
-    RunSpec,
-    check_local_overrides,
-    publish_run_spec,
-    read_run_spec,
-)
+from tplr.node.run_spec import publish_run_spec, read_run_spec
 from tplr.node.settings import GatherConfig, NodeSettings
 from tplr.node.stores import NodeStores, open_node_stores
 from tplr.node.waiting import poll_until_found
 from tplr.node.worker_setup import build_worker
+from tplr.protocol.clock import Clock, SystemClock, WindowClock
+from tplr.protocol.payload import PayloadSchema
+from tplr.protocol.run_spec import RUN_SPEC_KEY, RunSpec, check_local_overrides
+from tplr.train.config import ModelConfig
 from tplr.train.distributed import DistContext, resolve_device
+from tplr.train.errors import TrainConfigError
 from tplr.train.worker import TrainWorker
 
 log = logging.getLogger(__name__)
@@ -83,15 +80,12 @@ class NodeRuntime:
     gather: GatherConfig
     shutdown: Shutdown
     ranks: Ranks
+    poll_interval_s: float = 5.0
     health_port: int | None = None
 
     @property
     def clock(self) -> Clock:
         return self.windows.clock
-
-    def upload_time_clock(self) -> WindowClock | None:
-        """The clock for upload-time checks, or None when they are turned off."""
-        return self.windows if self.gather.check_upload_time else None
 
     async def retried(self, describe: str, attempt: Callable[[], Awaitable[T]]) -> T:
         """One small request (a report, a score file), retried by the one retry policy."""
@@ -119,13 +113,40 @@ def new_registry() -> CollectorRegistry:
 async def dataset_defaults(store: ObjectStore, prefix: str) -> dict[str, Any]:
     """``vocab_size`` and ``sequence_length`` from the dataset manifest, when it says."""
     try:
-        raw = await store.get(prefix + MANIFEST_NAME)
+        manifest, _ = await fetch_manifest(store, prefix)
     except NotFound:
         return {}
-    info = dataset_info(Manifest.from_json(raw, source=store.url(prefix + MANIFEST_NAME)))
+    info = dataset_info(manifest)
     if info is None:
         return {}
     return {"vocab_size": info.vocab_size, "sequence_length": info.seq_len}
+
+
+async def check_run_before_publishing(spec: RunSpec, stores: NodeStores, prefix: str) -> None:
+    """The lead checks the model preset, the sequence length and the dataset *before* it
+    creates run.json: a run.json, once written, cannot be changed."""
+    try:
+        model = ModelConfig.preset(spec.model, vocab_size=spec.vocab_size)
+    except TrainConfigError as exc:
+        raise ConfigError(
+            f"the run's model is invalid: {exc.message}",
+            hint="set TPLR_RUN_MODEL (--run-model) to one of "
+            + ", ".join(ModelConfig.preset_names()),
+        ) from None
+    if spec.sequence_length - 1 > model.max_seq_len:
+        raise ConfigError(
+            f"sequence_length {spec.sequence_length} needs a context of "
+            f"{spec.sequence_length - 1} tokens; model {spec.model!r} takes at most "
+            f"{model.max_seq_len}",
+            hint="prepare shards with a shorter --seq-len or pick a model with a longer context",
+        )
+    summary = await check_dataset_for_run(
+        stores.dataset,
+        prefix,
+        sequence_length=spec.sequence_length,
+        vocab_size=spec.vocab_size,
+    )
+    log.info("dataset %s: %s", stores.dataset.url(prefix), summary.describe())
 
 
 async def check_dataset_present(stores: NodeStores, config: DatasetConfig) -> None:
@@ -183,6 +204,7 @@ async def agree_on_run(
             describe="read the dataset manifest",
         )
         proposed = settings.run.proposed_spec(dataset_defaults=defaults, now_s=clock.now())
+        await check_run_before_publishing(proposed, stores, settings.dataset.prefix)
         published = await retry(
             lambda: publish_run_spec(lead_store, proposed),
             settings.transfer.retry_policy(),
@@ -322,6 +344,7 @@ def _assemble(
         transfer=settings.transfer,
         gather=settings.gather,
         shutdown=shutdown,
+        poll_interval_s=settings.node.poll_interval_s,
     )
 
 

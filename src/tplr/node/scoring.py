@@ -1,149 +1,99 @@
-"""Validator scoring: per-window score from losses, moving average, the derived peer list.
+"""The validator's score board: moving scores, admission evidence, ``scores/{w}.json``.
 
-Per miner and window, the validator measures the loss on a few of the miner's *assigned*
-samples and on *random* samples, before and after applying the miner's Δ with a small
-step (:func:`measure_delta`). The window score is the relative improvement on the
-assigned samples beyond the relative improvement on random ones::
-
-    gain(before, after) = (before - after) / before
-    window_score = max(0, gain(assigned) - gain(random))   (0 when gain(assigned) <= 0)
-
-A Δ that merely helps everywhere (or was computed on other data) earns nothing beyond
-what random data shows; only work on the assigned samples does. Scores are smoothed
-with an EMA (``score ← α·window_score + (1−α)·score``); a failed check feeds a window
-score of 0; a miner that posted nothing decays (``score ← missing_decay·score``).
-The board is published as ``scores/{w}.json``; the peer list for the next window is the
-top-N uids with at least the minimum score.
+The rules are in :mod:`tplr.protocol.scoring`; this module keeps their state across
+windows and publishes it. Per miner it keeps the moving score (EMA of window scores; a
+miner that committed nothing decays by ``missing_decay``), the outcomes of its last
+``admission_windows`` evaluations (the admission evidence), and the last window's
+verdict. Each ``scores/{w}.json`` also lists every miner's verdict for window ``w`` —
+the reason it was left out (or none), its gate statistic, raw and relative reward — so
+an honest operator can see why. Reading the file back (after a restart) goes through a
+strict, bounded parser: a broken file is a :class:`ScoringError`, never a crash.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
-from typing import Any, Protocol
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 
-import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tplr.comms.store import ObjectStore
-from tplr.errors import TplrError
+from tplr.protocol.reasons import RejectReason
+from tplr.protocol.scoring import (
+    Evidence,
+    GateResult,
+    ScoringConfig,
+    ScoringError,
+    admitted,
+    ema,
+    evidence_of,
+)
+from tplr.untrusted import MalformedInput, load_json
 
 SCORES_FORMAT = "tplr-scores"
-SCORES_VERSION = 1
-
-
-class ScoringError(TplrError):
-    """Scores cannot be computed or loaded (bad losses, double update, bad file)."""
-
-
-class EvaluationFailed(ScoringError):
-    """The miner's Δ broke the model (non-finite loss): its window score is 0."""
-
-    reason = "non_finite_loss"
-
-
-class ScoringConfig(BaseModel):
-    """EMA and peer-selection settings; a run carries them in run.json (``score_*``)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    ema_alpha: float = Field(default=0.2, gt=0, le=1)
-    missing_decay: float = Field(default=0.9, ge=0, le=1)
-    top_n: int = Field(default=32, ge=1)
-    min_score: float = Field(default=0.0, ge=0)
+SCORES_VERSION = 2
+MAX_SCORES_BYTES = 32 * 1024 * 1024
+NOT_COMMITTED = {RejectReason.NO_COMMITMENT}
+"""Exclusions that mean "posted nothing": the score decays instead of taking a zero."""
 
 
 @dataclass(frozen=True, slots=True)
-class LossMeasurement:
-    assigned_before: float
-    assigned_after: float
-    random_before: float
-    random_after: float
+class MinerVerdict:
+    """What the validator concluded about one miner in one window."""
+
+    reason: RejectReason | None  # None: approved
+    evaluated: bool = False
+    gate: GateResult | None = None
+    raw_reward: float | None = None
+    window_score: float = 0.0
+
+    @property
+    def approved(self) -> bool:
+        return self.reason is None
 
 
-def relative_gain(before: float, after: float) -> float:
-    """``(before - after) / before``; losses must be finite and ``before`` positive."""
-    if not (math.isfinite(before) and math.isfinite(after)):
-        raise EvaluationFailed(f"non-finite loss (before {before}, after {after})")
-    if before <= 0:
-        raise ScoringError(f"loss before the update must be positive, got {before}")
-    return (before - after) / before
+class _Verdict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    reason: RejectReason | None = None
+    evaluated: bool = False
+    gate_z: float | None = None
+    gate_passed: bool | None = None
+    raw_reward: float | None = None
+    window_score: float = Field(default=0.0, ge=0)
 
 
-def window_score(measurement: LossMeasurement) -> float:
-    """Improvement on the assigned samples beyond the improvement on random samples (≥ 0).
+class PeerScore(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_assignment=True)
 
-    A Δ that does not improve the assigned samples at all earns 0, even if it harms random
-    samples more (noise that hurts everything must not score by hurting random data most).
-    """
-    assigned = relative_gain(measurement.assigned_before, measurement.assigned_after)
-    random = relative_gain(measurement.random_before, measurement.random_after)
-    if assigned <= 0:
-        return 0.0
-    return max(0.0, assigned - random)
+    score: float = Field(default=0.0, ge=0)
+    evidence: list[Evidence] = Field(default_factory=list, max_length=1000)
+    last_window_seen: int | None = Field(default=None, ge=0)
+    last_window_updated: int | None = Field(default=None, ge=0)
+    last_reason: RejectReason | None = None
+    last_window_score: float | None = Field(default=None, ge=0)
 
 
-def ema(previous: float, new: float, alpha: float) -> float:
-    return alpha * new + (1.0 - alpha) * previous
+class _ScoresDocument(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    format: str
+    version: int
+    window: int | None = Field(ge=0)
+    config: ScoringConfig
+    peers: dict[str, PeerScore] = Field(max_length=1 << 20)
+    verdicts: dict[str, _Verdict] = Field(default_factory=dict, max_length=1 << 20)
 
 
-class DeltaEvaluator(Protocol):
-    """What :func:`measure_delta` needs from the training worker."""
-
-    def snapshot(self) -> Mapping[str, torch.Tensor]: ...
-
-    def restore(self, snapshot: Mapping[str, torch.Tensor]) -> None: ...
-
-    def apply_update(self, delta: Mapping[str, torch.Tensor], lr: float) -> None: ...
-
-    def evaluate(self, batches: Iterable[Any]) -> float: ...
-
-
-def measure_delta(
-    worker: DeltaEvaluator,
-    delta: Mapping[str, torch.Tensor],
-    *,
-    step_lr: float,
-    assigned_batches: Sequence[Any],
-    random_batches: Sequence[Any],
-    random_before: float | None = None,
-) -> LossMeasurement:
-    """Losses before/after ``θ ← θ − step_lr·Δ``; the model is restored afterwards.
-
-    Blocking compute: run it in a worker thread. ``random_before`` may be passed when the
-    same random batches are scored for several miners (it does not depend on Δ).
-    """
-    snapshot = worker.snapshot()
-    try:
-        assigned_before = worker.evaluate(assigned_batches)
-        if random_before is None:
-            random_before = worker.evaluate(random_batches)
-        worker.apply_update(delta, step_lr)
-        assigned_after = worker.evaluate(assigned_batches)
-        random_after = worker.evaluate(random_batches)
-    finally:
-        worker.restore(snapshot)
-    return LossMeasurement(assigned_before, assigned_after, random_before, random_after)
-
-
-@dataclass(slots=True)
-class PeerScore:
-    score: float = 0.0
-    last_window_seen: int | None = None  # last window the peer posted a payload for
-    last_window_updated: int | None = None  # last window this entry was updated for
-    last_rejection_reason: str | None = None
-    last_window_score: float | None = None
-
-
+@dataclass
 class ScoreBoard:
-    """Moving-average scores per uid, serialisable as ``scores/{w}.json``."""
+    """Scores per uid; :meth:`close_window` applies one window's verdicts."""
 
-    def __init__(self, config: ScoringConfig | None = None) -> None:
-        self.config = config or ScoringConfig()
-        self.peers: dict[int, PeerScore] = {}
-        self.window: int | None = None  # last window closed
+    config: ScoringConfig = field(default_factory=ScoringConfig)
+    peers: dict[int, PeerScore] = field(default_factory=dict)
+    window: int | None = None  # last window closed
+    verdicts: dict[int, MinerVerdict] = field(default_factory=dict)  # of ``window``
 
     def _entry(self, uid: int, window: int) -> PeerScore:
         entry = self.peers.setdefault(uid, PeerScore())
@@ -156,93 +106,102 @@ class ScoreBoard:
         entry.last_window_updated = window
         return entry
 
-    def record_score(self, uid: int, window: int, score: float) -> None:
-        """The peer posted a valid payload that earned ``score`` this window."""
-        if not (math.isfinite(score) and score >= 0):
-            raise ScoringError(f"window score of uid {uid} must be finite and >= 0, got {score}")
+    def record(self, uid: int, window: int, verdict: MinerVerdict) -> None:
+        if not (math.isfinite(verdict.window_score) and verdict.window_score >= 0):
+            raise ScoringError(f"window score of uid {uid} must be finite and >= 0")
         entry = self._entry(uid, window)
-        entry.score = ema(entry.score, score, self.config.ema_alpha)
+        if verdict.reason in NOT_COMMITTED:
+            entry.score *= self.config.missing_decay
+            entry.last_window_score = None
+            entry.last_reason = verdict.reason
+            return
         entry.last_window_seen = window
-        entry.last_window_score = score
-
-    def record_failure(self, uid: int, window: int, reason: str) -> None:
-        """The peer posted, but a check failed (``reason`` is a low-cardinality label)."""
-        entry = self._entry(uid, window)
-        entry.score = ema(entry.score, 0.0, self.config.ema_alpha)
-        entry.last_window_seen = window
-        entry.last_rejection_reason = reason
-        entry.last_window_score = 0.0
-
-    def record_missing(self, uid: int, window: int) -> None:
-        """The peer was expected but posted nothing: its score decays."""
-        entry = self._entry(uid, window)
-        entry.score *= self.config.missing_decay
-        entry.last_window_score = None
+        entry.last_reason = verdict.reason
+        if verdict.evaluated:
+            history = [*entry.evidence, evidence_of(verdict.gate, verdict.raw_reward)]
+            entry.evidence = history[-self.config.admission_windows :]
+        if verdict.reason is RejectReason.NOT_EVALUATED:
+            return  # no measurement this window: the score stands
+        entry.score = ema(entry.score, verdict.window_score, self.config.ema_alpha)
+        entry.last_window_score = verdict.window_score
 
     def close_window(
-        self,
-        window: int,
-        *,
-        scores: Mapping[int, float],
-        failures: Mapping[int, str],
-        expected_uids: Iterable[int] = (),
+        self, window: int, verdicts: Mapping[int, MinerVerdict], *, expected_uids: Iterable[int]
     ) -> None:
-        """Apply one window's outcome; expected uids with neither outcome decay."""
-        both = set(scores) & set(failures)
-        if both:
-            raise ScoringError(f"uids {sorted(both)} have both a score and a failure")
-        for uid in sorted(scores):
-            self.record_score(uid, window, scores[uid])
-        for uid in sorted(failures):
-            self.record_failure(uid, window, failures[uid])
-        for uid in sorted(set(expected_uids) - set(scores) - set(failures)):
-            self.record_missing(uid, window)
+        """Apply one window's verdicts; expected uids without one posted nothing."""
+        complete = dict(verdicts)
+        for uid in set(expected_uids) - set(complete):
+            complete[uid] = MinerVerdict(reason=RejectReason.NO_COMMITMENT)
+        for uid in sorted(complete):
+            self.record(uid, window, complete[uid])
         self.window = window
+        self.verdicts = complete
 
     def scores(self) -> dict[int, float]:
         return {uid: entry.score for uid, entry in sorted(self.peers.items())}
 
-    def top_peers(self, n: int | None = None, min_score: float | None = None) -> list[int]:
-        """Up to ``n`` uids by descending score (ties by uid) with score ≥ ``min_score``
-        (and > 0: a peer that never earned anything is not gathered)."""
-        n = self.config.top_n if n is None else n
-        floor = self.config.min_score if min_score is None else min_score
-        eligible = [
+    def admitted(self) -> list[int]:
+        """Up to ``top_n`` admitted uids, best moving score first (ties by uid)."""
+        members = [
             (uid, entry.score)
             for uid, entry in self.peers.items()
-            if entry.score >= floor and entry.score > 0
+            if admitted(entry.evidence, self.config)
         ]
-        eligible.sort(key=lambda item: (-item[1], item[0]))
-        return [uid for uid, _ in eligible[:n]]
+        members.sort(key=lambda item: (-item[1], item[0]))
+        return sorted(uid for uid, _ in members[: self.config.top_n])
+
+    def evidence_counts(self) -> dict[int, int]:
+        return {uid: len(entry.evidence) for uid, entry in self.peers.items()}
 
     def to_json(self) -> bytes:
-        document = {
-            "format": SCORES_FORMAT,
-            "version": SCORES_VERSION,
-            "window": self.window,
-            "config": self.config.model_dump(),
-            "peers": {str(uid): asdict(entry) for uid, entry in sorted(self.peers.items())},
-        }
-        return json.dumps(document, indent=1, allow_nan=False).encode()
+        document = _ScoresDocument(
+            format=SCORES_FORMAT,
+            version=SCORES_VERSION,
+            window=self.window,
+            config=self.config,
+            peers={str(uid): entry for uid, entry in sorted(self.peers.items())},
+            verdicts={
+                str(uid): _Verdict(
+                    reason=verdict.reason,
+                    evaluated=verdict.evaluated,
+                    gate_z=None if verdict.gate is None else verdict.gate.z,
+                    gate_passed=None if verdict.gate is None else verdict.gate.passed,
+                    raw_reward=verdict.raw_reward,
+                    window_score=verdict.window_score,
+                )
+                for uid, verdict in sorted(self.verdicts.items())
+            },
+        )
+        return document.model_dump_json(indent=1).encode()
 
     @classmethod
     def from_json(cls, data: bytes | str, *, source: str = "scores") -> ScoreBoard:
+        """Parse a scores file; anything wrong with it is a :class:`ScoringError`."""
+        hint = "start scoring afresh (the file is ignored) or fix the file"
         try:
-            document = json.loads(data)
-            if (document.get("format"), document.get("version")) != (
-                SCORES_FORMAT,
-                SCORES_VERSION,
-            ):
-                raise ValueError(f"format/version {document.get('format')!r} is not ours")
-            board = cls(ScoringConfig.model_validate(document["config"]))
-            board.window = document["window"]
-            board.peers = {int(uid): PeerScore(**entry) for uid, entry in document["peers"].items()}
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raw = load_json(data, what=source, max_bytes=MAX_SCORES_BYTES, max_depth=4)
+            document = _ScoresDocument.model_validate(raw)
+        except MalformedInput as exc:
+            message = f"{source} is not a valid scores file: {exc.message}"
+            raise ScoringError(message, hint=hint) from None
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            where = ".".join(str(part) for part in error["loc"]) or "(document)"
             raise ScoringError(
-                f"{source} is not a valid scores file: {exc}",
-                hint="start scoring afresh (delete the local copy) or fix the file",
-            ) from exc
-        return board
+                f"{source} is not a valid scores file: {where}: {error['msg']}", hint=hint
+            ) from None
+        if (document.format, document.version) != (SCORES_FORMAT, SCORES_VERSION):
+            raise ScoringError(
+                f"{source} is format {document.format[:40]!r} version {document.version}, "
+                f"expected {SCORES_FORMAT!r} version {SCORES_VERSION}",
+                hint=hint,
+            )
+        peers: dict[int, PeerScore] = {}
+        for key, entry in document.peers.items():
+            if not key.isascii() or not key.isdigit() or len(key) > 10:
+                raise ScoringError(f"{source}: peer key {key[:20]!r} is not a uid", hint=hint)
+            peers[int(key)] = entry
+        return cls(config=document.config, peers=peers, window=document.window)
 
 
 def scores_key(window: int) -> str:
@@ -260,4 +219,7 @@ async def publish_scores(store: ObjectStore, board: ScoreBoard) -> str:
 
 async def read_scores(store: ObjectStore, window: int) -> ScoreBoard:
     key = scores_key(window)
+    info = await store.head(key)
+    if info.size > MAX_SCORES_BYTES:
+        raise ScoringError(f"{store.url(key)} is {info.size} bytes; too large for a scores file")
     return ScoreBoard.from_json(await store.get(key), source=store.url(key))

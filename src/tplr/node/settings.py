@@ -31,7 +31,7 @@ from tplr.comms.transfer_config import TransferConfig
 from tplr.data.manager_config import DatasetConfig
 from tplr.errors import ConfigError
 from tplr.node.health import HealthConfig
-from tplr.node.run_spec import RunSpec
+from tplr.protocol.run_spec import RunSpec
 
 Role = Literal["miner", "validator"]
 
@@ -90,8 +90,9 @@ class GatherConfig(BaseSettings):
     max_concurrency: int = Field(default=16, ge=1, le=1024, description="peers fetched at once")
     check_upload_time: bool = Field(
         default=True,
-        description="reject payloads whose LastModified lies outside their window "
-        "(turn off only when the node's clock is not the store's, as in simulations)",
+        description="also check the store's LastModified of commitments and payloads against "
+        "the window's phases (turn off only when the node's clock is not the store's, as in "
+        "simulations; commitments must be observed in time either way)",
     )
 
 
@@ -114,23 +115,16 @@ class ValidatorConfig(BaseSettings):
         validation_alias=AliasChoices("TPLR_LEAD", "lead"),
         description="this is the lead validator: it creates run.json, publishes checkpoints",
     )
-    eval_assigned_samples: int = Field(
-        default=64, ge=1, le=1 << 20, description="assigned samples scored per miner"
-    )
-    eval_random_samples: int = Field(
-        default=64, ge=1, le=1 << 20, description="random samples scored per window"
-    )
-    eval_val_samples: int = Field(
-        default=64, ge=1, le=1 << 20, description="validation samples per window (lead)"
-    )
     max_miners_per_window: int = Field(
-        default=64, ge=1, le=1 << 20, description="miners scored per window (rotating subset)"
+        default=64,
+        ge=1,
+        le=1 << 20,
+        description="miners evaluated per window at most (a secret subset when more post)",
     )
-    score_step_lr: float | None = Field(
+    init_model: Path | None = Field(
         default=None,
-        gt=0,
-        le=10,
-        description="step applied to a miner's Δ when scoring (default: the run's outer_lr)",
+        description="lead only: start a new run from this checkpoint file instead of a "
+        "fresh model (e.g. the latest checkpoint of an older run)",
     )
     checkpoints_kept: int = Field(default=3, ge=1, le=1000, description="checkpoints kept")
     retention_windows: int = Field(
@@ -138,9 +132,6 @@ class ValidatorConfig(BaseSettings):
         ge=2,
         le=100_000,
         description="keep this many windows of scores, peer lists and reports",
-    )
-    eval_seed: int | None = Field(
-        default=None, ge=0, description="seed of the random evaluation samples (default: random)"
     )
 
 
@@ -153,7 +144,10 @@ _RUN_HELP = {
     "run_id": "name of the run",
     "genesis_s": "unix time at which window 0 starts (lead default: now)",
     "window_seconds": "length of a window",
-    "upload_deadline_fraction": "share of the window within which payloads must be uploaded",
+    "commit_deadline_fraction": "share of the window by which miners commit (train + commit)",
+    "reveal_open_fraction": "share of the window at which miners may reveal their payloads",
+    "reveal_deadline_fraction": "share of the window by which payloads must be revealed",
+    "approval_deadline_fraction": "share of the window by which the lead approves",
     "inner_steps": "optimizer steps per window",
     "inner_lr": "inner (AdamW) learning rate",
     "outer_lr": "step size of the aggregated outer update",
@@ -169,10 +163,17 @@ _RUN_HELP = {
     "windows_per_shard": "windows trained on one dataset shard",
     "seed": "seed of the sample assignment and the model init",
     "checkpoint_every_windows": "the lead publishes a checkpoint this often",
-    "peers_top_n": "peers in each published peer list",
-    "peers_min_score": "minimum score to be in the peer list",
+    "peers_top_n": "admitted miners in each published peer list, at most",
     "score_ema_alpha": "weight of the newest window in the moving-average score",
     "score_missing_decay": "score factor for a window without a payload",
+    "gate_alpha": "significance level of the trained-on-assigned-data gate",
+    "gate_samples": "assigned and never-assigned rows compared by the gate",
+    "heldout_samples": "held-out rows of the reward's gradient",
+    "reward_cap": "largest window score, relative to the window's median reward",
+    "admission_passes": "gate passes needed in the admission window to be admitted",
+    "admission_windows": "evaluations the admission rule looks back over",
+    "bootstrap_windows": "first windows approved on held-out improvement alone",
+    "duplicate_cosine": "cosine from which two updates count as the same",
 }
 LEAD_DEFAULTS: dict[str, Any] = {
     "window_seconds": 120.0,

@@ -19,8 +19,8 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings
 
 from tplr.errors import ConfigError
-from tplr.node.run_spec import RunSpec
 from tplr.node.settings import LEAD_DEFAULTS, NodeSettings, Role, components_for
+from tplr.protocol.run_spec import RunSpec
 
 DEFAULT_ENV_FILE = ".env"
 FLAG_ALIASES = {"DATASET_KEEP_SHARDS": ("--keep-shards",)}

@@ -8,8 +8,8 @@ from typing import TypeVar
 
 from tplr.comms.errors import NotFound, StoreError
 from tplr.errors import TplrError
-from tplr.node.clock import Clock
 from tplr.node.lifecycle import NodeStopped, Shutdown
+from tplr.protocol.clock import Clock
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

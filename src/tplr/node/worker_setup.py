@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry
 
-from tplr.node.run_spec import RunSpec
 from tplr.node.settings import NodeConfig
+from tplr.protocol.run_spec import RunSpec
 from tplr.train.config import ModelConfig, TrainConfig, build_config
 from tplr.train.distributed import DistContext
 from tplr.train.metrics import TrainMetrics

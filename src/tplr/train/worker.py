@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -289,6 +290,62 @@ class TrainWorker:
         if self.metrics is not None:
             self.metrics.eval_loss.set(mean)
         return mean
+
+    @torch.no_grad()
+    def sample_losses(self, batches: Iterable[Batch]) -> torch.Tensor:
+        """Mean token loss per row over ``batches``, as one float32 CPU tensor ``(rows,)``.
+
+        Single process only (validators): the scoring gate compares rows one by one."""
+        self.model.eval()
+        spec = BatchSpec(
+            vocab_size=self.model_config.vocab_size,
+            max_seq_len=self.model_config.max_seq_len,
+            check_token_ids=self.config.validate_batches,
+        )
+        per_row = []
+        for index, raw in enumerate(batches):
+            inputs, targets = check_batch(raw, spec, index)
+            inputs, targets = to_device(inputs, self.device), to_device(targets, self.device)
+            with self._autocast():
+                logits = self.model.logits(inputs)  # (B, T, V)
+            losses = F.cross_entropy(
+                logits.flatten(0, 1).float(), targets.flatten(), reduction="none"
+            )
+            per_row.append(losses.view(targets.shape).mean(dim=1))  # (B,)
+        if not per_row:
+            raise BatchError("sample_losses got no batches", hint="pass at least one batch")
+        return torch.cat(per_row).float().cpu()  # sync point
+
+    def loss_gradient(self, batches: Iterable[Batch]) -> tuple[float, param_ops.ParameterDict]:
+        """``(mean loss, ∇ mean loss)`` over ``batches`` at the current parameters, each
+        batch weighted by its tokens; leaves no gradient behind (single process only)."""
+        self.model.eval()
+        spec = BatchSpec(
+            vocab_size=self.model_config.vocab_size,
+            max_seq_len=self.model_config.max_seq_len,
+            check_token_ids=self.config.validate_batches,
+        )
+        materialised = [check_batch(raw, spec, index) for index, raw in enumerate(batches)]
+        if not materialised:
+            raise BatchError("loss_gradient got no batches", hint="pass at least one batch")
+        total_tokens = sum(targets.numel() for _, targets in materialised)
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        self.model.zero_grad(set_to_none=True)
+        try:
+            for inputs, targets in materialised:
+                inputs, targets = to_device(inputs, self.device), to_device(targets, self.device)
+                with self._autocast():
+                    loss = self.model(inputs, targets)  # scalar, fp32
+                share = targets.numel() / total_tokens
+                (loss * share).backward()
+                loss_sum += loss.detach().double() * share
+            gradient = {
+                name: (torch.zeros_like(p) if p.grad is None else p.grad.detach().clone())
+                for name, p in self.model.named_parameters()
+            }
+        finally:
+            self.model.zero_grad(set_to_none=True)
+        return float(loss_sum), gradient  # sync point
 
     # -- parameters --------------------------------------------------------------------
     def snapshot(self) -> param_ops.ParameterDict:

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 import pytest
 
 from tplr.errors import ConfigError
-from tplr.node.clock import Clock, FakeClock, SystemClock, WindowClock
+from tplr.protocol.clock import Clock, FakeClock, Phases, SystemClock, WindowClock
 
 GENESIS = 1_700_000_000.0
 
@@ -32,43 +32,62 @@ def test_window_boundaries_are_half_open():
 
 
 def test_window_at_exact_boundaries_with_awkward_float_lengths():
-    windows = WindowClock(genesis_s=1_712_345_678.9, window_seconds=0.1, clock=FakeClock())
+    windows = WindowClock(genesis_s=1_712_345_678.9, window_seconds=1.1, clock=FakeClock())
     for window in range(0, 5000, 7):
         start = windows.window_start_s(window)
         assert windows.window_at(start) == window
         assert windows.window_at(windows.window_end_s(window)) == window + 1
 
 
-def test_upload_deadline_and_time_until_next_window():
-    fake, windows = make_clock(upload_deadline_fraction=0.75)
+def test_phase_boundaries_and_timing_checks():
+    fake, windows = make_clock(
+        phases=Phases(commit=0.5, reveal_open=0.6, reveal=0.75, approval=0.9)
+    )
     fake.advance(60 * 5 + 10)
     assert windows.current_window() == 5
-    assert windows.upload_deadline_s(5) == GENESIS + 300 + 45
-    assert windows.seconds_until_upload_deadline(5) == pytest.approx(35)
+    start = GENESIS + 300
+    assert windows.phase_boundaries_s(5) == (
+        start + 30,
+        start + 36,
+        start + 45,
+        start + 54,
+        start + 60,
+    )
+    assert windows.seconds_until(windows.commit_deadline_s(5)) == pytest.approx(20)
     assert windows.seconds_until_next_window() == pytest.approx(50)
-    assert windows.uploaded_in_time(5, GENESIS + 300)
-    assert windows.uploaded_in_time(5, GENESIS + 345)
-    assert not windows.uploaded_in_time(5, GENESIS + 345.001)
-    assert not windows.uploaded_in_time(5, GENESIS + 299.999)
-    as_datetime = datetime.fromtimestamp(GENESIS + 320, tz=UTC)
-    assert windows.uploaded_in_time(5, as_datetime)
-    fake.advance(40)
-    assert windows.seconds_until_upload_deadline(5) < 0
+    assert windows.committed_in_time(5, start)
+    assert windows.committed_in_time(5, start + 30)
+    assert not windows.committed_in_time(5, start + 30.001)
+    assert not windows.committed_in_time(5, start - 0.001)
+    assert windows.committed_in_time(5, datetime.fromtimestamp(start + 20, tz=UTC))
+    assert not windows.revealed_in_time(5, start + 29)  # readable before the commit deadline
+    assert windows.revealed_in_time(5, start + 40)
+    assert not windows.revealed_in_time(5, start + 45.5)
 
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
         ({"window_seconds": 0}, "window_seconds"),
+        ({"window_seconds": 1e-300}, "window_seconds"),
         ({"window_seconds": float("nan")}, "window_seconds"),
-        ({"window_seconds": 60, "upload_deadline_fraction": 0}, "upload_deadline_fraction"),
-        ({"window_seconds": 60, "upload_deadline_fraction": 1.5}, "upload_deadline_fraction"),
+        ({"window_seconds": 60, "genesis_s": float("inf")}, "genesis_s"),
     ],
 )
 def test_bad_window_settings_are_refused(kwargs, message):
+    """Issue 10, item 7: ``window_seconds: 1e-300`` or ``genesis_s: Infinity`` were accepted."""
     with pytest.raises(ConfigError, match=message) as info:
-        WindowClock(genesis_s=GENESIS, **kwargs)
+        WindowClock(**{"genesis_s": GENESIS, **kwargs})
     assert "run.json" in info.value.hint
+
+
+@pytest.mark.parametrize(
+    "fractions",
+    [(0.6, 0.6, 0.7, 0.9), (0.8, 0.7, 0.9, 0.95), (0.6, 0.65, 0.75, 1.01), (0, 0.1, 0.2, 0.3)],
+)
+def test_phases_must_be_ordered(fractions):
+    with pytest.raises(ConfigError, match="commit < reveal_open < reveal < approval"):
+        Phases(*fractions)
 
 
 async def test_wait_for_window_sleeps_on_the_fake_clock_until_stepped():

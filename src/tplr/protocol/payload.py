@@ -1,26 +1,24 @@
-"""Gradient payloads: ``gradients/{w}/{uid}.safetensors``, encoded and strictly validated.
+"""Gradient payloads (protocol v2): encoded, and strictly validated at the trust boundary.
 
 A payload holds, per model parameter ``name``, two tensors ``{name}.idx`` (indices inside
 each chunk, shape ``(n_chunks, k)``) and ``{name}.val`` (bf16/fp16 values, same shape),
 plus string metadata in the safetensors header: format, version, run id, window, uid,
-sample digest, sample count and code version. Safetensors only; nothing here ever
-unpickles (no ``torch.load``).
+**base digest** (the model the Δ was computed from), sample digest, sample count and code
+version. Safetensors only; nothing here ever unpickles.
 
 Validation is ordered cheapest first (size, header, metadata, key set, dtypes and
 shapes from the header alone, then the tensor data) and raises :class:`PayloadRejected`
-with a low-cardinality :class:`RejectReason` suitable as a metric label. Decoding a large
-payload is CPU work: from the event loop use :func:`decode_payload_async`.
+with a :class:`~tplr.protocol.reasons.RejectReason`. The header is parsed by
+:func:`tplr.untrusted.load_json` (bounded size and depth, no duplicate keys), numbers in
+the metadata must be ASCII digits. Decoding is CPU work: call it in a worker thread.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
-from enum import StrEnum
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,17 +29,19 @@ from safetensors.torch import save as safetensors_save
 from tplr import __version__
 from tplr.data.sampler import sample_ids_digest
 from tplr.errors import TplrError
-from tplr.node.clock import WindowClock
+from tplr.protocol.reasons import RejectReason
 from tplr.train.compression import CompressedTensor, CompressionSettings
+from tplr.untrusted import MalformedInput, load_json, parse_ascii_int
 
 PAYLOAD_FORMAT = "tplr-gradient"
-PAYLOAD_VERSION = "1"
+PAYLOAD_VERSION = "2"
 INDEX_SUFFIX = ".idx"
 VALUES_SUFFIX = ".val"
 HEADER_ALLOWANCE_BYTES = 64 * 1024
 """Room for the JSON header beyond the tensor bytes when sizing the limit."""
 _HEADER_BYTES_PER_TENSOR = 256
-_MAX_HEADER_BYTES = 100 * 1024 * 1024
+_MAX_METADATA_ENTRIES = 32
+_MAX_METADATA_VALUE = 256
 _SAFETENSORS_DTYPES = {
     torch.uint8: "U8",
     torch.int16: "I16",
@@ -49,32 +49,14 @@ _SAFETENSORS_DTYPES = {
     torch.bfloat16: "BF16",
     torch.float16: "F16",
 }
-
-
-class RejectReason(StrEnum):
-    """Why a payload was refused; the values are stable metric labels."""
-
-    NOT_SAFETENSORS = "not_safetensors"
-    TOO_LARGE = "too_large"
-    BAD_METADATA = "bad_metadata"
-    MISSING_KEYS = "missing_keys"
-    EXTRA_KEYS = "extra_keys"
-    BAD_DTYPE = "bad_dtype"
-    BAD_SHAPE = "bad_shape"
-    INDEX_OUT_OF_RANGE = "index_out_of_range"
-    DUPLICATE_INDEX = "duplicate_index"
-    NON_FINITE = "non_finite"
-    WRONG_RUN = "wrong_run"
-    WRONG_WINDOW = "wrong_window"
-    WRONG_UID = "wrong_uid"
-    DIGEST_MISMATCH = "digest_mismatch"
-    OUTSIDE_WINDOW = "outside_window"
+_MAX_UID = (1 << 31) - 1
+_MAX_WINDOW = (1 << 40) - 1
 
 
 class PayloadRejected(TplrError):
     """A peer's payload failed validation. ``reason`` is a :class:`RejectReason`."""
 
-    hint = "the peer's payload is skipped for this window and scores 0"
+    hint = "the peer's payload is left out of this window and scores 0"
 
     def __init__(self, reason: RejectReason, message: str) -> None:
         super().__init__(f"payload rejected ({reason.value}): {message}")
@@ -98,6 +80,7 @@ class PayloadMeta:
     run_id: str
     window: int
     uid: int
+    base_digest: str  # the model at the start of ``window`` that the Δ was computed from
     sample_digest: str
     sample_count: int
     code_version: str = __version__
@@ -109,39 +92,46 @@ class PayloadMeta:
             "run_id": self.run_id,
             "window": str(self.window),
             "uid": str(self.uid),
+            "base_digest": self.base_digest,
             "sample_digest": self.sample_digest,
             "sample_count": str(self.sample_count),
             "code_version": self.code_version,
         }
 
     @classmethod
-    def from_metadata(cls, metadata: Mapping[str, str]) -> PayloadMeta:
+    def from_metadata(cls, metadata: Mapping[str, Any]) -> PayloadMeta:
         def field(name: str) -> str:
             value = metadata.get(name)
-            if not isinstance(value, str):
-                raise PayloadRejected(RejectReason.BAD_METADATA, f"metadata field {name!r} missing")
+            if not isinstance(value, str) or len(value) > _MAX_METADATA_VALUE:
+                raise PayloadRejected(
+                    RejectReason.BAD_METADATA, f"metadata field {name!r} missing or not a string"
+                )
             return value
 
-        def number(name: str) -> int:
-            value = field(name)
-            if not value.isdigit() or len(value) > 18:
-                raise PayloadRejected(
-                    RejectReason.BAD_METADATA, f"metadata {name}={value[:40]!r} is not a count"
-                )
-            return int(value)
+        def number(name: str, max_value: int) -> int:
+            try:
+                return parse_ascii_int(field(name), what=f"metadata {name}", max_value=max_value)
+            except MalformedInput as exc:
+                raise PayloadRejected(RejectReason.BAD_METADATA, exc.message) from None
 
-        if (field("format"), field("version")) != (PAYLOAD_FORMAT, PAYLOAD_VERSION):
+        if field("format") != PAYLOAD_FORMAT:
             raise PayloadRejected(
                 RejectReason.BAD_METADATA,
-                f"format {metadata.get('format')!r} version {metadata.get('version')!r}, "
-                f"expected {PAYLOAD_FORMAT!r} version {PAYLOAD_VERSION}",
+                f"format {field('format')[:40]!r}, expected {PAYLOAD_FORMAT!r}",
+            )
+        if field("version") != PAYLOAD_VERSION:
+            raise PayloadRejected(
+                RejectReason.PROTOCOL_VERSION,
+                f"protocol version {field('version')[:8]!r}, this run speaks version "
+                f"{PAYLOAD_VERSION} (the miner must upgrade its node)",
             )
         return cls(
             run_id=field("run_id"),
-            window=number("window"),
-            uid=number("uid"),
+            window=number("window", _MAX_WINDOW),
+            uid=number("uid", _MAX_UID),
+            base_digest=field("base_digest"),
             sample_digest=field("sample_digest"),
-            sample_count=number("sample_count"),
+            sample_count=number("sample_count", 1 << 40),
             code_version=field("code_version"),
         )
 
@@ -187,13 +177,13 @@ class PayloadSchema:
 
 @dataclass(frozen=True)
 class PayloadExpectation:
-    """What the gatherer knows independently: whose payload, for which run and window."""
+    """What the checker knows independently: whose payload, for which run, window and base."""
 
     run_id: str
     window: int
     uid: int
-    sample_digest: str | None = None  # None: not checked (miners gathering peers)
-    window_clock: WindowClock | None = None  # with ``uploaded_at``: upload time checked
+    base_digest: str | None = None  # None: not checked
+    sample_digest: str | None = None  # None: not checked (only validators recompute it)
 
 
 def encode_payload(meta: PayloadMeta, compressed: Mapping[str, CompressedTensor]) -> bytes:
@@ -212,42 +202,41 @@ def check_payload_size(size_bytes: int, schema: PayloadSchema) -> None:
         )
 
 
-def check_upload_time(
-    window_clock: WindowClock, window: int, uploaded_at: datetime | float
-) -> None:
-    """The object's LastModified must lie between the window's start and upload deadline."""
-    if not window_clock.uploaded_in_time(window, uploaded_at):
-        stamp = uploaded_at.timestamp() if isinstance(uploaded_at, datetime) else uploaded_at
-        start_s = window_clock.window_start_s(window)
-        deadline_s = window_clock.upload_deadline_s(window)
-        raise PayloadRejected(
-            RejectReason.OUTSIDE_WINDOW,
-            f"uploaded at {stamp:.3f}, window {window} accepts uploads from "
-            f"{start_s:.3f} to {deadline_s:.3f} (unix seconds)",
-        )
-
-
-def read_safetensors_header(data: bytes) -> tuple[dict[str, dict], dict[str, str]]:
+def read_safetensors_header(
+    data: bytes, *, max_header_bytes: int
+) -> tuple[dict[str, dict], dict[str, Any]]:
     """Parse the header without touching tensor data: ``(tensors, metadata)``."""
     if len(data) < 8:
         raise PayloadRejected(RejectReason.NOT_SAFETENSORS, f"only {len(data)} bytes")
     (header_len,) = struct.unpack("<Q", data[:8])
-    if header_len > min(len(data) - 8, _MAX_HEADER_BYTES):
+    if header_len > min(len(data) - 8, max_header_bytes):
         raise PayloadRejected(
             RejectReason.NOT_SAFETENSORS,
-            f"header length {header_len} does not fit in {len(data)} bytes (not safetensors)",
+            f"header length {header_len} does not fit in {len(data)} bytes "
+            f"(or exceeds {max_header_bytes}): not safetensors",
         )
     try:
-        header = json.loads(data[8 : 8 + header_len])
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise PayloadRejected(RejectReason.NOT_SAFETENSORS, f"header is not JSON: {exc}") from None
+        header = load_json(
+            data[8 : 8 + header_len], what="header", max_bytes=max_header_bytes, max_depth=3
+        )
+    except MalformedInput as exc:
+        raise PayloadRejected(RejectReason.NOT_SAFETENSORS, exc.message) from None
     if not isinstance(header, dict):
         raise PayloadRejected(RejectReason.NOT_SAFETENSORS, "header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise PayloadRejected(RejectReason.BAD_METADATA, "__metadata__ is not an object")
+    if not isinstance(metadata, dict) or len(metadata) > _MAX_METADATA_ENTRIES:
+        raise PayloadRejected(
+            RejectReason.BAD_METADATA,
+            f"__metadata__ must be an object of at most {_MAX_METADATA_ENTRIES} strings",
+        )
     for key, entry in header.items():
-        if not (isinstance(entry, dict) and isinstance(entry.get("shape"), list)):
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if not (
+            isinstance(shape, list)
+            and len(shape) <= 8
+            and all(type(dim) is int and 0 <= dim < 1 << 40 for dim in shape)
+            and isinstance(entry.get("dtype"), str)
+        ):
             raise PayloadRejected(RejectReason.NOT_SAFETENSORS, f"bad header entry {key[:80]!r}")
     return header, metadata
 
@@ -263,6 +252,12 @@ def _check_identity(meta: PayloadMeta, expect: PayloadExpectation) -> None:
         )
     if meta.uid != expect.uid:
         raise PayloadRejected(RejectReason.WRONG_UID, f"uid {meta.uid}, expected {expect.uid}")
+    if expect.base_digest is not None and meta.base_digest != expect.base_digest:
+        raise PayloadRejected(
+            RejectReason.WRONG_BASE,
+            f"computed from model {meta.base_digest[:80]!r}, the global model of window "
+            f"{expect.window} is {expect.base_digest!r}",
+        )
     if expect.sample_digest is not None and meta.sample_digest != expect.sample_digest:
         raise PayloadRejected(
             RejectReason.DIGEST_MISMATCH,
@@ -285,11 +280,11 @@ def _check_layout(header: Mapping[str, dict], schema: PayloadSchema) -> None:
             RejectReason.EXTRA_KEYS, f"{len(extra)} unexpected tensors, e.g. {shown}"
         )
     for key, (dtype, shape) in expected.items():
-        got_dtype = header[key].get("dtype")
+        got_dtype = header[key]["dtype"]
         if got_dtype != _SAFETENSORS_DTYPES[dtype]:
             raise PayloadRejected(
                 RejectReason.BAD_DTYPE,
-                f"{key} has dtype {str(got_dtype)[:20]}, expected {_SAFETENSORS_DTYPES[dtype]}",
+                f"{key} has dtype {got_dtype[:20]}, expected {_SAFETENSORS_DTYPES[dtype]}",
             )
         if tuple(header[key]["shape"]) != shape:
             raise PayloadRejected(
@@ -300,6 +295,7 @@ def _check_layout(header: Mapping[str, dict], schema: PayloadSchema) -> None:
 
 def _check_values(tensors: Mapping[str, torch.Tensor], schema: PayloadSchema) -> None:
     chunk_size = schema.settings.chunk_size
+    any_nonzero = False
     for name in schema.param_shapes:
         indices = tensors[name + INDEX_SUFFIX]
         if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= chunk_size):
@@ -312,24 +308,25 @@ def _check_values(tensors: Mapping[str, torch.Tensor], schema: PayloadSchema) ->
             raise PayloadRejected(
                 RejectReason.DUPLICATE_INDEX, f"{name}{INDEX_SUFFIX} repeats an index in a chunk"
             )
-        if not bool(torch.isfinite(tensors[name + VALUES_SUFFIX]).all()):
+        values = tensors[name + VALUES_SUFFIX]
+        if not bool(torch.isfinite(values).all()):
             raise PayloadRejected(
                 RejectReason.NON_FINITE, f"{name}{VALUES_SUFFIX} holds NaN or infinity"
             )
+        any_nonzero = any_nonzero or bool(values.any())
+    if not any_nonzero:
+        raise PayloadRejected(RejectReason.ZERO_UPDATE, "every value is zero: no update")
 
 
 def decode_payload(
-    data: bytes,
-    schema: PayloadSchema,
-    expect: PayloadExpectation,
-    *,
-    uploaded_at: datetime | float | None = None,
+    data: bytes, schema: PayloadSchema, expect: PayloadExpectation
 ) -> GradientPayload:
-    """Validate ``data`` completely and return the typed payload, or raise PayloadRejected."""
+    """Validate ``data`` completely and return the typed payload, or raise PayloadRejected.
+
+    Blocking CPU work: call it in a worker thread."""
     check_payload_size(len(data), schema)
-    if uploaded_at is not None and expect.window_clock is not None:
-        check_upload_time(expect.window_clock, expect.window, uploaded_at)
-    header, metadata = read_safetensors_header(data)
+    header_limit = HEADER_ALLOWANCE_BYTES + 2 * len(schema.param_shapes) * _HEADER_BYTES_PER_TENSOR
+    header, metadata = read_safetensors_header(data, max_header_bytes=header_limit)
     meta = PayloadMeta.from_metadata(metadata)
     _check_identity(meta, expect)
     _check_layout(header, schema)
@@ -347,14 +344,3 @@ def decode_payload(
         for name, shape in schema.param_shapes.items()
     }
     return GradientPayload(meta=meta, tensors=compressed)
-
-
-async def decode_payload_async(
-    data: bytes,
-    schema: PayloadSchema,
-    expect: PayloadExpectation,
-    *,
-    uploaded_at: datetime | float | None = None,
-) -> GradientPayload:
-    """:func:`decode_payload` in a worker thread, keeping the event loop free."""
-    return await asyncio.to_thread(decode_payload, data, schema, expect, uploaded_at=uploaded_at)

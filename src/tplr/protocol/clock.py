@@ -2,8 +2,9 @@
 
 ``window = floor((now - genesis) / window_seconds)``, computed from the run's
 ``run.json``; nothing depends on a local counter, so a restarted node lands in the
-right window. All waiting goes through :meth:`Clock.sleep`, so tests that use a
-:class:`FakeClock` step time explicitly and never really sleep.
+right window. Each window is cut into the protocol's phases (:class:`Phases`). All
+waiting goes through :meth:`Clock.sleep`, so tests that use a :class:`FakeClock` step
+time explicitly and never really sleep.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import itertools
 import math
 import threading
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol, runtime_checkable
 
@@ -130,12 +132,38 @@ def _wake(future: asyncio.Future[None]) -> None:
         loop.call_soon_threadsafe(set_if_pending)
 
 
+@dataclass(frozen=True, slots=True)
+class Phases:
+    """Where a window's phases end, as fractions of the window (protocol v2).
+
+    ``[0, commit)`` train and commit; ``[commit, reveal_open)`` validators snapshot the
+    commitments; ``[reveal_open, reveal)`` miners reveal their payloads; ``[reveal,
+    approval)`` validators check, evaluate and the lead publishes the approved set; from
+    ``approval`` on, every node applies the outer step.
+    """
+
+    commit: float = 0.60
+    reveal_open: float = 0.65
+    reveal: float = 0.75
+    approval: float = 0.95
+
+    def __post_init__(self) -> None:
+        order = (self.commit, self.reveal_open, self.reveal, self.approval)
+        if not (0 < order[0] < order[1] < order[2] < order[3] <= 1):
+            raise ConfigError(
+                "window phases must satisfy 0 < commit < reveal_open < reveal < approval <= 1, "
+                f"got commit={self.commit}, reveal_open={self.reveal_open}, "
+                f"reveal={self.reveal}, approval={self.approval}",
+                hint="fix the *_fraction fields in the run's run.json",
+            )
+
+
 class WindowClock:
     """Window arithmetic for one run: ``window = floor((now - genesis) / window_seconds)``.
 
-    Windows are half-open intervals ``[start, end)``: at exactly ``start(w)`` the
-    clock reads window ``w``. The upload deadline of window ``w`` is
-    ``start(w) + upload_deadline_fraction * window_seconds``.
+    Windows are half-open intervals ``[start, end)``: at exactly ``start(w)`` the clock
+    reads window ``w``. The phase boundaries of window ``w`` are ``start(w) + fraction *
+    window_seconds`` (:class:`Phases`).
     """
 
     def __init__(
@@ -143,22 +171,22 @@ class WindowClock:
         *,
         genesis_s: float,
         window_seconds: float,
-        upload_deadline_fraction: float = 1.0,
+        phases: Phases | None = None,
         clock: Clock | None = None,
     ) -> None:
-        if not (window_seconds > 0 and math.isfinite(window_seconds)):
+        if not (math.isfinite(genesis_s) and genesis_s >= 0):
             raise ConfigError(
-                f"window_seconds must be a positive number, got {window_seconds!r}",
-                hint="fix window_seconds in the run's run.json",
+                f"genesis_s must be a finite unix time, got {genesis_s!r}",
+                hint="fix genesis_s in the run's run.json",
             )
-        if not 0 < upload_deadline_fraction <= 1:
+        if not (math.isfinite(window_seconds) and window_seconds >= 1):
             raise ConfigError(
-                f"upload_deadline_fraction must be in (0, 1], got {upload_deadline_fraction!r}",
-                hint="fix upload_deadline_fraction in the run's run.json",
+                f"window_seconds must be a finite number of at least 1, got {window_seconds!r}",
+                hint="fix window_seconds in the run's run.json",
             )
         self.genesis_s = float(genesis_s)
         self.window_seconds = float(window_seconds)
-        self.upload_deadline_fraction = float(upload_deadline_fraction)
+        self.phases = phases or Phases()
         self.clock: Clock = clock if clock is not None else SystemClock()
 
     def window_at(self, timestamp_s: float) -> int:
@@ -181,32 +209,66 @@ class WindowClock:
         """Exclusive end: the start of ``window + 1``."""
         return self.window_start_s(window + 1)
 
-    def upload_deadline_s(self, window: int) -> float:
-        return self.window_start_s(window) + self.upload_deadline_fraction * self.window_seconds
+    def _at(self, window: int, fraction: float) -> float:
+        return self.window_start_s(window) + fraction * self.window_seconds
+
+    def commit_deadline_s(self, window: int) -> float:
+        return self._at(window, self.phases.commit)
+
+    def reveal_open_s(self, window: int) -> float:
+        return self._at(window, self.phases.reveal_open)
+
+    def reveal_deadline_s(self, window: int) -> float:
+        return self._at(window, self.phases.reveal)
+
+    def approval_deadline_s(self, window: int) -> float:
+        return self._at(window, self.phases.approval)
+
+    def phase_boundaries_s(self, window: int) -> tuple[float, ...]:
+        """Every boundary of ``window`` in order, ending with the start of the next."""
+        return (
+            self.commit_deadline_s(window),
+            self.reveal_open_s(window),
+            self.reveal_deadline_s(window),
+            self.approval_deadline_s(window),
+            self.window_end_s(window),
+        )
+
+    def seconds_until(self, timestamp_s: float) -> float:
+        """Negative once ``timestamp_s`` has passed."""
+        return timestamp_s - self.clock.now()
 
     def seconds_until_next_window(self) -> float:
         now_s = self.clock.now()
         return self.window_end_s(self.window_at(now_s)) - now_s
 
-    def seconds_until_upload_deadline(self, window: int) -> float:
-        """Negative once the deadline has passed."""
-        return self.upload_deadline_s(window) - self.clock.now()
+    @staticmethod
+    def _stamp(at: float | datetime) -> float:
+        return at.timestamp() if isinstance(at, datetime) else float(at)
 
-    def uploaded_in_time(self, window: int, uploaded_at: float | datetime) -> bool:
-        """True if an upload stamped ``uploaded_at`` lies in ``[start(w), deadline(w)]``."""
-        timestamp_s = uploaded_at.timestamp() if isinstance(uploaded_at, datetime) else uploaded_at
-        return self.window_start_s(window) <= timestamp_s <= self.upload_deadline_s(window)
+    def committed_in_time(self, window: int, at: float | datetime) -> bool:
+        """A commitment stamped ``at`` lies in ``[start(w), commit deadline(w)]``."""
+        return self.window_start_s(window) <= self._stamp(at) <= self.commit_deadline_s(window)
 
-    async def wait_for_window(self, window: int) -> None:
-        """Return once the clock reads ``window`` or later (at once if it already does)."""
+    def revealed_in_time(self, window: int, at: float | datetime) -> bool:
+        """A payload stamped ``at`` lies in ``[commit deadline(w), reveal deadline(w)]``:
+        not readable before the commitments were closed, and not late."""
+        return self.commit_deadline_s(window) <= self._stamp(at) <= self.reveal_deadline_s(window)
+
+    async def sleep_until(self, timestamp_s: float) -> None:
+        """Return once the clock reads ``timestamp_s`` or later (at once if it already does)."""
         while True:
-            remaining_s = self.window_start_s(window) - self.clock.now()
+            remaining_s = timestamp_s - self.clock.now()
             if remaining_s <= 0:
                 return
             await self.clock.sleep(remaining_s)
 
+    async def wait_for_window(self, window: int) -> None:
+        """Return once the clock reads ``window`` or later (at once if it already does)."""
+        await self.sleep_until(self.window_start_s(window))
+
     def __repr__(self) -> str:
         return (
             f"WindowClock(genesis_s={self.genesis_s}, window_seconds={self.window_seconds}, "
-            f"upload_deadline_fraction={self.upload_deadline_fraction})"
+            f"phases={self.phases})"
         )
