@@ -14,10 +14,13 @@ def run_miner_process(settings: NodeSettings, environ: Mapping[str, str]) -> int
     from tplr.node.follower import FOLLOWER_GRACE_S, follow
     from tplr.node.miner import run_miner
     from tplr.node.ranks import ranks_for
+    from tplr.node.runtime import resolve_node_device
     from tplr.train.distributed import LaunchEnv, distributed_context
 
     try:
         launch = LaunchEnv.from_environ(environ)
+        if launch.rank == 0:
+            resolve_node_device(settings.node.device, launch.local_rank)  # warns on a fallback
         with distributed_context(launch, device=settings.node.device) as context:
             ranks = ranks_for(context)
             if context.is_main:

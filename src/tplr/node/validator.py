@@ -25,6 +25,8 @@ from tplr.node.evaluation import MinerScorer, WindowScores
 from tplr.node.global_model import GlobalModel, StepResult
 from tplr.node.housekeeping import Housekeeper, run_with_housekeeping
 from tplr.node.lifecycle import Shutdown
+from tplr.node.node_metrics import PeerOutcome
+from tplr.node.payload import RejectReason
 from tplr.node.peers import PEER_LISTS_PREFIX, PeerList, publish_peer_list
 from tplr.node.reports import REPORTS_PREFIX, WindowReport, publish_report
 from tplr.node.runtime import NodeRuntime, check_retention, open_runtime
@@ -45,6 +47,24 @@ def rotating_subset(uids: list[int], window: int, size: int) -> list[int]:
         return ordered
     start = (window * size) % len(ordered)
     return sorted(ordered[(start + i) % len(ordered)] for i in range(size))
+
+
+def peer_outcomes(
+    candidates: list[int], judged: WindowScores, step: StepResult
+) -> dict[int, PeerOutcome]:
+    """Protocol v1's view of each candidate miner in one window, for the network dashboard."""
+    aggregated = set(step.aggregated)
+    outcomes = {}
+    for uid in candidates:
+        failure = judged.failures.get(uid)
+        scored = uid in judged.scores
+        outcomes[uid] = PeerOutcome(
+            on_time=uid not in judged.missing and failure != RejectReason.OUTSIDE_WINDOW,
+            approved=uid in aggregated,
+            gate_passed=judged.scores[uid] > 0 if scored else (False if failure else None),
+            reward=judged.scores.get(uid, 0.0),
+        )
+    return outcomes
 
 
 class Validator:
@@ -143,7 +163,9 @@ class Validator:
         judged = await self.scorer.score_window(window, outcome.subset(candidates))
         await self.publish_judgement(window, judged, candidates)
         step = await self.model.step(window, prefetched=outcome)
+        rt.metrics.set_peer_outcomes(window, peer_outcomes(candidates, judged, step))
         val_loss = await self.validation_loss() if rt.is_lead else None
+        rt.metrics.record_validation_loss(val_loss)
         if rt.is_lead and (window + 1) % rt.spec.checkpoint_every_windows == 0:
             await self.publish_checkpoint(window + 1, step.digest)
         report = self.report(window, step, val_loss)
