@@ -117,8 +117,24 @@ def known_env_names(classes: Iterable[type[BaseSettings]]) -> set[str]:
     return {name for cls in classes for name in field_env_names(cls)}
 
 
-def check_names(names: Iterable[tuple[str, str]], known: set[str]) -> EnvReport:
-    """``names`` are ``(name, where)`` pairs, e.g. ``("DATASET_KEEP_SHARD", ".env")``."""
+def aliased_env_names(classes: Iterable[type[BaseSettings]]) -> dict[str, str]:
+    """``prefix + FIELD`` -> the variable really read, for fields read under an alias
+    (``TPLR_VALIDATOR_LEAD`` -> ``TPLR_LEAD``)."""
+    renamed = {}
+    for cls in classes:
+        prefix = (cls.model_config.get("env_prefix") or "").upper()
+        for name, info in cls.model_fields.items():
+            alias = info.validation_alias
+            if isinstance(alias, AliasChoices) and isinstance(alias.choices[0], str):
+                renamed[f"{prefix}{name}".upper()] = alias.choices[0].upper()
+    return renamed
+
+
+def check_names(
+    names: Iterable[tuple[str, str]], known: set[str], renamed: dict[str, str] | None = None
+) -> EnvReport:
+    """``names`` are ``(name, where)`` pairs, e.g. ``("DATASET_KEEP_SHARD", ".env")``;
+    ``renamed`` maps a field's unread ``prefix + FIELD`` name to its alias."""
     errors: list[str] = []
     warnings: list[str] = []
     checked = sorted(known | set(HARMLESS))
@@ -135,7 +151,8 @@ def check_names(names: Iterable[tuple[str, str]], known: set[str]) -> EnvReport:
         if templar is not None:
             errors.append(f"{upper} ({where}) is a templar setting: {templar}")
             continue
-        close = difflib.get_close_matches(upper, checked, n=1, cutoff=0.75)
+        close = [renamed[upper]] if renamed and upper in renamed else None
+        close = close or difflib.get_close_matches(upper, checked, n=1, cutoff=0.75)
         suggestion = f"; did you mean {close[0]}?" if close else ""
         errors.append(f"unknown setting {upper} ({where}){suggestion}")
     return EnvReport(tuple(errors), tuple(warnings))

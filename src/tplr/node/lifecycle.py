@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, TypeVar
 
 from tplr.errors import ConfigError, TplrError
-from tplr.node.log_setup import CONTEXT, LogFormat, configure_logging
+from tplr.node.log_setup import CONTEXT, LogFormat, configure_logging, json_logging
 
 if TYPE_CHECKING:
     from tplr.node.settings import NodeSettings
@@ -164,6 +164,10 @@ def exit_code_for(exc: TplrError) -> int:
 
 
 def report_error(exc: TplrError) -> None:
+    """``error: ...`` and ``hint: ...`` on stderr (one JSON line with ``--log-format json``)."""
+    if json_logging():
+        log.error("error: %s%s", exc.message, f" hint: {exc.hint}" if exc.hint else "")
+        return
     print(f"error: {exc.message}", file=sys.stderr)
     if exc.hint:
         print(f"hint: {exc.hint}", file=sys.stderr)

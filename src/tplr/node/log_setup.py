@@ -49,6 +49,12 @@ class LogContext:
 
 CONTEXT = LogContext()
 """The process's context (set by the node as it starts; read by the JSON formatter)."""
+_ACTIVE_FORMAT: list[LogFormat] = ["text"]
+
+
+def json_logging() -> bool:
+    """Whether :func:`configure_logging` chose JSON lines (errors are then logged, too)."""
+    return _ACTIVE_FORMAT[0] == "json"
 
 
 class JsonFormatter(logging.Formatter):
@@ -98,6 +104,7 @@ def configure_logging(
     else:
         handler.setFormatter(logging.Formatter(TEXT_FORMAT))
     logging.basicConfig(level=numeric, handlers=[handler], force=True)
+    _ACTIVE_FORMAT[0] = log_format
     quiet_wire_loggers(numeric, debug_wire=debug_wire)
 
 

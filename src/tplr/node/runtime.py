@@ -38,6 +38,7 @@ from tplr.node.clock import Clock, SystemClock, WindowClock
 from tplr.node.gather import PayloadFetcher
 from tplr.node.health import HealthServer, NodeHealth, ProgressTracker
 from tplr.node.lifecycle import Shutdown
+from tplr.node.log_setup import CONTEXT as LOG_CONTEXT
 from tplr.node.node_metrics import NodeMetrics
 from tplr.node.node_state import NodeState
 from tplr.node.payload import PayloadSchema
@@ -415,6 +416,10 @@ async def open_runtime(
         )
         joined = await _join_run(settings, stores, clock, shutdown, health)
         observers.metrics.set_run(joined.spec.run_id, window_seconds=joined.spec.window_seconds)
+        LOG_CONTEXT.run_id, LOG_CONTEXT.window_source = (
+            joined.spec.run_id,
+            joined.windows.current_window,
+        )
         first_window = max(joined.windows.current_window(), 0)
         if ranks.has_followers:
             start = Start(joined.spec.to_json().decode(), first_window)

@@ -22,6 +22,7 @@ from pydantic_settings import BaseSettings
 
 from tplr.errors import ConfigError
 from tplr.node.env_check import (
+    aliased_env_names,
     check_endpoint_url,
     check_names,
     known_env_names,
@@ -192,8 +193,8 @@ def check_environment(environ: Mapping[str, str], env_file: Path | None) -> tupl
     names = [(name, "environment") for name in environ]
     if env_file is not None:
         names += [(name, str(env_file)) for name in dotenv_values(env_file)]
-    known = known_env_names([*COMPONENTS.values(), *tplr_settings_classes()])
-    report = check_names(names, known)
+    classes = [*COMPONENTS.values(), *tplr_settings_classes()]
+    report = check_names(names, known_env_names(classes), aliased_env_names(classes))
     raise_for_errors(report)
     return report.warnings
 
