@@ -38,7 +38,9 @@ METRIC_NAMES = (
     "tplr_node_info",
     "tplr_node_state",
     "tplr_run_window_seconds",
+    "tplr_run_checkpoint_every_windows",
     "tplr_window",
+    "tplr_windows_completed_total",
     "tplr_loss",
     "tplr_validation_loss",
     "tplr_tokens_per_second",
@@ -47,11 +49,13 @@ METRIC_NAMES = (
     "tplr_upload_seconds",
     "tplr_gather_seconds",
     "tplr_payload_bytes",
+    "tplr_last_upload_timestamp_seconds",
     "tplr_peers_gathered",
     "tplr_peers_rejected_total",
     "tplr_outer_step_norm",
     "tplr_aggregation_clipped_peers",
     "tplr_peer_score",
+    "tplr_scores_published_timestamp_seconds",
     "tplr_peer_on_time",
     "tplr_peer_approved",
     "tplr_peer_gate_passed",
@@ -75,7 +79,8 @@ class PeerOutcome:
 
 
 class OptionalGauge(Collector):
-    """An unlabelled gauge that is absent until set; NaN (or :meth:`clear`) makes it absent."""
+    """An unlabelled gauge that is absent until set (and after :meth:`clear`); a NaN that
+    was measured (a diverged loss) is exported as NaN."""
 
     def __init__(self, name: str, documentation: str, registry: CollectorRegistry) -> None:
         self.name = name
@@ -87,7 +92,7 @@ class OptionalGauge(Collector):
 
     def set(self, value: float) -> None:
         with self._lock:
-            self._value = None if math.isnan(value) else float(value)
+            self._value = float(value)
 
     def set_function(self, function: Callable[[], float | None]) -> None:
         """Computed at scrape time; ``None`` or NaN means absent."""
@@ -99,8 +104,7 @@ class OptionalGauge(Collector):
 
     def value(self) -> float | None:
         if self._function is not None:
-            computed = self._function()
-            return None if computed is None or math.isnan(computed) else computed
+            return self._function()
         with self._lock:
             return self._value
 
@@ -162,6 +166,11 @@ class NodeMetrics:
         self.run_window_seconds = OptionalGauge(
             "tplr_run_window_seconds", "window_seconds of the run (from run.json).", registry
         )
+        self.run_checkpoint_every_windows = OptionalGauge(
+            "tplr_run_checkpoint_every_windows",
+            "checkpoint_every_windows of the run (from run.json).",
+            registry,
+        )
         self._create_training_metrics(registry)
         self._create_exchange_metrics(registry)
         self._create_state_metrics(registry)
@@ -204,6 +213,11 @@ class NodeMetrics:
         self.payload_bytes = OptionalGauge(
             "tplr_payload_bytes", "Size of the last uploaded payload.", registry
         )
+        self.last_upload_timestamp = OptionalGauge(
+            "tplr_last_upload_timestamp_seconds",
+            "Unix time of the last gradient payload upload (miners).",
+            registry,
+        )
         self.peers_gathered = OptionalGauge(
             "tplr_peers_gathered", "Valid peer payloads in the last window.", registry
         )
@@ -218,6 +232,11 @@ class NodeMetrics:
 
     def _create_state_metrics(self, registry: CollectorRegistry) -> None:
         self.window = OptionalGauge("tplr_window", "Last window the node completed.", registry)
+        self.windows_completed = Counter(
+            "tplr_windows_completed",
+            "Windows completed since the process started.",
+            registry=registry,
+        )
         self.outer_step_norm = OptionalGauge(
             "tplr_outer_step_norm", "L2 norm of the last aggregated outer step.", registry
         )
@@ -243,6 +262,11 @@ class NodeMetrics:
             return Gauge(name, documentation, ["uid"], registry=registry)
 
         self.peer_score = per_uid("tplr_peer_score", "Moving-average score per miner uid.")
+        self.scores_published_timestamp = OptionalGauge(
+            "tplr_scores_published_timestamp_seconds",
+            "Unix time at which the validator last published its scores.",
+            registry,
+        )
         self.peer_on_time = per_uid(
             "tplr_peer_on_time", "1 if the miner's payload arrived inside the last window."
         )
@@ -263,13 +287,22 @@ class NodeMetrics:
         return max(0.0, self._clock.now() - self._last_checkpoint_s)
 
     # -- identity and state ----------------------------------------------------------------
-    def set_run(self, run_id: str, *, window_seconds: float | None = None) -> None:
-        """The run this node joined (``run_id`` is empty until then)."""
+    def set_run(
+        self,
+        run_id: str,
+        *,
+        window_seconds: float | None = None,
+        checkpoint_every_windows: int | None = None,
+    ) -> None:
+        """The run this node joined (``run_id`` is empty until then); alert rules derive
+        their durations from the window length."""
         self.info.info(
             {"role": self._role, "uid": str(self._uid), "run_id": run_id, "version": __version__}
         )
         if window_seconds is not None:
             self.run_window_seconds.set(window_seconds)
+        if checkpoint_every_windows is not None:
+            self.run_checkpoint_every_windows.set(checkpoint_every_windows)
 
     def set_state(self, state: NodeState) -> None:
         self._state = state
@@ -282,15 +315,16 @@ class NodeMetrics:
     def mark_progress(self, window: int) -> None:
         """The node completed ``window``."""
         self.window.set(window)
+        self.windows_completed.inc()
         self.last_progress_timestamp.set(self._clock.now())
 
     def observe_training(
         self, *, loss: float, tokens_per_second: float, mfu: float | None = None
     ) -> None:
         """From the worker's TrainStats; ``mfu`` None or NaN (off CUDA) leaves it absent."""
-        self.loss.set(loss)
+        self.loss.set(loss)  # a NaN loss is exported as NaN (TplrLossNotFinite)
         self.tokens_per_second.set(tokens_per_second)
-        if mfu is not None:
+        if mfu is not None and not math.isnan(mfu):
             self.mfu.set(mfu)
 
     def record_validation_loss(self, loss: float | None) -> None:
@@ -300,6 +334,7 @@ class NodeMetrics:
     def record_upload(self, *, seconds: float, payload_bytes: int) -> None:
         self.upload_seconds.observe(seconds)
         self.payload_bytes.set(payload_bytes)
+        self.last_upload_timestamp.set(self._clock.now())
 
     def record_gather(self, *, seconds: float, gathered: int) -> None:
         self.gather_seconds.observe(seconds)
@@ -319,6 +354,7 @@ class NodeMetrics:
         for uid, score in scores.items():
             self.peer_score.labels(uid=str(uid)).set(score)
         self._scored_uids = set(scores)
+        self.scores_published_timestamp.set(self._clock.now())
 
     def set_peer_outcomes(self, window: int, outcomes: Mapping[int, PeerOutcome]) -> None:
         """Replace the per-uid outcomes of ``window`` (uids not in ``outcomes`` disappear)."""

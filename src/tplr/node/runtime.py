@@ -415,7 +415,11 @@ async def open_runtime(
             )
         )
         joined = await _join_run(settings, stores, clock, shutdown, health)
-        observers.metrics.set_run(joined.spec.run_id, window_seconds=joined.spec.window_seconds)
+        observers.metrics.set_run(
+            joined.spec.run_id,
+            window_seconds=joined.spec.window_seconds,
+            checkpoint_every_windows=joined.spec.checkpoint_every_windows,
+        )
         LOG_CONTEXT.run_id, LOG_CONTEXT.window_source = (
             joined.spec.run_id,
             joined.windows.current_window,
