@@ -40,9 +40,13 @@ REQUIRED_ALERTS = {
     "TplrValidatorScoresNotPublished",
 }
 NODE_DASHBOARD_METRICS = {
+    "tplr_node_state",
+    "tplr_run_window_seconds",
     "tplr_window",
     "tplr_loss",
-    "tplr_train_eval_loss",
+    "tplr_validation_loss",
+    "tplr_gpu_utilization_ratio",
+    "tplr_gpu_memory_used_bytes",
     "tplr_tokens_per_second",
     "tplr_mfu_ratio",
     "tplr_dataset_shard_state",
@@ -59,7 +63,16 @@ VALIDATOR_DASHBOARD_METRICS = {
     "tplr_peer_score",
     "tplr_peers_rejected_total",
     "tplr_checkpoint_age_seconds",
+    "tplr_validation_loss",
 }
+NETWORK_DASHBOARD_METRICS = {
+    "tplr_peer_score",
+    "tplr_peer_on_time",
+    "tplr_peer_approved",
+    "tplr_peer_gate_passed",
+    "tplr_peer_reward",
+}
+TRAIN_WORKER_GAUGES = {"tplr_train_loss", "tplr_train_eval_loss", "tplr_train_mfu_ratio"}
 
 
 def tool(name: str) -> str:
@@ -231,7 +244,7 @@ def test_dashboards_use_the_provisioned_datasource_and_a_valid_layout():
     )
     uid = provisioning["datasources"][0]["uid"]
     boards = dashboards()
-    assert set(boards) == {"tplr-node.json", "tplr-validator.json"}
+    assert set(boards) == {"tplr-node.json", "tplr-validator.json", "tplr-network.json"}
     for name, board in boards.items():
         panels = board["panels"]
         ids = [p["id"] for p in panels]
@@ -261,6 +274,25 @@ def test_dashboards_show_what_operators_watch():
 
     assert used(boards["tplr-node.json"]) >= NODE_DASHBOARD_METRICS
     assert used(boards["tplr-validator.json"]) >= VALIDATOR_DASHBOARD_METRICS
+    assert used(boards["tplr-network.json"]) >= NETWORK_DASHBOARD_METRICS
+    for name, board in boards.items():  # they start at 0, not absent: a placeholder line
+        assert not used(board) & TRAIN_WORKER_GAUGES, name
+
+
+def test_node_selection_of_a_role_dashboard_holds_only_that_role():
+    """ "All" must not be a regex matching every instance (it pulled the miners in)."""
+    for name, board in dashboards().items():
+        (variable,) = board["templating"]["list"]
+        assert "allValue" not in variable, name
+        if name != "tplr-node.json":
+            assert 'tplr_node_info{role="validator"}' in variable["definition"], name
+
+
+def test_prometheus_names_instances_after_the_compose_service():
+    config = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
+    job = next(j for j in config["scrape_configs"] if j["job_name"] == "tplr")
+    targets = {rule["target_label"]: rule["source_labels"] for rule in job["relabel_configs"]}
+    assert targets["instance"] == ["__meta_dns_name"], "not the container IP, which changes"
 
 
 def test_dashboard_provider_points_where_compose_mounts_the_dashboards():
