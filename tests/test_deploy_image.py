@@ -74,8 +74,11 @@ def test_dockerfile_runs_unprivileged_with_volumes_healthcheck_and_entrypoint():
     assert {"/data/shards", "/data/checkpoints"} <= set(volumes)
     env = " ".join(dockerfile_instructions("ENV"))
     assert "DATASET_LOCAL_DIR=/data/shards" in env and "TPLR_HOME=/data/checkpoints" in env
+    assert "TPLR_DEVICE=cuda" in env, "a GPU image must not fall back to the CPU silently"
+    assert "METRICS_HOST=0.0.0.0" in env, "compose's Prometheus scrapes over the network"
     healthcheck = dockerfile_instructions("HEALTHCHECK")[0]
     assert "/app/docker/healthcheck.py" in healthcheck
+    assert "--start-period=2m" in healthcheck, "/healthz answers while the node starts"
     entrypoint = json.loads(dockerfile_instructions("ENTRYPOINT")[0])
     assert entrypoint[-1] == "/app/docker/entrypoint.sh"
 
