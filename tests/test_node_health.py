@@ -384,3 +384,23 @@ async def test_connections_beyond_the_cap_are_closed_at_once_and_idle_ones_time_
         assert (await http_get(server.port, "/healthz"))[0] == 200
         for _, writer in idle:
             writer.close()
+
+
+def test_metric_names_list_every_family_the_node_exports():
+    registry = CollectorRegistry()
+    NodeMetrics(role="miner", uid=1, registry=registry, clock=FakeClock())
+    suffix = {"info": "_info", "counter": "_total"}
+    exported = {f.name + suffix.get(f.type, "") for f in registry.collect()}
+    assert exported == set(METRIC_NAMES), set(METRIC_NAMES) ^ exported
+
+
+def test_auto_device_without_a_gpu_says_so_loudly(caplog):
+    from tplr.node.runtime import resolve_node_device
+
+    with caplog.at_level("WARNING", logger="tplr.node.runtime"):
+        assert resolve_node_device("auto").type == "cpu"  # this host has no usable GPU
+    assert "TRAINING ON THE CPU" in caplog.text and "TPLR_DEVICE=cuda" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="tplr.node.runtime"):
+        resolve_node_device("cpu")
+    assert not caplog.text, "an explicit cpu is not a fallback"
