@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from tplr.errors import TplrError
-from tplr.node.lifecycle import EXIT_CONFIG, report_error, run_node
+from tplr.node.lifecycle import exit_code_for, report_error, run_node
 from tplr.node.settings import NodeSettings
 
 
@@ -31,6 +31,6 @@ def run_miner_process(settings: NodeSettings, environ: Mapping[str, str]) -> int
             return run_node(
                 lambda shutdown: follow(settings, shutdown, ranks), grace_s=FOLLOWER_GRACE_S
             )
-    except TplrError as exc:
+    except TplrError as exc:  # e.g. TPLR_DEVICE=cuda without a visible GPU: exit 1
         report_error(exc)
-        return EXIT_CONFIG
+        return exit_code_for(exc)
