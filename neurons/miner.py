@@ -14,7 +14,7 @@ import os
 
 from tplr.errors import TplrError
 from tplr.node.launch import run_miner_process
-from tplr.node.lifecycle import EXIT_CONFIG, configure_process, report_error
+from tplr.node.lifecycle import EXIT_CONFIG, configure_node_process, report_error
 from tplr.node.settings_cli import load_settings
 
 
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     except TplrError as exc:
         report_error(exc)
         return EXIT_CONFIG
-    configure_process(log_level=settings.node.log_level, torch_threads=settings.node.torch_threads)
+    configure_node_process(settings, os.environ)
     return run_miner_process(settings, os.environ)  # torchrun: rank 0 mines, others follow
 
 

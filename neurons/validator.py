@@ -15,7 +15,7 @@ from tplr.errors import TplrError
 from tplr.node.lifecycle import (
     EXIT_CONFIG,
     check_single_process,
-    configure_process,
+    configure_node_process,
     report_error,
     run_node,
 )
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     except TplrError as exc:
         report_error(exc)
         return EXIT_CONFIG
-    configure_process(log_level=settings.node.log_level, torch_threads=settings.node.torch_threads)
+    configure_node_process(settings, os.environ)
     return run_node(
         lambda shutdown: run_validator(settings, shutdown), grace_s=settings.node.stop_grace_s
     )

@@ -39,12 +39,12 @@ from pydantic import SecretStr
 from tplr.comms.config import BucketConfig
 from tplr.comms.retry import RetryPolicy
 from tplr.comms.s3_store import S3Store
-from tplr.protocol.clock import FakeClock, WindowClock
 from tplr.node.gather import PayloadFetcher
 from tplr.node.health import HealthServer, ProgressTracker
-from tplr.protocol.payload import payload_key
 from tplr.node.prefixed_store import PrefixedStore
 from tplr.node.settings import GatherConfig
+from tplr.protocol.clock import FakeClock, WindowClock
+from tplr.protocol.payload import payload_key
 from tplr.train.compression import CompressionSettings, ErrorFeedbackCompressor
 from tplr.train.config import ModelConfig, TrainConfig
 from tplr.train.worker import TrainWorker

@@ -78,9 +78,6 @@ EXTRA_VARIABLES: tuple[tuple[str, str, str], ...] = (
     ("AWS_ACCESS_KEY_ID", "", "tplr put/fetch on buckets that are not the R2_* ones"),
     ("AWS_SECRET_ACCESS_KEY", "", "secret for AWS_ACCESS_KEY_ID"),
     ("AWS_ENDPOINT_URL", "", "S3 endpoint for the AWS_* keys (R2, MinIO)"),
-    ("MINIO_ROOT_USER", "", "compose selfhost profile: MinIO admin user (also its access key)"),
-    ("MINIO_ROOT_PASSWORD", "", "compose selfhost profile: MinIO admin password, 8+ characters"),
-    ("MINIO_DATASET_BUCKET", "tplr-dataset", "compose selfhost profile: bucket minio-init creates"),
 )
 """Variables read outside the settings models (entrypoint, CLI tools): documented, commented."""
 

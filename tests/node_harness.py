@@ -45,8 +45,8 @@ from tplr.protocol.run_spec import RunSpec
 PREFIX = "remote/tokenized/"
 SEQ_LEN = 128
 ROWS_PER_SHARD = 6144
-TRAIN_SHARDS = 10  # windows 0..8 each on a fresh shard, the last one warms the model up
-WARMUP_SHARD = TRAIN_SHARDS - 1
+TRAIN_SHARDS = 10  # windows 0..9 each on a fresh shard; one more warms the model up
+WARMUP_SHARD = TRAIN_SHARDS
 WARMUP_STEPS = 800
 
 TEST_RUN: dict[str, Any] = {
@@ -70,10 +70,12 @@ TEST_RUN: dict[str, Any] = {
 """The test settings the scoring figures are quoted at (see docs/protocol.md)."""
 
 
-def build_dataset(folder: Path) -> Path:
-    """Templar shards of 6144 x 128 bytes-tokens (the last one held out), with manifest."""
-    text_bytes = SEQ_LEN * ROWS_PER_SHARD * (TRAIN_SHARDS + 1) + 200_000
-    write_text_corpus(folder / "text", text_bytes)
+def build_dataset(
+    folder: Path, *, rows_per_shard: int = ROWS_PER_SHARD, shards: int = TRAIN_SHARDS + 2
+) -> Path:
+    """About ``shards`` templar shards of ``rows_per_shard`` x 128 bytes-tokens (the last one
+    held out), with manifest."""
+    write_text_corpus(folder / "text", SEQ_LEN * rows_per_shard * (shards - 1) + 200_000)
     out = folder / "shards"
     prepare_shards(
         PrepareConfig(
@@ -81,7 +83,7 @@ def build_dataset(folder: Path) -> Path:
             out_dir=out,
             tokenizer="bytes",
             seq_len=SEQ_LEN,
-            shard_tokens=SEQ_LEN * ROWS_PER_SHARD,
+            shard_tokens=SEQ_LEN * rows_per_shard,
             val_shards=1,
             progress=False,
         )

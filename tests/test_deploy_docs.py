@@ -228,3 +228,24 @@ def test_readme_links_to_docs_resolve():
         assert (REPO / link).is_file(), f"README links to missing {link}"
     for doc in sorted((REPO / "docs").glob("*.md")):
         assert f"docs/{doc.name}" in links, f"README does not link docs/{doc.name}"
+
+
+def test_the_templar_migration_guide_covers_every_name_the_node_recognises():
+    from tplr.node.env_check import (
+        TEMPLAR_ELSEWHERE,
+        TEMPLAR_EQUIVALENTS,
+        TEMPLAR_PREFIX_EQUIVALENTS,
+        known_env_names,
+        tplr_settings_classes,
+    )
+    from tplr.node.settings import COMPONENTS
+
+    guide = (REPO / "docs" / "migrating-from-templar.md").read_text()
+    for name in [*TEMPLAR_EQUIVALENTS, *TEMPLAR_ELSEWHERE, *TEMPLAR_PREFIX_EQUIVALENTS]:
+        assert f"`{name}" in guide, f"{name} is recognised at start but not in the guide"
+    known = known_env_names([*COMPONENTS.values(), *tplr_settings_classes()])
+    templar = {*TEMPLAR_EQUIVALENTS, *TEMPLAR_ELSEWHERE}
+    for row in (line for line in guide.splitlines() if line.startswith("| ") and "|" in line[2:]):
+        tplr_side = row.split("|")[2]
+        for name in re.findall(r"`((?:TPLR|R2|DATASET)_[A-Z0-9_]+)`", tplr_side):
+            assert name in known or name in templar, f"the guide names {name}, which is not read"

@@ -40,9 +40,13 @@ REQUIRED_ALERTS = {
     "TplrValidatorScoresNotPublished",
 }
 NODE_DASHBOARD_METRICS = {
+    "tplr_node_state",
+    "tplr_run_window_seconds",
     "tplr_window",
     "tplr_loss",
-    "tplr_train_eval_loss",
+    "tplr_validation_loss",
+    "tplr_gpu_utilization_ratio",
+    "tplr_gpu_memory_used_bytes",
     "tplr_tokens_per_second",
     "tplr_mfu_ratio",
     "tplr_dataset_shard_state",
@@ -59,7 +63,16 @@ VALIDATOR_DASHBOARD_METRICS = {
     "tplr_peer_score",
     "tplr_peers_rejected_total",
     "tplr_checkpoint_age_seconds",
+    "tplr_validation_loss",
 }
+NETWORK_DASHBOARD_METRICS = {
+    "tplr_peer_score",
+    "tplr_peer_on_time",
+    "tplr_peer_approved",
+    "tplr_peer_gate_passed",
+    "tplr_peer_reward",
+}
+TRAIN_WORKER_GAUGES = {"tplr_train_loss", "tplr_train_eval_loss", "tplr_train_mfu_ratio"}
 
 
 def tool(name: str) -> str:
@@ -147,11 +160,27 @@ def test_metric_name_extraction_maps_suffixes_and_ignores_label_values():
 # --- docker compose --------------------------------------------------------------------------
 
 
-def compose_config(tmp_path: Path, env_text: str) -> dict:
-    """``docker-compose config`` of a copy of docker/ with ``env_text`` as its ../.env."""
+def compose_dir(tmp_path: Path, env_text: str | None, docker_env: dict[str, str] | None) -> Path:
+    """A copy of docker/ with ``env_text`` as ../.env and docker/.env from its example."""
     shutil.copytree(DOCKER, tmp_path / "docker", ignore=shutil.ignore_patterns("__pycache__"))
-    (tmp_path / ".env").write_text(env_text)
-    result = run(tool("docker-compose"), "-f", str(tmp_path / "docker" / "compose.yml"), "config")
+    if env_text is not None:
+        (tmp_path / ".env").write_text(env_text)
+    if docker_env is not None:
+        lines = []
+        for line in (DOCKER / ".env.example").read_text().splitlines():
+            name = line.split("=", 1)[0]
+            lines.append(f"{name}={docker_env[name]}" if name in docker_env else line)
+        (tmp_path / "docker" / ".env").write_text("\n".join(lines) + "\n")
+    return tmp_path / "docker"
+
+
+def compose(folder: Path, file: str = "compose.yml") -> subprocess.CompletedProcess:
+    return run(tool("docker-compose"), "-f", str(folder / file), "config")
+
+
+def compose_config(tmp_path: Path, env_text: str, file: str = "compose.yml", **docker_env) -> dict:
+    docker_env = {"GRAFANA_ADMIN_PASSWORD": "not-admin", **docker_env}
+    result = compose(compose_dir(tmp_path, env_text, docker_env), file)
     assert result.returncode == 0, result.stderr
     return yaml.safe_load(result.stdout)
 
@@ -165,12 +194,15 @@ def test_compose_file_is_valid_and_wires_the_stack(tmp_path: Path):
     env_text = (REPO / ".env.example").read_text() + "R2_DATASET_BUCKET_NAME=marker-bucket\n"
     config = compose_config(tmp_path, env_text)
     services = config["services"]
-    assert set(services) >= {"miner", "validator", "prometheus", "grafana", "minio"}
+    assert set(services) == {"miner", "validator", "prometheus", "grafana"}
     assert services["miner"]["profiles"] == ["miner"]
     assert services["validator"]["profiles"] == ["validator"]
-    assert services["minio"]["profiles"] == ["selfhost"]
     for name in ("prometheus", "grafana"):
         assert "profiles" not in services[name], f"{name} must start with any node profile"
+        assert "R2_DATASET_BUCKET_NAME" not in services[name].get("environment", {})
+    for name, service in services.items():
+        logging = service["logging"]
+        assert logging["driver"] == "json-file" and logging["options"]["max-file"] == "5", name
     for role in ("miner", "validator"):
         node = services[role]
         assert node["environment"]["NODE_TYPE"] == role
@@ -187,17 +219,55 @@ def test_compose_file_is_valid_and_wires_the_stack(tmp_path: Path):
     assert named <= set(config["volumes"])
     prometheus_mounts = volume_targets(services["prometheus"])
     assert Path(prometheus_mounts["/etc/prometheus"]) == tmp_path / "docker" / "prometheus"
-    grafana_mounts = volume_targets(services["grafana"])
-    assert Path(grafana_mounts["/etc/grafana/provisioning"]).is_dir()
-    home = services["grafana"]["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    grafana = services["grafana"]
+    assert grafana["environment"]["GF_SECURITY_ADMIN_PASSWORD"] == "not-admin"
+    assert Path(volume_targets(grafana)["/etc/grafana/provisioning"]).is_dir()
+    home = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
     assert (GRAFANA_DIR / "dashboards" / Path(home).name).is_file()
 
 
 def test_compose_refuses_to_start_without_the_env_file(tmp_path: Path):
-    shutil.copytree(DOCKER, tmp_path / "docker", ignore=shutil.ignore_patterns("__pycache__"))
-    result = run(tool("docker-compose"), "-f", str(tmp_path / "docker" / "compose.yml"), "config")
+    result = compose(compose_dir(tmp_path, None, {"GRAFANA_ADMIN_PASSWORD": "x"}))
     assert result.returncode != 0
     assert ".env" in result.stderr
+
+
+def test_compose_refuses_a_default_grafana_password(tmp_path: Path):
+    result = compose(compose_dir(tmp_path, "TPLR_UID=1\n", {}))
+    assert result.returncode != 0
+    assert "set GRAFANA_ADMIN_PASSWORD in docker/.env" in result.stderr
+
+
+SELFHOST_ENV = {
+    "MINIO_ROOT_USER": "root-user",
+    "MINIO_ROOT_PASSWORD": "root-password",
+    "MINIO_READER_ACCESS_KEY": "tplr-reader",
+    "MINIO_READER_SECRET_KEY": "reader-secret",
+}
+
+
+def test_selfhost_minio_gets_only_its_own_variables_on_loopback(tmp_path: Path):
+    node_env = (REPO / ".env.example").read_text() + "R2_GRADIENTS_WRITE_SECRET_ACCESS_KEY=s3kr1t\n"
+    config = compose_config(tmp_path, node_env, "selfhost.yml", **SELFHOST_ENV)
+    services = config["services"]
+    assert set(services) == {"minio", "minio-init"}
+    for name, service in services.items():
+        assert "env_file" not in service, f"{name} must not see the node secrets"
+        assert all(key.startswith("MINIO_") for key in service["environment"]), name
+        assert "s3kr1t" not in json.dumps(service), name
+    for port in services["minio"]["ports"]:  # short syntax (compose v1) or long (v2)
+        host = port.split(":")[0] if isinstance(port, str) else port["host_ip"]
+        assert host == "127.0.0.1", port
+    script = " ".join(services["minio-init"]["command"])
+    assert "mc admin user add" in script and "tplr-dataset-read" in script
+    assert '"s3:GetObject"' in script and "s3:PutObject" not in script
+
+
+def test_selfhost_requires_minio_credentials(tmp_path: Path):
+    folder = compose_dir(tmp_path, "", {k: "" for k in SELFHOST_ENV})
+    result = compose(folder, "selfhost.yml")
+    assert result.returncode != 0
+    assert "set MINIO_" in result.stderr and "in docker/.env" in result.stderr
 
 
 def test_prometheus_scrapes_the_compose_services_on_the_metrics_port():
@@ -231,7 +301,7 @@ def test_dashboards_use_the_provisioned_datasource_and_a_valid_layout():
     )
     uid = provisioning["datasources"][0]["uid"]
     boards = dashboards()
-    assert set(boards) == {"tplr-node.json", "tplr-validator.json"}
+    assert set(boards) == {"tplr-node.json", "tplr-validator.json", "tplr-network.json"}
     for name, board in boards.items():
         panels = board["panels"]
         ids = [p["id"] for p in panels]
@@ -261,6 +331,25 @@ def test_dashboards_show_what_operators_watch():
 
     assert used(boards["tplr-node.json"]) >= NODE_DASHBOARD_METRICS
     assert used(boards["tplr-validator.json"]) >= VALIDATOR_DASHBOARD_METRICS
+    assert used(boards["tplr-network.json"]) >= NETWORK_DASHBOARD_METRICS
+    for name, board in boards.items():  # they start at 0, not absent: a placeholder line
+        assert not used(board) & TRAIN_WORKER_GAUGES, name
+
+
+def test_node_selection_of_a_role_dashboard_holds_only_that_role():
+    """ "All" must not be a regex matching every instance (it pulled the miners in)."""
+    for name, board in dashboards().items():
+        (variable,) = board["templating"]["list"]
+        assert "allValue" not in variable, name
+        if name != "tplr-node.json":
+            assert 'tplr_node_info{role="validator"}' in variable["definition"], name
+
+
+def test_prometheus_names_instances_after_the_compose_service():
+    config = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
+    job = next(j for j in config["scrape_configs"] if j["job_name"] == "tplr")
+    targets = {rule["target_label"]: rule["source_labels"] for rule in job["relabel_configs"]}
+    assert targets["instance"] == ["__meta_dns_name"], "not the container IP, which changes"
 
 
 def test_dashboard_provider_points_where_compose_mounts_the_dashboards():

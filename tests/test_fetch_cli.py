@@ -40,8 +40,9 @@ def tplr(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
     )
 
 
-def assert_one_clear_error(res: subprocess.CompletedProcess, *needles: str) -> None:
-    assert res.returncode == 2, res.stderr
+def assert_one_clear_error(res: subprocess.CompletedProcess, *needles: str, code: int = 2) -> None:
+    """``code``: 2 for a usage/configuration error, 1 for a failure at run time."""
+    assert res.returncode == code, res.stderr
     assert "Traceback" not in res.stderr
     lines = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1, res.stderr
@@ -98,7 +99,7 @@ def test_missing_key_is_one_clear_line(s3_server, bucket, tmp_path):
     res = tplr(
         "fetch", f"s3://{bucket}/no/such.bin", str(tmp_path / "x"), "--endpoint-url", s3_server
     )
-    assert_one_clear_error(res, "not found", f"s3://{bucket}/no/such.bin")
+    assert_one_clear_error(res, "not found", f"s3://{bucket}/no/such.bin", code=1)
     assert not list(tmp_path.iterdir())
 
 
@@ -147,7 +148,7 @@ def auth_server() -> Iterator[str]:
 def test_wrong_credentials_are_access_denied(auth_server, tmp_path):
     url = "s3://some-bucket/k.bin"
     res = tplr("fetch", url, str(tmp_path / "x"), "--endpoint-url", auth_server)
-    assert_one_clear_error(res, "access denied", "s3://some-bucket/k.bin")
+    assert_one_clear_error(res, "access denied", "s3://some-bucket/k.bin", code=1)
     assert TEST_SECRET_KEY not in res.stderr + res.stdout
     assert "access key id and secret" in res.stderr
 

@@ -1,18 +1,36 @@
 from __future__ import annotations
 
 import asyncio
+import http.client
 import math
+import resource
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
 
 import aiohttp
 import pytest
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tplr import __version__
 from tplr.errors import ConfigError
-from tplr.node.health import HealthConfig, HealthServer, HealthStatus, ProgressTracker
-from tplr.node.node_metrics import METRIC_NAMES, NodeMetrics
+from tplr.node.gpu_metrics import GpuReading
+from tplr.node.health import (
+    DEFAULT_HEADER_TIMEOUT_S,
+    DEFAULT_MAX_CONNECTIONS,
+    HealthConfig,
+    HealthServer,
+    HealthStatus,
+    NodeHealth,
+    ProgressTracker,
+)
+from tplr.node.node_metrics import METRIC_NAMES, NodeMetrics, NodeState, PeerOutcome
 from tplr.protocol.clock import FakeClock, WindowClock
-from tplr.protocol.payload import RejectReason
+from tplr.protocol.reasons import RejectReason
 
 GENESIS = 1_700_000_000.0
 
@@ -82,13 +100,116 @@ async def test_metrics_endpoint_serves_the_node_metrics():
         assert name in sample_names or name in families, name
 
 
-def test_unknown_values_are_nan_not_zero():
+UNLABELLED_GAUGES = (
+    "tplr_window",
+    "tplr_loss",
+    "tplr_validation_loss",
+    "tplr_tokens_per_second",
+    "tplr_mfu_ratio",
+    "tplr_payload_bytes",
+    "tplr_peers_gathered",
+    "tplr_outer_step_norm",
+    "tplr_aggregation_clipped_peers",
+    "tplr_checkpoint_age_seconds",
+    "tplr_last_window_progress_timestamp_seconds",
+    "tplr_run_window_seconds",
+    "tplr_peer_outcome_window",
+)
+
+
+def test_gauges_without_a_value_are_absent_not_zero():
+    """A restarted node exports no placeholder 0 (TplrLossRising, zero lines on dashboards)."""
     registry = CollectorRegistry()
     metrics = NodeMetrics(role="miner", uid=1, registry=registry, clock=FakeClock())
-    assert math.isnan(registry.get_sample_value("tplr_checkpoint_age_seconds"))
+    values = samples(generate_latest(registry).decode())
+    present = {name for name, _ in values}
+    assert not present & set(UNLABELLED_GAUGES), present & set(UNLABELLED_GAUGES)
+    assert values[("tplr_node_state", (("state", "starting"),))] == 1
+    assert sum(v for (name, _), v in values.items() if name == "tplr_node_state") == 1
     metrics.observe_training(loss=2.0, tokens_per_second=10.0, mfu=None)  # CPU: no MFU
-    assert math.isnan(registry.get_sample_value("tplr_mfu_ratio"))
-    assert registry.get_sample_value("tplr_loss") == 2.0
+    metrics.observe_training(loss=2.5, tokens_per_second=10.0, mfu=math.nan)
+    assert registry.get_sample_value("tplr_mfu_ratio") is None
+    assert registry.get_sample_value("tplr_loss") == 2.5
+    metrics.record_validation_loss(None)
+    assert registry.get_sample_value("tplr_validation_loss") is None
+    metrics.set_run("run-b", window_seconds=360)
+    assert registry.get_sample_value("tplr_run_window_seconds") == 360
+    info = registry.get_sample_value(
+        "tplr_node_info", {"role": "miner", "uid": "1", "run_id": "run-b", "version": __version__}
+    )
+    assert info == 1
+
+
+def test_peer_outcomes_replace_the_previous_window():
+    registry = CollectorRegistry()
+    metrics = NodeMetrics(role="validator", uid=0, registry=registry, clock=FakeClock())
+    metrics.set_peer_outcomes(
+        5,
+        {
+            1: PeerOutcome(on_time=True, approved=True, gate_passed=True, reward=0.25),
+            2: PeerOutcome(on_time=False, approved=False, gate_passed=None, reward=0.0),
+        },
+    )
+
+    def value(name: str, uid: int) -> float | None:
+        return registry.get_sample_value(name, {"uid": str(uid)})
+
+    assert (value("tplr_peer_on_time", 1), value("tplr_peer_approved", 1)) == (1, 1)
+    assert (value("tplr_peer_gate_passed", 1), value("tplr_peer_reward", 1)) == (1, 0.25)
+    assert value("tplr_peer_on_time", 2) == 0 and value("tplr_peer_gate_passed", 2) is None
+    assert registry.get_sample_value("tplr_peer_outcome_window") == 5
+    metrics.set_peer_outcomes(
+        6, {2: PeerOutcome(on_time=True, approved=False, gate_passed=False, reward=0.0)}
+    )
+    for name in ("tplr_peer_on_time", "tplr_peer_approved", "tplr_peer_reward"):
+        assert value(name, 1) is None, f"{name}: uid 1 left the window"
+    assert value("tplr_peer_gate_passed", 2) == 0 and value("tplr_peer_on_time", 2) == 1
+
+
+def test_gpu_gauges_come_from_the_probe_and_are_absent_without_cuda():
+    registry = CollectorRegistry()
+    NodeMetrics(role="miner", uid=1, registry=registry, clock=FakeClock())  # torch.cuda probe
+    text = generate_latest(registry).decode()
+    assert "# TYPE tplr_gpu_memory_used_bytes gauge" in text
+    assert not [name for name, _ in samples(text) if name.startswith("tplr_gpu_")]
+    reading = GpuReading(0, "H100", 80e9, 20e9, memory_allocated_bytes=15e9)
+    registry = CollectorRegistry()
+    NodeMetrics(role="miner", uid=1, registry=registry, gpu_probe=lambda: [reading])
+    labels = {"gpu": "0", "name": "H100"}
+    assert registry.get_sample_value("tplr_gpu_memory_used_bytes", labels) == 20e9
+    assert registry.get_sample_value("tplr_gpu_memory_allocated_bytes", labels) == 15e9
+    assert registry.get_sample_value("tplr_gpu_utilization_ratio", labels) is None
+
+    def broken() -> list[GpuReading]:
+        raise RuntimeError("driver gone")
+
+    registry = CollectorRegistry()
+    NodeMetrics(role="miner", uid=1, registry=registry, gpu_probe=broken)
+    assert "tplr_window" in generate_latest(registry).decode()  # /metrics still answers
+
+
+async def test_healthz_reports_the_startup_phase_then_window_progress():
+    registry = CollectorRegistry()
+    clock = FakeClock(GENESIS)
+    metrics = NodeMetrics(role="miner", uid=1, registry=registry, clock=clock)
+    health = NodeHealth(metrics)
+    async with HealthServer(registry=registry, health=health.status) as server:
+        health.phase(NodeState.STARTING, "waiting for run.json at file:///x/run.json")
+        status, _, body = await http_get(server.port, "/healthz")
+        assert (status, body) == (200, "ok: starting: waiting for run.json at file:///x/run.json\n")
+        health.phase(NodeState.DOWNLOADING, "the dataset shard of window 0")
+        assert registry.get_sample_value("tplr_node_state", {"state": "downloading"}) == 1
+        tracker = ProgressTracker(
+            WindowClock(genesis_s=GENESIS, window_seconds=60, clock=clock), max_stalled_windows=1
+        )
+        health.track(tracker, NodeState.TRAINING)
+        assert registry.get_sample_value("tplr_node_state", {"state": "training"}) == 1
+        assert (await http_get(server.port, "/healthz"))[0] == 200
+        clock.advance(121)
+        status, _, body = await http_get(server.port, "/healthz")
+        assert status == 503 and "no window progress for 2 windows" in body
+        assert registry.get_sample_value("tplr_node_state", {"state": "stalled"}) == 1
+        assert registry.get_sample_value("tplr_node_state", {"state": "training"}) == 0
 
 
 async def test_healthz_turns_503_after_stalled_windows_on_the_fake_clock():
@@ -159,6 +280,7 @@ def test_health_config_from_env(monkeypatch):
     monkeypatch.delenv("HEALTH_MAX_STALLED_WINDOWS", raising=False)
     config = HealthConfig.load()
     assert (config.metrics_port, config.health_max_stalled_windows) == (9108, 3)
+    assert config.metrics_host == "127.0.0.1", "outside the image, loopback only"
     monkeypatch.setenv("METRICS_PORT", "9200")
     monkeypatch.setenv("HEALTH_MAX_STALLED_WINDOWS", "5")
     config = HealthConfig.load()
@@ -171,3 +293,114 @@ def test_health_config_from_env(monkeypatch):
     monkeypatch.setenv("HEALTH_MAX_STALLED_WINDOWS", "0")
     with pytest.raises(ConfigError, match="invalid HEALTH_MAX_STALLED_WINDOWS"):
         HealthConfig.load()
+
+
+# -- a flood of idle connections (hostile input, issue 10 item 6) ------------------------------
+IDLE_SOCKETS = 1_100
+SERVER_NOFILE = 512  # the node's descriptor limit in the subprocess: below the flood
+
+
+def idle_flood(port: int, count: int) -> tuple[list[socket.socket], int]:
+    """Open up to ``count`` idle connections; stop after a few refused/stalled connects."""
+    opened: list[socket.socket] = []
+    failures = 0
+    while len(opened) < count and failures < 3:
+        try:
+            opened.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        except OSError:
+            failures += 1
+    return opened, failures
+
+
+def closed_by_peer(sock: socket.socket) -> bool:
+    sock.setblocking(False)
+    try:
+        return sock.recv(1) == b""
+    except BlockingIOError:
+        return False
+    except ConnectionError:
+        return True
+
+
+def healthz_status(port: int) -> int | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as response:
+            return response.status
+    except (OSError, http.client.HTTPException):
+        return None
+
+
+def test_a_flood_of_idle_sockets_neither_starves_the_node_nor_its_file_opens():
+    """1,100 idle connections against a node limited to 512 descriptors: the excess is
+    closed at once, the node's own file opens still work and /healthz still answers."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < IDLE_SOCKETS + 256:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, IDLE_SOCKETS + 512), hard))
+    command = [sys.executable, str(Path(__file__).with_name("health_server_proc.py"))]
+    server = subprocess.Popen(
+        [*command, str(SERVER_NOFILE)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    sockets: list[socket.socket] = []
+    try:
+        assert server.stdout is not None and server.stdin is not None
+        port = int(server.stdout.readline().split()[1])
+        sockets, failed_connects = idle_flood(port, IDLE_SOCKETS)
+        server.stdin.write("open 64\n")
+        server.stdin.flush()
+        assert server.stdout.readline().strip() == "opened 64", "the node ran out of descriptors"
+        assert failed_connects == 0 and len(sockets) == IDLE_SOCKETS
+        time.sleep(0.5)
+        closed = sum(closed_by_peer(sock) for sock in sockets)
+        assert closed >= IDLE_SOCKETS - DEFAULT_MAX_CONNECTIONS, closed
+        deadline = time.monotonic() + DEFAULT_HEADER_TIMEOUT_S + 10
+        while healthz_status(port) != 200:
+            assert time.monotonic() < deadline, "/healthz did not answer during the flood"
+            time.sleep(0.2)
+    finally:
+        for sock in sockets:
+            sock.close()
+        if server.stdin is not None:
+            server.stdin.close()
+        server.wait(timeout=30)
+
+
+async def test_connections_beyond_the_cap_are_closed_at_once_and_idle_ones_time_out():
+    ok = HealthStatus(True, "fine")
+    server = HealthServer(
+        registry=CollectorRegistry(), health=lambda: ok, max_connections=4, header_timeout_s=0.5
+    )
+    async with server:
+        idle = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(10)]
+        outcomes = []
+        for reader, _ in idle:  # held ones end at the header deadline, the rest at once
+            started = time.monotonic()
+            try:
+                data = await asyncio.wait_for(reader.read(), timeout=5)
+            except ConnectionError:
+                data = b""
+            outcomes.append((data, time.monotonic() - started))
+        assert all(data == b"" for data, _ in outcomes)
+        assert server.refused_connections == 6
+        assert (await http_get(server.port, "/healthz"))[0] == 200
+        for _, writer in idle:
+            writer.close()
+
+
+def test_metric_names_list_every_family_the_node_exports():
+    registry = CollectorRegistry()
+    NodeMetrics(role="miner", uid=1, registry=registry, clock=FakeClock())
+    suffix = {"info": "_info", "counter": "_total"}
+    exported = {f.name + suffix.get(f.type, "") for f in registry.collect()}
+    assert exported == set(METRIC_NAMES), set(METRIC_NAMES) ^ exported
+
+
+def test_auto_device_without_a_gpu_says_so_loudly(caplog):
+    from tplr.node.runtime import resolve_node_device
+
+    with caplog.at_level("WARNING", logger="tplr.node.runtime"):
+        assert resolve_node_device("auto").type == "cpu"  # this host has no usable GPU
+    assert "TRAINING ON THE CPU" in caplog.text and "TPLR_DEVICE=cuda" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="tplr.node.runtime"):
+        resolve_node_device("cpu")
+    assert not caplog.text, "an explicit cpu is not a fallback"

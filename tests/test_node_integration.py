@@ -261,6 +261,10 @@ async def test_dishonest_miners_never_reach_the_model(
     assert "duplicate" in reasons_of(12)
     malformed = reasons_of(21) | reasons_of(22)
     assert {str(kind) for kind in MALFORMED_CLASSES} <= malformed, malformed
+    registry = network.nodes[0].runtime.registry  # each rejection is counted by its reason
+    for kind in (*MALFORMED_CLASSES, "reveal_mismatch", "bad_commitment", "duplicate"):
+        count = registry.get_sample_value("tplr_peers_rejected_total", {"reason": str(kind)})
+        assert count is not None and count >= 1, kind
     # the sleeper: admitted while honest, out of the peer list the window after it turned
     sleeper_verdicts = {w: record.verdicts[w][10] for w in windows}
     assert any(reason(v) is None for w, v in sleeper_verdicts.items() if w < sleeper_turn)

@@ -5,7 +5,9 @@ are killed (-9), restarted and finally stopped with SIGTERM."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -20,6 +22,7 @@ from tplr.comms.local_store import LocalStore
 from tplr.errors import ConfigError
 from tplr.node.directory import embedded_prefix
 from tplr.node.lifecycle import EXIT_CONFIG, EXIT_OK, NodeStopped, Shutdown, run_node, supervise
+from tplr.node.log_setup import LogContext, configure_logging
 from tplr.node.prefixed_store import PrefixedStore
 from tplr.node.reports import read_report, report_windows
 from tplr.protocol.payload import read_safetensors_header
@@ -175,7 +178,7 @@ def assert_no_partial_objects(shared_root: Path, cache_root: Path) -> None:
 
 def make_home(tmp_path: Path) -> Path:
     home = tmp_path / "home"
-    shards = build_dataset(tmp_path / "data", text_bytes=150_000)
+    shards = build_dataset(tmp_path / "data", rows_per_shard=256, shards=4)
     (home / "dataset" / "remote").mkdir(parents=True)
     shards.rename(home / "dataset" / "remote" / "tokenized")
     return home
@@ -212,3 +215,82 @@ async def test_torchrun_miner_killed_miner_rejoin_and_sigterm_exits_0(tmp_path):
             if process.poll() is None:
                 process.kill()
                 process.wait()
+
+
+# -- logging ----------------------------------------------------------------------------------
+WIRE_KEY_ID = "AKIAWIRELOGTEST00042"
+WIRE_PROBE = """
+import asyncio, sys
+from pydantic import SecretStr
+from tplr.comms.config import BucketConfig
+from tplr.comms.s3_store import S3Store
+from tplr.comms.transfer_config import TransferConfig
+from tplr.node.lifecycle import configure_process
+
+endpoint, bucket, key_id, wire = sys.argv[1:5]
+configure_process(log_level="DEBUG", torch_threads=None, debug_wire=wire == "1")
+config = BucketConfig(bucket_name=bucket, access_key_id=SecretStr(key_id),
+                      secret_access_key=SecretStr("wire-secret"), endpoint_url=endpoint,
+                      region="us-east-1")
+
+async def main():
+    async with S3Store(config, TransferConfig()) as store:
+        await store.put("probe.bin", b"x" * 10)
+        await store.head("probe.bin")
+
+asyncio.run(main())
+"""
+
+
+def wire_log(endpoint: str, bucket: str, *, debug_wire: bool) -> str:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            WIRE_PROBE,
+            endpoint,
+            bucket,
+            WIRE_KEY_ID,
+            "1" if debug_wire else "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "TPLR_"))},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stderr
+
+
+def test_debug_logging_keeps_key_ids_and_signatures_out_unless_debug_wire(s3_server, bucket):
+    """A real S3 PUT and HEAD on moto at --log-level DEBUG: no access key id, no SigV4
+    signature in the log; --debug-wire shows both (so the check can fail)."""
+    quiet = wire_log(s3_server, bucket, debug_wire=False)
+    assert "DEBUG" in quiet, "the node's own DEBUG lines still appear"
+    assert WIRE_KEY_ID not in quiet and "Signature=" not in quiet
+    loud = wire_log(s3_server, bucket, debug_wire=True)
+    assert WIRE_KEY_ID in loud and "Signature=" in loud
+    assert "--debug-wire: HTTP/S3 request dumps are logged" in loud
+
+
+def test_json_log_lines_carry_the_node_context():
+    stream = io.StringIO()
+    context = LogContext(role="validator", uid=4, run_id="run-9", rank=0, window_source=lambda: 12)
+    try:
+        configure_logging("info", log_format="json", context=context, stream=stream)
+        logging.getLogger("tplr.test").info("window %d closed", 12)
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logging.getLogger("tplr.test").exception("failed")
+    finally:
+        configure_logging("WARNING")  # back to text for the other tests
+    first, second = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert first["message"] == "window 12 closed" and first["level"] == "INFO"
+    assert (first["role"], first["uid"], first["run_id"], first["window"], first["rank"]) == (
+        "validator", 4, "run-9", 12, 0,
+    )  # fmt: skip
+    assert first["ts"].endswith("Z") and first["logger"] == "tplr.test"
+    assert "ValueError: boom" in second["exc"]
+    with pytest.raises(ValueError, match="unknown log level"):
+        configure_logging("bogus")

@@ -3,6 +3,8 @@ and a node whose local run settings disagree with run.json refusing to start."""
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,10 +15,17 @@ from node_harness import TEST_RUN, build_dataset
 from tplr.comms.local_store import LocalStore
 from tplr.comms.transfer_config import TransferConfig
 from tplr.errors import ConfigError
+from tplr.node.env_check import check_names, known_env_names, tplr_settings_classes
 from tplr.node.lifecycle import Shutdown
 from tplr.node.run_spec import publish_run_spec
 from tplr.node.runtime import open_runtime
-from tplr.node.settings import NodeConfig, RunSettings, build_settings, components_for
+from tplr.node.settings import (
+    COMPONENTS,
+    NodeConfig,
+    RunSettings,
+    build_settings,
+    components_for,
+)
 from tplr.node.settings_cli import build_parser, load_settings, settable_fields
 from tplr.node.stores import open_node_stores
 from tplr.protocol.clock import FakeClock
@@ -135,7 +144,7 @@ def test_the_lead_proposes_the_datasets_vocabulary_and_sequence_length():
 def embedded_home(tmp_path) -> Path:
     """An embedded home with a dataset and a lead's run.json (window_seconds 60)."""
     home = tmp_path / "home"
-    shards = build_dataset(tmp_path / "data", text_bytes=150_000)
+    shards = build_dataset(tmp_path / "data", rows_per_shard=256, shards=4)
     target = home / "dataset" / "remote" / "tokenized"
     target.parent.mkdir(parents=True)
     shards.rename(target)
@@ -181,3 +190,118 @@ async def test_the_miner_command_refuses_a_conflicting_run_and_exits_2(embedded_
     assert "error: local settings conflict with the run" in result.stderr
     assert "window_seconds: run has 60.0, local setting is 30.0" in result.stderr
     assert "hint: remove the local override" in result.stderr
+
+
+# -- misconfiguration: each one a clear error, no traceback, the right exit code -------------
+
+
+def run_node(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT):
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("TPLR_", "R2_", "DATASET_"))}
+    base.update(METRICS_PORT="0", OMP_NUM_THREADS="1", **(env or {}))
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, env=base, capture_output=True, text=True, timeout=120
+    )
+
+
+def assert_clean_exit(result: subprocess.CompletedProcess, code: int, *needles: str) -> None:
+    assert result.returncode == code, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    for needle in needles:
+        assert needle in result.stderr, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("DATASET_KEEP_SHARD", "true", "unknown setting DATASET_KEEP_SHARD (environment); "
+         "did you mean DATASET_KEEP_SHARDS?"),
+        ("TPLR_VALIDATOR_LEAD", "true", "did you mean TPLR_LEAD?"),
+        ("TPLR_S3_PART_SIZE", "64", "TPLR_S3_PART_SIZE (environment) is a templar setting: use "
+         "DOWNLOAD_PART_SIZE"),
+        ("R2_AGGREGATOR_BUCKET_NAME", "agg", "tplr has no aggregator bucket"),
+        ("r2_dataset_bucket_nmae", "x", "did you mean R2_DATASET_BUCKET_NAME?"),
+    ],
+)  # fmt: skip
+def test_unknown_and_templar_variables_are_errors(monkeypatch, name, value, expected):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as info:
+        load_settings("miner", ["--uid", "1"])
+    assert expected in info.value.message
+    assert "docs/migrating-from-templar.md" in info.value.hint
+
+
+def test_unknown_names_in_the_env_file_are_named_with_the_file(tmp_path, monkeypatch):
+    env_file = tmp_path / "node.env"
+    env_file.write_text("TPLR_UID=2\nTPLR_GATHER_TIMEOUT=5\nWALLET_NAME=default\n")
+    with pytest.raises(ConfigError, match=rf"TPLR_GATHER_TIMEOUT \({env_file}\); did you mean"):
+        load_settings("validator", ["--env-file", str(env_file)])
+    env_file.write_text("TPLR_UID=2\nWALLET_NAME=default\nTPLR_APP_DIR=/app\n")
+    settings = load_settings("validator", ["--env-file", str(env_file)])
+    (notice,) = settings.notices  # outside tplr's prefixes: a warning naming the equivalent
+    assert "WALLET_NAME" in notice and "TPLR_UID" in notice
+
+
+def test_known_names_come_from_the_settings_classes():
+    """Every variable that .env.example documents passes; nothing is listed by hand."""
+    documented = [
+        (line.split("=", 1)[0].lstrip("# "), ".env.example")
+        for line in (ROOT / ".env.example").read_text().splitlines()
+        if "=" in line and line.lstrip("# ").split("=", 1)[0].isupper()
+    ]
+    known = known_env_names([*COMPONENTS.values(), *tplr_settings_classes()])
+    report = check_names(documented, known)
+    assert not report.errors, report.errors
+    assert {"TPLR_UID", "TPLR_LEAD", "PEERS_FILE", "DATASET_BINS_PATH"} <= known
+    assert "TPLR_VALIDATOR_LEAD" not in known  # the field reads TPLR_LEAD only
+
+
+@pytest.mark.parametrize(
+    ("env", "needles"),
+    [
+        ({"R2_DATASET_ENDPOINT_URL": "minio:9000"},
+         ("invalid R2_DATASET_ENDPOINT_URL: 'minio:9000' is not an http(s):// URL",
+          "hint: write it as https://host[:port]")),
+        ({"TPLR_LOG_LEVEL": "bogus"}, ("invalid TPLR_LOG_LEVEL (flag --log-level)",)),
+        ({"DATASET_KEEP_SHARD": "1"}, ("did you mean DATASET_KEEP_SHARDS?",)),
+    ],
+)  # fmt: skip
+def test_bad_settings_exit_2_with_one_clear_error(env, needles, tmp_path):
+    result = run_node("neurons/miner.py", "--uid", "1", "--home", str(tmp_path), env=env)
+    assert_clean_exit(result, 2, *needles)
+
+
+def test_log_level_is_case_insensitive_and_checked_in_the_tplr_cli(tmp_path):
+    settings = load_settings("miner", ["--uid", "1", "--log-level", "debug"])
+    assert settings.node.log_level == "DEBUG"
+    result = run_node("-m", "tplr", "--log-level", "bogus", "manifest", str(tmp_path))
+    assert_clean_exit(result, 2, "unknown log level 'bogus'")
+
+
+async def test_a_bucket_name_without_keys_is_an_error_not_the_embedded_store(tmp_path, monkeypatch):
+    monkeypatch.setenv("R2_DATASET_BUCKET_NAME", "tplr-dataset")
+    monkeypatch.setenv("R2_DATASET_READ_ACCESS_KEY_ID", "")  # `KEY=` copied from the template
+    settings = build_settings("miner", node=NodeConfig(uid=1, home=tmp_path))
+    stores = open_node_stores(
+        settings.node, settings.dataset_bucket, settings.gradients_bucket, TransferConfig()
+    )
+    with pytest.raises(ConfigError, match="R2_DATASET_BUCKET_NAME=tplr-dataset is set but"):
+        async with stores:
+            pass
+    result = run_node(
+        "neurons/miner.py", "--uid", "1", "--home", str(tmp_path),
+        env={"R2_GRADIENTS_BUCKET_NAME": "my-grads"},
+    )  # fmt: skip
+    assert_clean_exit(result, 2, "R2_GRADIENTS_BUCKET_NAME=my-grads is set but", "hint: set")
+
+
+def test_a_runtime_failure_exits_1(embedded_home):
+    """No lead publishes run.json within the wait: a failure at run time, not a usage error."""
+    result = run_node(
+        "neurons/miner.py", "--uid", "1", "--lead-uid", "0", "--home", str(embedded_home),
+        "--run-wait-timeout-s", "1", "--poll-interval-s", "0.2", "--log-format", "json",
+    )  # fmt: skip
+    assert_clean_exit(result, 1, "did not appear within 1s")
+    lines = [json.loads(line) for line in result.stderr.splitlines() if line.strip()]
+    assert lines and all(line["uid"] == 1 and line["role"] == "miner" for line in lines)
+    assert {"ts", "level", "logger", "message", "run_id", "window", "rank"} <= set(lines[-1])
+    assert lines[-1]["level"] == "ERROR" and "hint:" in lines[-1]["message"]

@@ -4,18 +4,19 @@ on the S3 server (read keys, prefixes, reload), and which store a node picks."""
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 
 import pytest
 import yaml
 from conftest import TEST_ACCESS_KEY, TEST_SECRET_KEY
+from pydantic import SecretStr
 
 from tplr.comms.config import DatasetBucketSettings, GradientsBucketSettings
 from tplr.comms.errors import AlreadyExists, InvalidRequest, NotFound
 from tplr.comms.local_store import LocalStore
 from tplr.comms.transfer_config import TransferConfig
 from tplr.comms.upload import upload_file
+from tplr.errors import ConfigError
 from tplr.node.directory import EmbeddedDirectory, PeersFileDirectory, UnknownPeer
 from tplr.node.peers import NodeAnnouncement, announce_node
 from tplr.node.prefixed_store import PrefixedStore, normalize_prefix
@@ -123,18 +124,25 @@ async def test_peers_file_directory_reads_peers_buckets_and_reloads(
         assert await directory.miners() == [2, 7]  # picked up without a restart
 
 
-async def test_embedded_by_default_with_a_warning_for_bucket_names_without_keys(tmp_path, caplog):
+async def test_embedded_by_default_and_a_bucket_name_without_keys_is_an_error(tmp_path):
+    """No bucket settings: the embedded store. A bucket named without its keys (or with
+    `KEY=` lines left empty) is a configuration error, not a silent fallback."""
     node = NodeConfig(uid=3, home=tmp_path / "home")
-    caplog.set_level(logging.WARNING)
     async with open_node_stores(
-        node,
-        DatasetBucketSettings(bucket_name="dataset"),
-        GradientsBucketSettings(bucket_name="grads"),
-        TransferConfig(),
+        node, DatasetBucketSettings(), GradientsBucketSettings(), TransferConfig()
     ) as stores:
         assert stores.embedded and stores.dataset_root == (tmp_path / "home" / "dataset")
         await stores.own.put("x.json", b"{}")
     assert (tmp_path / "home" / "shared" / "uids" / "3" / "x.json").is_file()
     assert (tmp_path / "home" / "cache" / "3").is_dir()
-    assert "R2_DATASET_BUCKET_NAME is set but no R2_DATASET_READ_* keys" in caplog.text
-    assert "R2_GRADIENTS_BUCKET_NAME is set but no R2_GRADIENTS_WRITE_* keys" in caplog.text
+    empty_key = SecretStr("")
+    for dataset, gradients, variable in (
+        (DatasetBucketSettings(bucket_name="dataset"), GradientsBucketSettings(),
+         "R2_DATASET_BUCKET_NAME=dataset is set but"),
+        (DatasetBucketSettings(), GradientsBucketSettings(
+            bucket_name="grads", write_access_key_id=empty_key),
+         "R2_GRADIENTS_BUCKET_NAME=grads is set but"),
+    ):  # fmt: skip
+        with pytest.raises(ConfigError, match=variable):
+            async with open_node_stores(node, dataset, gradients, TransferConfig()):
+                pass

@@ -465,7 +465,8 @@ def test_put_cli_errors_are_one_line_with_a_hint(s3_server, tmp_path, dest, env_
     write_file(tmp_path / "a.bin", 10)
     env = aws_env(s3_server) if env_kind == "aws" else {}
     done = run_put(str(tmp_path / "a.bin"), dest, env=env)
-    assert done.returncode == 2
+    runtime_failure = "does not exist" in expected  # exit 1; configuration errors exit 2
+    assert done.returncode == (1 if runtime_failure else 2), done.stderr
     lines = [ln for ln in done.stderr.splitlines() if not ln.startswith("127.0.0.1")]
     assert lines[0].startswith(expected), done.stderr
     assert lines[1].startswith("hint: ") and len(lines) == 2, done.stderr

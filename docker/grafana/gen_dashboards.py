@@ -4,10 +4,13 @@
     .venv/bin/python docker/grafana/gen_dashboards.py           # rewrite dashboards/*.json
     .venv/bin/python docker/grafana/gen_dashboards.py --check   # exit 1 if one is stale
 
-Panels are described below as (title, PromQL, unit) and laid out on Grafana's 24-column grid.
-Queries use only metrics the node exports (tests/test_deploy_live.py checks them against a live
-``/metrics`` scrape and runs every query through a real Prometheus). Shard-state value mappings
-come from :data:`tplr.data.shard_state.STATE_CODES`, so they cannot drift from the code.
+Panels are described in ``dashboard_panels.py`` as (title, PromQL, unit) and laid out here on
+Grafana's 24-column grid. Queries use only metrics the node exports (tests/test_deploy_live.py
+checks them against a live ``/metrics`` scrape, runs every query through a real Prometheus
+scraping the demo network, and requires data that is not a placeholder zero). Shard-state value
+mappings come from :data:`tplr.data.shard_state.STATE_CODES`, so they cannot drift from the
+code. Dashboards: ``tplr-node`` (any node), ``tplr-validator`` (validators only) and
+``tplr-network`` (every miner's score, upload on time, approval, as a validator judged it).
 """
 
 from __future__ import annotations
@@ -15,305 +18,31 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT / "src") not in sys.path:
     sys.path.insert(0, str(REPO_ROOT / "src"))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dashboard_panels import (  # noqa: E402
+    Panel,
+    Query,
+    Row,
+    data_row,
+    exchange_row,
+    gpu_row,
+    network_rows,
+    progress_row,
+    training_row,
+    validator_rows,
+)
+
 from tplr.data.shard_state import STATE_CODES  # noqa: E402
 
 DASHBOARD_DIR = Path(__file__).resolve().parent / "dashboards"
 DATASOURCE = {"type": "prometheus", "uid": "prometheus"}  # provisioning/datasources/
-SEL = 'instance=~"$instance"'
-RATE = "$__rate_interval"
-PER_WINDOW = "30m"  # once-per-window events (uploads, gathers): a few windows per point
-PER_SHARD = "6h"  # once-per-shard events (swaps): several shards per point
 GRID_WIDTH = 24
-
-
-@dataclass(frozen=True)
-class Query:
-    expr: str
-    legend: str = ""
-
-
-@dataclass(frozen=True)
-class Panel:
-    title: str
-    queries: tuple[Query, ...]
-    unit: str = "short"
-    kind: str = "timeseries"  # timeseries | stat | state-timeline | bargauge
-    width: int = 8
-    height: int = 8
-    description: str = ""
-    mappings: tuple[dict, ...] = ()
-    options: dict = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Row:
-    title: str
-    panels: tuple[Panel, ...]
-
-
-def q(expr: str, legend: str = "{{instance}}") -> Query:
-    return Query(expr, legend)
-
-
-def quantiles(metric: str, what: str, over: str = RATE) -> tuple[Query, ...]:
-    """p50 and p95 of a histogram, per instance, over ``over`` (longer for rare events)."""
-    return tuple(
-        q(
-            f"histogram_quantile({p}, "
-            f"sum by (le, instance) (rate({metric}_bucket{{{SEL}}}[{over}])))",
-            f"{{{{instance}}}} {what} p{int(p * 100)}",
-        )
-        for p in (0.5, 0.95)
-    )
-
-
-def shard_state_mappings() -> tuple[dict, ...]:
-    colors = {"remote": "blue", "downloading": "orange", "ready": "yellow"}
-    colors |= {"active": "green", "retired": "gray"}
-    options = {
-        str(code): {"text": state.value, "color": colors.get(state.value, "text"), "index": code}
-        for state, code in STATE_CODES.items()
-    }
-    return ({"type": "value", "options": options},)
-
-
-def progress_row() -> Row:
-    return Row(
-        "Progress",
-        (
-            Panel("Window", (q(f"tplr_window{{{SEL}}}"),), kind="stat", width=6, height=5),
-            Panel(
-                "Since last completed window",
-                (q(f"time() - tplr_last_window_progress_timestamp_seconds{{{SEL}}}"),),
-                unit="s",
-                kind="stat",
-                width=6,
-                height=5,
-                description="Alert TplrNoWindowProgress fires past 3 windows.",
-            ),
-            Panel(
-                "Tokens / s",
-                (q(f"tplr_tokens_per_second{{{SEL}}}"),),
-                kind="stat",
-                width=6,
-                height=5,
-            ),
-            Panel(
-                "MFU",
-                (q(f"tplr_mfu_ratio{{{SEL}}}"),),
-                unit="percentunit",
-                kind="stat",
-                width=6,
-                height=5,
-                description="Empty (NaN) on CPU or an unknown GPU.",
-            ),
-        ),
-    )
-
-
-def training_row() -> Row:
-    return Row(
-        "Training",
-        (
-            Panel(
-                "Loss and validation loss",
-                (
-                    q(f"tplr_loss{{{SEL}}}", "{{instance}} train"),
-                    q(f"tplr_train_eval_loss{{{SEL}}}", "{{instance}} validation"),
-                ),
-            ),
-            Panel("Tokens / s", (q(f"tplr_tokens_per_second{{{SEL}}}"),)),
-            Panel("MFU", (q(f"tplr_mfu_ratio{{{SEL}}}"),), unit="percentunit"),
-            Panel("Inner step time", quantiles("tplr_inner_step_seconds", "step"), unit="s"),
-            Panel(
-                "Outer step norm and clipped peers",
-                (
-                    q(f"tplr_outer_step_norm{{{SEL}}}", "{{instance}} norm"),
-                    q(f"tplr_aggregation_clipped_peers{{{SEL}}}", "{{instance}} clipped"),
-                ),
-            ),
-            Panel("Window", (q(f"tplr_window{{{SEL}}}"),)),
-        ),
-    )
-
-
-def data_row() -> Row:
-    by_dir = "sum by (instance, direction)"
-    return Row(
-        "Data: shards, downloads, disk",
-        (
-            Panel(
-                "Shard state",
-                (q(f"tplr_dataset_shard_state{{{SEL}}}", "{{instance}} shard {{shard}}"),),
-                kind="state-timeline",
-                width=12,
-                mappings=shard_state_mappings(),
-            ),
-            Panel("Active shard", (q(f"tplr_dataset_active_shard{{{SEL}}}"),), width=6),
-            Panel(
-                "Prefetch lead time",
-                quantiles("tplr_dataset_prefetch_lead_seconds", "lead", over=PER_SHARD),
-                unit="s",
-                width=6,
-                description="How long before its window the next shard was ready (higher is "
-                "safer; 0 means training waited).",
-            ),
-            Panel(
-                "Download / upload throughput",
-                (
-                    q(
-                        f"{by_dir} (rate(tplr_transfer_bytes_total{{{SEL}}}[{RATE}]))",
-                        "{{instance}} {{direction}}",
-                    ),
-                ),
-                unit="Bps",
-            ),
-            Panel(
-                "Retries by reason",
-                (
-                    q(
-                        f"sum by (instance, direction, reason) "
-                        f"(rate(tplr_transfer_retries_total{{{SEL}}}[{RATE}]))",
-                        "{{instance}} {{direction}} {{reason}}",
-                    ),
-                ),
-                unit="reqps",
-            ),
-            Panel("Part latency", quantiles("tplr_transfer_part_seconds", "part"), unit="s"),
-            Panel(
-                "Disk",
-                (
-                    q(f"tplr_dataset_disk_free_bytes{{{SEL}}}", "{{instance}} free"),
-                    q(f"tplr_dataset_next_shard_bytes{{{SEL}}}", "{{instance}} next shard"),
-                    q(f"tplr_dataset_bytes_on_disk{{{SEL}}}", "{{instance}} shards on disk"),
-                ),
-                unit="bytes",
-            ),
-            Panel(
-                "Training stalled waiting for data",
-                (q(f"increase(tplr_dataset_stall_seconds_total{{{SEL}}}[{RATE}])"),),
-                unit="s",
-            ),
-            Panel(
-                "Shard download failures and disk refusals",
-                (
-                    q(
-                        f"sum by (instance, reason) "
-                        f"(increase(tplr_dataset_download_failures_total{{{SEL}}}[{RATE}]))",
-                        "{{instance}} failed: {{reason}}",
-                    ),
-                    q(
-                        f"increase(tplr_dataset_disk_refusals_total{{{SEL}}}[{RATE}])",
-                        "{{instance}} disk refusals",
-                    ),
-                ),
-            ),
-        ),
-    )
-
-
-def exchange_row() -> Row:
-    return Row(
-        "Exchange: uploads, gathers, peers",
-        (
-            Panel("Upload time", quantiles("tplr_upload_seconds", "up", PER_WINDOW), unit="s"),
-            Panel("Gather time", quantiles("tplr_gather_seconds", "gather", PER_WINDOW), unit="s"),
-            Panel("Payload size", (q(f"tplr_payload_bytes{{{SEL}}}"),), unit="bytes"),
-            Panel("Peers gathered", (q(f"tplr_peers_gathered{{{SEL}}}"),), width=12),
-            rejections_panel(width=12),
-        ),
-    )
-
-
-def rejections_panel(width: int = 12) -> Panel:
-    return Panel(
-        "Peers rejected by reason",
-        (
-            q(
-                f"sum by (reason) (increase(tplr_peers_rejected_total{{{SEL}}}[{RATE}])) > 0",
-                "{{reason}}",
-            ),
-        ),
-        width=width,
-        description="Reasons: see docs/protocol.md (payload checks).",
-    )
-
-
-def validator_rows() -> tuple[Row, ...]:
-    scores = Row(
-        "Scores",
-        (
-            Panel(
-                "Score per miner uid",
-                (q(f"tplr_peer_score{{{SEL}}}", "uid {{uid}}"),),
-                width=16,
-                height=10,
-            ),
-            Panel(
-                "Current scores",
-                (q(f"sort_desc(tplr_peer_score{{{SEL}}})", "uid {{uid}}"),),
-                kind="bargauge",
-                width=8,
-                height=10,
-                options={"orientation": "horizontal", "displayMode": "basic"},
-            ),
-            rejections_panel(width=12),
-            Panel(
-                "Rejections by reason, last 24h",
-                (
-                    q(
-                        f"sum by (reason) (increase(tplr_peers_rejected_total{{{SEL}}}[24h]))",
-                        "{{reason}}",
-                    ),
-                ),
-                kind="bargauge",
-                width=12,
-                options={"orientation": "horizontal", "displayMode": "basic"},
-            ),
-        ),
-    )
-    state = Row(
-        "Validator state",
-        (
-            Panel(
-                "Checkpoint age",
-                (q(f"tplr_checkpoint_age_seconds{{{SEL}}}"),),
-                unit="s",
-                kind="stat",
-                width=6,
-                height=5,
-                description="Since the last checkpoint was saved or loaded.",
-            ),
-            Panel("Window", (q(f"tplr_window{{{SEL}}}"),), kind="stat", width=6, height=5),
-            Panel(
-                "Miners scored",
-                (q(f"count by (instance) (tplr_peer_score{{{SEL}}})"),),
-                kind="stat",
-                width=6,
-                height=5,
-            ),
-            Panel(
-                "Peers gathered",
-                (q(f"tplr_peers_gathered{{{SEL}}}"),),
-                kind="stat",
-                width=6,
-                height=5,
-            ),
-            Panel(
-                "Checkpoint age over time", (q(f"tplr_checkpoint_age_seconds{{{SEL}}}"),), unit="s"
-            ),
-            Panel("Gather time", quantiles("tplr_gather_seconds", "gather", PER_WINDOW), unit="s"),
-            Panel("Loss", (q(f"tplr_loss{{{SEL}}}"),)),
-        ),
-    )
-    return state, scores
 
 
 def panel_json(panel: Panel, panel_id: int, x: int, y: int) -> dict:
@@ -370,7 +99,10 @@ def layout(rows: tuple[Row, ...]) -> list[dict]:
 
 
 def dashboard(uid: str, title: str, rows: tuple[Row, ...], role: str | None) -> dict:
+    """``$instance`` lists the nodes of ``role``; "All" means exactly those (no regex that
+    would pull in the other role's nodes)."""
     selector = f'{{role="{role}"}}' if role else ""
+    label = f"{role} node" if role else "node"
     return {
         "uid": uid,
         "title": title,
@@ -385,7 +117,7 @@ def dashboard(uid: str, title: str, rows: tuple[Row, ...], role: str | None) -> 
             "list": [
                 {
                     "name": "instance",
-                    "label": "node",
+                    "label": label,
                     "type": "query",
                     "datasource": DATASOURCE,
                     "query": {
@@ -396,7 +128,6 @@ def dashboard(uid: str, title: str, rows: tuple[Row, ...], role: str | None) -> 
                     "refresh": 2,
                     "includeAll": True,
                     "multi": True,
-                    "allValue": ".*",
                     "current": {"text": "All", "value": "$__all"},
                     "sort": 1,
                 }
@@ -410,13 +141,26 @@ def dashboard(uid: str, title: str, rows: tuple[Row, ...], role: str | None) -> 
 
 def build_dashboards() -> dict[str, dict]:
     """``{file name: dashboard}`` for every provisioned dashboard."""
-    node_rows = (progress_row(), training_row(), data_row(), exchange_row())
+    node_rows = (progress_row(), training_row(), gpu_row(), data_row(STATE_CODES), exchange_row())
     return {
         "tplr-node.json": dashboard("tplr-node", "tplr node", node_rows, None),
         "tplr-validator.json": dashboard(
             "tplr-validator", "tplr validator", validator_rows(), "validator"
         ),
+        "tplr-network.json": dashboard("tplr-network", "tplr network", network_rows(), "validator"),
     }
+
+
+def query_expectations() -> dict[str, Query]:
+    """Every panel query's expression -> its :class:`Query` (needs, zero_ok), for the tests."""
+    found: dict[str, Query] = {}
+    for rows in ((progress_row(), training_row(), gpu_row(), data_row(STATE_CODES),
+                  exchange_row()), validator_rows(), network_rows()):  # fmt: skip
+        for row in rows:
+            for panel in row.panels:
+                for query in panel.queries:
+                    found[query.expr] = query
+    return found
 
 
 def render(board: dict) -> str:

@@ -1,11 +1,18 @@
-"""``/metrics`` and ``/healthz`` over HTTP on ``METRICS_PORT``.
+"""``/metrics`` and ``/healthz`` over HTTP on ``METRICS_PORT``, served from process start.
 
 A tiny HTTP/1.1 responder on ``asyncio.start_server`` (one request per connection,
 ``Connection: close``): ``GET /metrics`` returns the Prometheus text format of the
-injected registry, ``GET /healthz`` returns 200 while the node makes window progress
-and 503 with the reason once it has made none for more than ``max_stalled_windows``
-windows. Use as ``async with HealthServer(...) as server``; port 0 picks a free port
-(``server.port``).
+injected registry, ``GET /healthz`` returns 200 while the node starts up
+(``starting: waiting for run.json at ...``) and while it makes window progress, and 503
+with the reason once it has made none for more than ``max_stalled_windows`` windows
+(:class:`NodeHealth`). Use as ``async with HealthServer(...) as server``; port 0 picks a
+free port (``server.port``).
+
+The server is exposed to whoever can reach the port, so it holds at most
+``max_connections`` connections (any beyond are closed at once, before a byte is read),
+gives a client ``header_timeout_s`` to send its request line and headers, and binds
+``127.0.0.1`` unless ``METRICS_HOST`` says otherwise (the Docker image sets ``0.0.0.0``
+so that Prometheus can scrape it over the compose network).
 """
 
 from __future__ import annotations
@@ -15,19 +22,25 @@ import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tplr.errors import ConfigError
+from tplr.node.node_state import NodeState
 from tplr.protocol.clock import WindowClock
 
 log = logging.getLogger(__name__)
 
 _MAX_REQUEST_LINE_BYTES = 8 * 1024
 _MAX_HEADER_LINES = 100
+DEFAULT_MAX_CONNECTIONS = 64
+DEFAULT_HEADER_TIMEOUT_S = 5.0
+# asyncio accepts up to the backlog in one burst before any connection can be closed, so
+# the descriptors held under a flood are at most max_connections + backlog: keep it small.
+_LISTEN_BACKLOG = 100
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed"}
 _REASONS[503] = "Service Unavailable"
 _TEXT = "text/plain; charset=utf-8"
@@ -35,17 +48,35 @@ _ENV_NAMES = {
     "metrics_host": "METRICS_HOST",
     "metrics_port": "METRICS_PORT",
     "health_max_stalled_windows": "HEALTH_MAX_STALLED_WINDOWS",
+    "metrics_max_connections": "METRICS_MAX_CONNECTIONS",
 }
 
 
 class HealthConfig(BaseSettings):
-    """``METRICS_HOST``, ``METRICS_PORT`` and ``HEALTH_MAX_STALLED_WINDOWS``."""
+    """``METRICS_HOST``, ``METRICS_PORT``, ``METRICS_MAX_CONNECTIONS`` and
+    ``HEALTH_MAX_STALLED_WINDOWS``."""
 
     model_config = SettingsConfigDict(extra="ignore", frozen=True)
 
-    metrics_host: str = "0.0.0.0"
-    metrics_port: int = Field(default=9108, ge=0, le=65535)
-    health_max_stalled_windows: int = Field(default=3, ge=1, le=10_000)
+    metrics_host: str = Field(
+        default="127.0.0.1",
+        description="address the /metrics and /healthz server binds (the image sets 0.0.0.0)",
+    )
+    metrics_port: int = Field(
+        default=9108, ge=0, le=65535, description="port of /metrics and /healthz (0: any free)"
+    )
+    health_max_stalled_windows: int = Field(
+        default=3,
+        ge=1,
+        le=10_000,
+        description="/healthz turns 503 after this many windows without progress",
+    )
+    metrics_max_connections: int = Field(
+        default=DEFAULT_MAX_CONNECTIONS,
+        ge=1,
+        le=4096,
+        description="connections the health server holds at once; more are closed at once",
+    )
 
     @classmethod
     def load(cls, **overrides: Any) -> HealthConfig:
@@ -59,7 +90,7 @@ class HealthConfig(BaseSettings):
             raise ConfigError(
                 f"invalid {name}: {error['msg']}",
                 hint="METRICS_PORT must be 0-65535 (0 picks a free port); "
-                "HEALTH_MAX_STALLED_WINDOWS must be 1-10000",
+                "HEALTH_MAX_STALLED_WINDOWS must be 1-10000; METRICS_MAX_CONNECTIONS 1-4096",
             ) from None
 
 
@@ -67,6 +98,7 @@ class HealthConfig(BaseSettings):
 class HealthStatus:
     healthy: bool
     detail: str
+    state: NodeState | None = None
 
 
 class ProgressTracker:
@@ -104,6 +136,47 @@ class ProgressTracker:
         return HealthStatus(True, f"window {current}, progress {what}")
 
 
+class _StateSink(Protocol):
+    def read_state_from(self, source: Callable[[], NodeState]) -> None: ...
+
+
+class NodeHealth:
+    """The node's health from process start: a start-up phase, then window progress.
+
+    While starting, ``/healthz`` answers 200 ``<state>: <what it waits for>`` (a long first
+    shard download is a normal start, not a failure); once :meth:`track` hands it the
+    :class:`ProgressTracker`, it answers as the tracker says. ``tplr_node_state`` follows
+    :meth:`state` (``stalled`` while the tracker is unhealthy).
+    """
+
+    def __init__(self, metrics: _StateSink | None = None) -> None:
+        self._state = NodeState.STARTING
+        self._detail = "opening the stores"
+        self._tracker: ProgressTracker | None = None
+        if metrics is not None:
+            metrics.read_state_from(self.state)
+
+    def phase(self, state: NodeState, detail: str) -> None:
+        """A start-up step: ``state`` (starting, joining, downloading) and what it waits for."""
+        self._state, self._detail = state, detail
+        log.info("%s: %s", state.value, detail)
+
+    def track(self, tracker: ProgressTracker, working_state: NodeState) -> None:
+        """Start-up is over: health follows window progress from now on."""
+        self._tracker, self._state, self._detail = tracker, working_state, "in the window loop"
+
+    def state(self) -> NodeState:
+        if self._tracker is not None and not self._tracker.status().healthy:
+            return NodeState.STALLED
+        return self._state
+
+    def status(self) -> HealthStatus:
+        if self._tracker is None:
+            return HealthStatus(True, f"{self._state.value}: {self._detail}", self._state)
+        status = self._tracker.status()
+        return HealthStatus(status.healthy, status.detail, self.state())
+
+
 class HealthServer:
     """Serves ``/metrics`` from ``registry`` and ``/healthz`` from ``health()``."""
 
@@ -115,14 +188,20 @@ class HealthServer:
         host: str = "127.0.0.1",
         port: int = 0,
         request_timeout_s: float = 10.0,
+        header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
         self._registry = registry
         self._health = health
         self._host = host
         self._requested_port = port
         self._request_timeout_s = request_timeout_s
+        self._header_timeout_s = min(header_timeout_s, request_timeout_s)
+        self._max_connections = max_connections
         self._server: asyncio.Server | None = None
         self._open_writers: set[asyncio.StreamWriter] = set()
+        self._handlers: set[asyncio.Task] = set()
+        self.refused_connections = 0
         self.port: int | None = None
 
     @classmethod
@@ -134,13 +213,21 @@ class HealthServer:
         health: Callable[[], HealthStatus],
     ) -> HealthServer:
         return cls(
-            registry=registry, health=health, host=config.metrics_host, port=config.metrics_port
+            registry=registry,
+            health=health,
+            host=config.metrics_host,
+            port=config.metrics_port,
+            max_connections=config.metrics_max_connections,
         )
 
     async def __aenter__(self) -> HealthServer:
         try:
             self._server = await asyncio.start_server(
-                self._serve, self._host, self._requested_port, limit=_MAX_REQUEST_LINE_BYTES
+                self._serve,
+                self._host,
+                self._requested_port,
+                limit=_MAX_REQUEST_LINE_BYTES,
+                backlog=_LISTEN_BACKLOG,
             )
         except OSError as exc:
             raise ConfigError(
@@ -157,23 +244,41 @@ class HealthServer:
             server.close()
             for writer in list(self._open_writers):  # idle clients must not delay shutdown
                 writer.close()
+            if self._handlers:  # they end on the closed connection (never cancelled: 3.11
+                await asyncio.wait(self._handlers, timeout=5)  # logs cancelled handlers)
             await server.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._open_writers) >= self._max_connections:
+            self.refused_connections += 1
+            if self.refused_connections in (1, 100) or self.refused_connections % 10_000 == 0:
+                log.warning(
+                    "health server: %d connection(s) closed at once: already %d open (limit)",
+                    self.refused_connections,
+                    self._max_connections,
+                )
+            writer.transport.abort()  # frees the socket now; no FIN handshake to wait for
+            return
         self._open_writers.add(writer)
+        handler = asyncio.current_task()
+        if handler is not None:
+            self._handlers.add(handler)
         try:
             async with asyncio.timeout(self._request_timeout_s):
                 try:
-                    method, path = await _read_request(reader)
+                    async with asyncio.timeout(self._header_timeout_s):
+                        method, path = await _read_request(reader)
                 except (_BadRequest, asyncio.LimitOverrunError, ValueError) as exc:
                     method, response = "GET", (400, _TEXT, f"bad request: {exc}\n".encode())
                 else:
                     response = await self._respond(method, path)
-                await _write_response(writer, method, *response)
+                if not writer.is_closing():  # not shut down meanwhile
+                    await _write_response(writer, method, *response)
         except (TimeoutError, ConnectionError) as exc:
             log.debug("health server: dropped a connection: %r", exc)
         finally:
             self._open_writers.discard(writer)
+            self._handlers.discard(handler)  # type: ignore[arg-type]
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()

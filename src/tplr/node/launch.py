@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from tplr.errors import TplrError
-from tplr.node.lifecycle import EXIT_CONFIG, report_error, run_node
+from tplr.node.lifecycle import exit_code_for, report_error, run_node
 from tplr.node.settings import NodeSettings
 
 
@@ -14,10 +14,13 @@ def run_miner_process(settings: NodeSettings, environ: Mapping[str, str]) -> int
     from tplr.node.follower import FOLLOWER_GRACE_S, follow
     from tplr.node.miner import run_miner
     from tplr.node.ranks import ranks_for
+    from tplr.node.runtime import resolve_node_device
     from tplr.train.distributed import LaunchEnv, distributed_context
 
     try:
         launch = LaunchEnv.from_environ(environ)
+        if launch.rank == 0:
+            resolve_node_device(settings.node.device, launch.local_rank)  # warns on a fallback
         with distributed_context(launch, device=settings.node.device) as context:
             ranks = ranks_for(context)
             if context.is_main:
@@ -28,6 +31,6 @@ def run_miner_process(settings: NodeSettings, environ: Mapping[str, str]) -> int
             return run_node(
                 lambda shutdown: follow(settings, shutdown, ranks), grace_s=FOLLOWER_GRACE_S
             )
-    except TplrError as exc:
+    except TplrError as exc:  # e.g. TPLR_DEVICE=cuda without a visible GPU: exit 1
         report_error(exc)
-        return EXIT_CONFIG
+        return exit_code_for(exc)

@@ -17,9 +17,13 @@ import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from tplr.errors import ConfigError, TplrError
+from tplr.node.log_setup import CONTEXT, LogFormat, configure_logging, json_logging
+
+if TYPE_CHECKING:
+    from tplr.node.settings import NodeSettings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -145,12 +149,25 @@ def run_node(main: Callable[[Shutdown], Awaitable[None]], *, grace_s: float) -> 
             return runner.run(supervise(main, grace_s=grace_s))
     except TplrError as exc:
         report_error(exc)
-        return EXIT_CONFIG
+        return exit_code_for(exc)
     except KeyboardInterrupt:
         return EXIT_OK
 
 
+def exit_code_for(exc: TplrError) -> int:
+    """2 for a usage/configuration error, 1 for a failure at run time."""
+    from tplr.node.run_spec import RunSpecConflict, RunSpecInvalid
+
+    if isinstance(exc, ConfigError | RunSpecConflict | RunSpecInvalid):
+        return EXIT_CONFIG
+    return EXIT_FAILED
+
+
 def report_error(exc: TplrError) -> None:
+    """``error: ...`` and ``hint: ...`` on stderr (one JSON line with ``--log-format json``)."""
+    if json_logging():
+        log.error("error: %s%s", exc.message, f" hint: {exc.hint}" if exc.hint else "")
+        return
     print(f"error: {exc.message}", file=sys.stderr)
     if exc.hint:
         print(f"hint: {exc.hint}", file=sys.stderr)
@@ -169,14 +186,38 @@ def check_single_process(environ: Mapping[str, str]) -> None:
         )
 
 
-def configure_process(*, log_level: str, torch_threads: int | None) -> None:
+def configure_process(
+    *,
+    log_level: str,
+    torch_threads: int | None,
+    log_format: LogFormat = "text",
+    debug_wire: bool = False,
+    role: str | None = None,
+    uid: int | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> None:
     """Process-wide settings, applied by the entry point only (never at import)."""
-    logging.basicConfig(
-        level=log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    CONTEXT.role, CONTEXT.uid = role, uid
+    rank = (environ or {}).get("RANK", "0")
+    CONTEXT.rank = int(rank) if rank.isascii() and rank.isdigit() else 0
+    configure_logging(log_level, log_format=log_format, debug_wire=debug_wire)
     if torch_threads is not None:
         import torch
 
         torch.set_num_threads(torch_threads)
+
+
+def configure_node_process(settings: NodeSettings, environ: Mapping[str, str]) -> None:
+    """``configure_process`` from a node's settings; then the settings' warnings are logged."""
+    node = settings.node
+    configure_process(
+        log_level=node.log_level,
+        torch_threads=node.torch_threads,
+        log_format=node.log_format,
+        debug_wire=node.debug_wire,
+        role=settings.role,
+        uid=node.uid,
+        environ=environ,
+    )
+    for notice in settings.notices:
+        log.warning("%s", notice)

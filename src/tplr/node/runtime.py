@@ -1,10 +1,12 @@
 """Everything a running node holds, built in order from its settings.
 
-``async with open_runtime(settings, shutdown=...) as rt:`` does, in order: open the stores
-(R2/S3 or embedded), announce the node (embedded store), find the lead validator, agree on
-the run (the lead creates ``run.json``; others wait for it; local overrides must match),
-open the dataset manager on the run's shard schedule, build the training worker for the
-run's model, and serve ``/metrics`` and ``/healthz``. Everything is closed on exit.
+``async with open_runtime(settings, shutdown=...) as rt:`` does, in order: serve
+``/metrics`` and ``/healthz`` (from the first second, with a ``starting: <what it waits
+for>`` health and ``tplr_node_state``), open the stores (R2/S3 or embedded), announce the
+node (embedded store), find the lead validator, agree on the run (the lead creates
+``run.json``; others wait for it; local overrides must match), open the dataset manager on
+the run's shard schedule and wait for the first shard, and build the training worker for
+the run's model. Everything is closed on exit.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 
 from tplr import __version__
@@ -32,9 +35,11 @@ from tplr.data.manager_config import DatasetConfig
 from tplr.data.manager_metrics import DatasetMetrics
 from tplr.errors import ConfigError
 from tplr.node.gather import PayloadFetcher
-from tplr.node.health import HealthServer, ProgressTracker
+from tplr.node.health import HealthServer, NodeHealth, ProgressTracker
 from tplr.node.lifecycle import Shutdown
+from tplr.node.log_setup import CONTEXT as LOG_CONTEXT
 from tplr.node.node_metrics import NodeMetrics
+from tplr.node.node_state import NodeState
 from tplr.node.peers import NodeAnnouncement, announce_node
 from tplr.node.ranks import Ranks, SingleProcess, Start
 from tplr.node.run_spec import publish_run_spec, read_run_spec
@@ -55,7 +60,20 @@ T = TypeVar("T")
 
 
 def single_process_context(settings: NodeSettings) -> DistContext:
-    return DistContext(0, 1, 0, resolve_device(settings.node.device))
+    return DistContext(0, 1, 0, resolve_node_device(settings.node.device))
+
+
+def resolve_node_device(requested: str, local_rank: int = 0) -> torch.device:
+    """``TPLR_DEVICE``; ``auto`` on a host without a usable GPU says so loudly."""
+    device = resolve_device(requested, local_rank)
+    if requested == "auto" and device.type == "cpu":
+        log.warning(
+            "TPLR_DEVICE=auto found no usable CUDA GPU: TRAINING ON THE CPU (very slow). "
+            "If this host has a GPU, check the NVIDIA driver and container toolkit "
+            "(`nvidia-smi` inside the container); set TPLR_DEVICE=cuda to fail instead, or "
+            "TPLR_DEVICE=cpu to silence this."
+        )
+    return device
 
 
 @dataclass
@@ -80,6 +98,7 @@ class NodeRuntime:
     gather: GatherConfig
     shutdown: Shutdown
     ranks: Ranks
+    health: NodeHealth
     poll_interval_s: float = 5.0
     health_port: int | None = None
 
@@ -297,17 +316,27 @@ def _dataset_manager(
     )
 
 
+@dataclass
+class _Observers:
+    """What the node reports through, from process start."""
+
+    registry: CollectorRegistry
+    metrics: NodeMetrics
+    transfer_metrics: TransferMetrics
+    health: NodeHealth
+
+
 def _assemble(
     settings: NodeSettings,
     joined: _Joined,
     manager: SharedShardedDatasetManager,
     worker: TrainWorker,
-    registry: CollectorRegistry,
-    transfer_metrics: TransferMetrics,
+    observers: _Observers,
     shutdown: Shutdown,
     ranks: Ranks,
 ) -> NodeRuntime:
     spec, windows = joined.spec, joined.windows
+    transfer_metrics = observers.transfer_metrics
     return NodeRuntime(
         ranks=ranks,
         role=settings.role,
@@ -323,15 +352,9 @@ def _assemble(
         schema=PayloadSchema.for_model(
             {n: p.shape for n, p in worker.model.named_parameters()}, spec.compression_settings()
         ),
-        metrics=NodeMetrics(
-            role=settings.role,
-            uid=settings.node.uid,
-            run_id=spec.run_id,
-            registry=registry,
-            clock=windows.clock,
-        ),
+        metrics=observers.metrics,
         transfer_metrics=transfer_metrics,
-        registry=registry,
+        registry=observers.registry,
         progress=ProgressTracker(
             windows, max_stalled_windows=settings.health.health_max_stalled_windows
         ),
@@ -344,19 +367,51 @@ def _assemble(
         transfer=settings.transfer,
         gather=settings.gather,
         shutdown=shutdown,
+        health=observers.health,
         poll_interval_s=settings.node.poll_interval_s,
     )
 
 
 async def _join_run(
-    settings: NodeSettings, stores: NodeStores, clock: Clock, shutdown: Shutdown
+    settings: NodeSettings,
+    stores: NodeStores,
+    clock: Clock,
+    shutdown: Shutdown,
+    health: NodeHealth,
 ) -> _Joined:
     await check_dataset_present(stores, settings.dataset)
     await _announce(settings, stores, clock)
+    if not settings.is_lead and settings.node.lead_uid is None:
+        health.phase(NodeState.STARTING, "waiting for a validator to announce itself")
     lead_uid = await resolve_lead_uid(settings, stores, clock, shutdown)
     lead_store = await stores.directory.store_for(lead_uid)
+    if settings.is_lead:
+        health.phase(NodeState.STARTING, "checking the dataset and creating run.json")
+    else:
+        health.phase(NodeState.STARTING, f"waiting for run.json at {lead_store.url(RUN_SPEC_KEY)}")
     spec = await agree_on_run(settings, stores, lead_store, clock, shutdown)
     return _Joined(stores, lead_uid, lead_store, spec, spec.window_clock(clock))
+
+
+@contextlib.asynccontextmanager
+async def _observers(
+    settings: NodeSettings,
+    clock: Clock,
+    registry: CollectorRegistry | None,
+    serve_health: bool,
+) -> AsyncIterator[tuple[_Observers, int | None]]:
+    """Metrics and health, served before anything else can block."""
+    registry = registry if registry is not None else new_registry()
+    metrics = NodeMetrics(role=settings.role, uid=settings.node.uid, registry=registry, clock=clock)
+    observers = _Observers(registry, metrics, TransferMetrics(registry), NodeHealth(metrics))
+    if not serve_health:
+        yield observers, None
+        return
+    server = HealthServer.from_config(
+        settings.health, registry=registry, health=observers.health.status
+    )
+    async with server:
+        yield observers, server.port
 
 
 @contextlib.asynccontextmanager
@@ -370,36 +425,50 @@ async def open_runtime(
     ranks: Ranks | None = None,
 ) -> AsyncIterator[NodeRuntime]:
     """Rank 0's (or the only process's) runtime; ``ranks`` links it to torchrun followers."""
-    ranks = ranks or SingleProcess(single_process_context(settings))
     clock = clock or SystemClock()
-    registry = registry if registry is not None else new_registry()
-    transfer_metrics = TransferMetrics(registry)
     async with contextlib.AsyncExitStack() as stack:
+        observers, health_port = await stack.enter_async_context(
+            _observers(settings, clock, registry, serve_health)
+        )
+        health = observers.health
+        ranks = ranks or SingleProcess(single_process_context(settings))
         stores = await stack.enter_async_context(
             open_node_stores(
                 settings.node, settings.dataset_bucket, settings.gradients_bucket, settings.transfer
             )
         )
-        joined = await _join_run(settings, stores, clock, shutdown)
+        joined = await _join_run(settings, stores, clock, shutdown, health)
+        observers.metrics.set_run(
+            joined.spec.run_id,
+            window_seconds=joined.spec.window_seconds,
+            checkpoint_every_windows=joined.spec.checkpoint_every_windows,
+        )
+        LOG_CONTEXT.run_id, LOG_CONTEXT.window_source = (
+            joined.spec.run_id,
+            joined.windows.current_window,
+        )
         first_window = max(joined.windows.current_window(), 0)
         if ranks.has_followers:
             start = Start(joined.spec.to_json().decode(), first_window)
             await asyncio.to_thread(ranks.send, start)
         manager = await stack.enter_async_context(
-            _dataset_manager(settings, joined, registry, transfer_metrics, ranks)
-        )
-        dataset = await manager.dataset_for(first_window)
-        worker = await asyncio.to_thread(
-            build_worker, joined.spec, settings.node, dataset.context_len, registry, ranks.context
-        )
-        rt = _assemble(
-            settings, joined, manager, worker, registry, transfer_metrics, shutdown, ranks
-        )
-        if serve_health:
-            server = await stack.enter_async_context(
-                HealthServer.from_config(
-                    settings.health, registry=registry, health=rt.progress.status
-                )
+            _dataset_manager(
+                settings, joined, observers.registry, observers.transfer_metrics, ranks
             )
-            rt.health_port = server.port
+        )
+        health.phase(NodeState.DOWNLOADING, f"the dataset shard of window {first_window}")
+        dataset = await manager.dataset_for(first_window)
+        health.phase(NodeState.JOINING, f"building the {joined.spec.model} model")
+        worker = await asyncio.to_thread(
+            build_worker,
+            joined.spec,
+            settings.node,
+            dataset.context_len,
+            observers.registry,
+            ranks.context,
+        )
+        rt = _assemble(settings, joined, manager, worker, observers, shutdown, ranks)
+        rt.health_port = health_port
+        working = NodeState.TRAINING if settings.role == "miner" else NodeState.VALIDATING
+        health.track(rt.progress, working)
         yield rt

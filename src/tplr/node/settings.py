@@ -23,7 +23,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tplr.comms.config import DatasetBucketSettings, GradientsBucketSettings
@@ -34,6 +42,7 @@ from tplr.node.health import HealthConfig
 from tplr.protocol.run_spec import RunSpec
 
 Role = Literal["miner", "validator"]
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 class NodeConfig(BaseSettings):
@@ -77,8 +86,24 @@ class NodeConfig(BaseSettings):
         default=30.0, ge=0, le=3600, description="on SIGTERM, time to finish the current step"
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
-        default="INFO", description="logging level"
+        default="INFO", description="logging level (any case)"
     )
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description="log lines as text, or JSON with uid, role, run_id, window and rank",
+    )
+    debug_wire: bool = Field(
+        default=False,
+        description="also log HTTP/S3 request dumps (contain access key ids and signatures)",
+    )
+
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _any_case(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        stripped = value.strip()
+        return stripped.upper() if stripped.upper() in _LOG_LEVELS else stripped.lower()
 
 
 class GatherConfig(BaseSettings):
@@ -255,6 +280,7 @@ class NodeSettings(BaseModel):
     health: HealthConfig
     miner: MinerConfig | None = None
     validator: ValidatorConfig | None = None
+    notices: tuple[str, ...] = ()  # warnings about the environment, logged at start
 
     @property
     def is_lead(self) -> bool:

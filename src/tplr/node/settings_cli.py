@@ -10,16 +10,26 @@ Secrets have no flag. Validation errors name the variable, the flag and the allo
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterator, Sequence
+import os
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from dotenv import dotenv_values
 from pydantic import AliasChoices, SecretStr, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings
 
 from tplr.errors import ConfigError
-from tplr.node.settings import LEAD_DEFAULTS, NodeSettings, Role, components_for
+from tplr.node.env_check import (
+    aliased_env_names,
+    check_endpoint_url,
+    check_names,
+    known_env_names,
+    raise_for_errors,
+    tplr_settings_classes,
+)
+from tplr.node.settings import COMPONENTS, LEAD_DEFAULTS, NodeSettings, Role, components_for
 from tplr.protocol.run_spec import RunSpec
 
 DEFAULT_ENV_FILE = ".env"
@@ -177,13 +187,34 @@ def describe_validation_error(cls: type[BaseSettings], exc: ValidationError) -> 
     return problems
 
 
-def load_settings(role: Role, argv: Sequence[str] | None = None) -> NodeSettings:
+def check_environment(environ: Mapping[str, str], env_file: Path | None) -> tuple[str, ...]:
+    """Unknown or templar names in the environment or ``env_file`` are a ConfigError;
+    returns the warnings (templar names outside tplr's prefixes)."""
+    names = [(name, "environment") for name in environ]
+    if env_file is not None:
+        names += [(name, str(env_file)) for name in dotenv_values(env_file)]
+    classes = [*COMPONENTS.values(), *tplr_settings_classes()]
+    report = check_names(names, known_env_names(classes), aliased_env_names(classes))
+    raise_for_errors(report)
+    return report.warnings
+
+
+def check_endpoints(settings: NodeSettings) -> None:
+    check_endpoint_url("R2_DATASET_ENDPOINT_URL", settings.dataset_bucket.endpoint_url)
+    check_endpoint_url("R2_GRADIENTS_ENDPOINT_URL", settings.gradients_bucket.endpoint_url)
+
+
+def load_settings(
+    role: Role, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> NodeSettings:
     """Parse flags, read the environment and .env, validate every component.
 
-    Raises one :class:`ConfigError` listing every bad or missing setting.
+    Raises one :class:`ConfigError` listing every bad or missing setting, or every unknown
+    variable (:mod:`tplr.node.env_check`).
     """
     args = build_parser(role).parse_args(argv)
     env_file = _resolve_env_file(args.env_file)
+    notices = check_environment(os.environ if environ is None else environ, env_file)
     components: dict[str, BaseSettings] = {}
     problems: list[str] = []
     for section, cls in components_for(role).items():
@@ -196,4 +227,6 @@ def load_settings(role: Role, argv: Sequence[str] | None = None) -> NodeSettings
             "; ".join(problems),
             hint="set it in the environment or .env, or pass the flag; --help lists every setting",
         )
-    return NodeSettings(role=role, **components)
+    settings = NodeSettings(role=role, notices=notices, **components)
+    check_endpoints(settings)
+    return settings

@@ -6,8 +6,9 @@
   from ``PEERS_FILE``; else the embedded shared store ``{home}/shared/``, where each node
   writes under ``uids/{uid}/`` and announces itself in ``nodes/``.
 
-A bucket name without keys does not switch to R2 (a copied ``.env.example`` names
-buckets): it is reported, and the embedded store is used.
+A bucket name without its keys is a configuration error (:func:`check_bucket_keys`):
+falling back to the embedded store would only move the failure somewhere stranger (an
+endless wait for a validator, a dataset that is "empty").
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from pydantic import SecretStr
 
 from tplr.comms.config import DatasetBucketSettings, GradientsBucketSettings
 from tplr.comms.local_store import LocalStore
@@ -41,8 +44,12 @@ EMBEDDED_SHARED_DIR = "shared"
 CACHE_DIR = "cache"
 
 
+def _given(key: SecretStr | None) -> bool:
+    return key is not None and key.get_secret_value() != ""  # `KEY=` in .env is not a key
+
+
 def dataset_uses_r2(bucket: DatasetBucketSettings) -> bool:
-    return bucket.read_access_key_id is not None or bucket.read_secret_access_key is not None
+    return _given(bucket.read_access_key_id) or _given(bucket.read_secret_access_key)
 
 
 def gradients_use_r2(bucket: GradientsBucketSettings) -> bool:
@@ -52,7 +59,28 @@ def gradients_use_r2(bucket: GradientsBucketSettings) -> bool:
         bucket.read_access_key_id,
         bucket.read_secret_access_key,
     )
-    return any(key is not None for key in keys)
+    return any(_given(key) for key in keys)
+
+
+def check_bucket_keys(
+    dataset_bucket: DatasetBucketSettings, gradients_bucket: GradientsBucketSettings
+) -> None:
+    """A bucket named without any of its keys is an error, not the embedded store."""
+    if dataset_bucket.bucket_name and not dataset_uses_r2(dataset_bucket):
+        raise ConfigError(
+            f"R2_DATASET_BUCKET_NAME={dataset_bucket.bucket_name} is set but "
+            "R2_DATASET_READ_ACCESS_KEY_ID and R2_DATASET_READ_SECRET_ACCESS_KEY are not",
+            hint="set the dataset bucket's read keys, or leave R2_DATASET_BUCKET_NAME empty "
+            "to use the embedded local dataset store",
+        )
+    if gradients_bucket.bucket_name and not gradients_use_r2(gradients_bucket):
+        raise ConfigError(
+            f"R2_GRADIENTS_BUCKET_NAME={gradients_bucket.bucket_name} is set but none of "
+            "R2_GRADIENTS_WRITE_ACCESS_KEY_ID / R2_GRADIENTS_WRITE_SECRET_ACCESS_KEY "
+            "(nor the READ_* pair) is",
+            hint="set this node's gradients bucket keys, or leave R2_GRADIENTS_BUCKET_NAME "
+            "empty to use the embedded shared store",
+        )
 
 
 @dataclass
@@ -88,11 +116,6 @@ async def _open_dataset_store(
         store = await stack.enter_async_context(S3Store(config, transfer))
         log.info("dataset: %s", store.url())
         return store, None
-    if bucket.bucket_name:
-        log.warning(
-            "R2_DATASET_BUCKET_NAME is set but no R2_DATASET_READ_* keys: using the embedded "
-            "dataset store"
-        )
     root = embedded_dataset_root(node)
     await asyncio.to_thread(root.mkdir, parents=True, exist_ok=True)
     log.info("dataset: embedded store %s (no R2 dataset keys set)", root)
@@ -120,11 +143,6 @@ async def _open_gradient_stores(
         await directory.refresh()  # a broken peers file fails now, naming the entry
         log.info("gradients: %s, peers from %s", own.url(), node.peers_file)
         return own, directory, None
-    if bucket.bucket_name:
-        log.warning(
-            "R2_GRADIENTS_BUCKET_NAME is set but no R2_GRADIENTS_WRITE_* keys: using the "
-            "embedded store"
-        )
     root = (node.home / EMBEDDED_SHARED_DIR).absolute()
     await asyncio.to_thread(root.mkdir, parents=True, exist_ok=True)
     shared = LocalStore(root)
@@ -141,6 +159,7 @@ async def open_node_stores(
     transfer: TransferConfig,
 ) -> AsyncIterator[NodeStores]:
     """Open every store the node needs; all are closed on exit."""
+    check_bucket_keys(dataset_bucket, gradients_bucket)
     async with contextlib.AsyncExitStack() as stack:
         dataset, dataset_root = await _open_dataset_store(node, dataset_bucket, transfer, stack)
         own, directory, shared = await _open_gradient_stores(

@@ -36,6 +36,7 @@ from tplr.node.global_model import GlobalModel, StepResult, apply_weighted, rest
 from tplr.node.housekeeping import Housekeeper, run_with_housekeeping
 from tplr.node.judgement import Judgement, WindowJudge
 from tplr.node.lifecycle import Shutdown
+from tplr.node.node_metrics import PeerOutcome
 from tplr.node.peers import PEER_LISTS_PREFIX, PeerList, publish_peer_list
 from tplr.node.reports import REPORTS_PREFIX, WindowReport, publish_report
 from tplr.node.runtime import NodeRuntime, check_retention, open_runtime
@@ -48,6 +49,7 @@ from tplr.protocol.approval import (
     build_approval,
 )
 from tplr.protocol.duplicates import Fingerprint, aggregate_fingerprint
+from tplr.protocol.reasons import RejectReason
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,30 @@ HISTORY_WINDOWS = 2
 """Windows of earlier payload fingerprints kept for the replay/duplicate check."""
 _NUMBERED = re.compile(r"^(scores|peers|reports|approvals)/(\d+)\.json$")
 _MIRRORED = re.compile(r"^approved/(\d+)/(\d+)\.safetensors$")
+
+
+LATE_OR_ABSENT = {
+    RejectReason.NO_COMMITMENT,
+    RejectReason.LATE_COMMITMENT,
+    RejectReason.NOT_REVEALED,
+    RejectReason.LATE_REVEAL,
+    RejectReason.TIMEOUT,
+    RejectReason.UNREACHABLE,
+}
+"""Verdicts that mean the miner's work was not there in time (the dashboard's "on time")."""
+
+
+def peer_outcomes(judged: Judgement) -> dict[int, PeerOutcome]:
+    """Each miner's window for the network dashboard: on time, approved, gate, reward."""
+    return {
+        uid: PeerOutcome(
+            on_time=verdict.reason not in LATE_OR_ABSENT,
+            approved=verdict.approved,
+            gate_passed=None if verdict.gate is None else verdict.gate.passed,
+            reward=verdict.window_score,
+        )
+        for uid, verdict in judged.verdicts.items()
+    }
 
 
 class Validator:
@@ -212,6 +238,9 @@ class Validator:
             return True  # out of sync: the loop resyncs
         self.remember(judged, step)
         await self.publish_judgement(judged)
+        rt.metrics.set_peer_outcomes(judged.window, peer_outcomes(judged))
+        if rt.is_lead:
+            rt.metrics.record_validation_loss(judged.heldout_loss)
         if rt.is_lead and (window + 1) % rt.spec.checkpoint_every_windows == 0:
             await self.publish_checkpoint(window + 1, step.digest)
         await rt.retried(
