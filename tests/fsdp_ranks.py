@@ -14,8 +14,17 @@ import sys
 from pathlib import Path
 
 import torch
-from fsdp_scenarios import make_worker, miner_windows, rank_batches, train
+from fsdp_scenarios import (
+    WINDOWS,
+    make_worker,
+    miner_windows,
+    new_compressor,
+    rank_batches,
+    run_spec,
+    train,
+)
 
+from tplr.node.miner_state import MinerState, SavedState
 from tplr.train.distributed import LaunchEnv, distributed_context
 
 
@@ -36,7 +45,12 @@ def main() -> None:
         parallels = ("fsdp", "ddp") if ctx.world_size == 2 else ("fsdp",)
         for parallel in parallels:
             worker = make_worker(ctx, "adamw", parallel=parallel)
-            results.update({f"miner-{parallel}/{k}": v for k, v in miner_windows(worker).items()})
+            compressor = new_compressor(ctx)
+            results.update(
+                {f"miner-{parallel}/{k}": v for k, v in miner_windows(worker, compressor).items()}
+            )
+            if parallel == "fsdp":
+                carry_miner_state(worker, compressor, out, resume)
         if resume is not None:
             worker = make_worker(ctx, "adamw")
             worker.load_checkpoint(resume)
@@ -47,6 +61,22 @@ def main() -> None:
             results.update({f"resumed/{k}": v for k, v in after.items()})
         if ctx.is_main:
             torch.save({**results, "world_size": torch.tensor(ctx.world_size)}, out / "results.pt")
+
+
+def carry_miner_state(worker, compressor, out: Path, resume: Path | None) -> None:
+    """4 ranks: save the miner state. 2 ranks: load the 4 ranks' state (re-sharded), then
+    save it as 2 ranks. One process (the test) loads both."""
+    state = MinerState(out / "cache", run_spec())
+    if resume is not None:
+        four = MinerState(resume.parent / "cache", run_spec())
+        saved = SavedState(four.root / f"w{WINDOWS - 1:012d}", WINDOWS - 1, 4)
+        fresh = new_compressor(worker.context)
+        worker.reset_optimizer_state()
+        assert state.load(saved, worker, fresh)
+        compressor = fresh
+    assert state.save(WINDOWS - 1, worker, compressor, base_digest="xxh3_128:test") or (
+        not worker.context.is_main
+    )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import itertools
 
 import torch
 
+from tplr.node.run_spec import RunSpec
 from tplr.train.compression import CompressionSettings, ErrorFeedbackCompressor, decompress_all
 from tplr.train.compression_dist import compress_across_ranks
 from tplr.train.config import ModelConfig, TrainConfig
@@ -71,13 +72,27 @@ def train(worker: TrainWorker, seed: int = 5) -> dict:
     return {"loss": torch.tensor(stats.loss), **{f"param/{k}": v for k, v in params.items()}}
 
 
-def miner_windows(worker: TrainWorker) -> dict:
+def run_spec() -> RunSpec:
+    """The run the miner state belongs to (its compression is COMPRESSION)."""
+    return RunSpec(
+        run_id="fsdp-run", genesis_s=0.0, window_seconds=60.0, inner_steps=INNER_STEPS,
+        inner_lr=3e-3, outer_lr=1.0, micro_batch_size=MICRO,
+        batch_size=MICRO * MICRO_PER_STEP, sequence_length=SEQ, model="llama-1b",
+        vocab_size=VOCAB, compression_chunk_size=COMPRESSION.chunk_size,
+        compression_topk=COMPRESSION.topk, error_feedback_beta=COMPRESSION.error_feedback_beta,
+        windows_per_shard=100, seed=1,
+    )  # fmt: skip
+
+
+def new_compressor(context: DistContext) -> ErrorFeedbackCompressor:
+    return ErrorFeedbackCompressor(COMPRESSION, rank=context.rank, world_size=context.world_size)
+
+
+def miner_windows(worker: TrainWorker, compressor: ErrorFeedbackCompressor | None = None) -> dict:
     """WINDOWS miner windows: inner steps from θ, Δ = θ_start − θ_end, error feedback and
     top-k across ranks, restore θ_start, outer step with the decompressed payload."""
     context = worker.context
-    compressor = ErrorFeedbackCompressor(
-        COMPRESSION, rank=context.rank, world_size=context.world_size
-    )
+    compressor = compressor or new_compressor(context)
     out: dict[str, torch.Tensor] = {}
     for window in range(WINDOWS):
         snapshot = worker.snapshot()

@@ -15,8 +15,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from fsdp_scenarios import make_worker, miner_windows, rank_batches, train
+from fsdp_scenarios import (
+    WINDOWS,
+    make_worker,
+    miner_windows,
+    new_compressor,
+    rank_batches,
+    run_spec,
+    train,
+)
 
+from tplr.node.miner_state import MinerState, SavedState
 from tplr.train.distributed import DistContext
 
 HERE = Path(__file__).parent
@@ -41,6 +50,8 @@ def runs(tmp_path_factory) -> dict[int, dict[str, torch.Tensor]]:
     torchrun(2, str(two), str(four / "fsdp.pt"))
     loaded = {n: torch.load(d / "results.pt", weights_only=True) for n, d in ((4, four), (2, two))}
     loaded[4]["checkpoint"] = four / "fsdp.pt"  # type: ignore[assignment]
+    for world, folder in ((4, four), (2, two)):
+        loaded[world]["state"] = MinerState(folder / "cache", run_spec()).root  # type: ignore
     return loaded
 
 
@@ -51,7 +62,9 @@ def reference() -> dict[str, torch.Tensor]:
     for optimizer in ("adamw", "muon"):
         trained = train(make_worker(SINGLE, optimizer))
         out.update({f"train-{optimizer}/{k}": v for k, v in trained.items()})
-    out.update({f"miner/{k}": v for k, v in miner_windows(make_worker(SINGLE, "adamw")).items()})
+    worker, compressor = make_worker(SINGLE, "adamw"), new_compressor(SINGLE)
+    out.update({f"miner/{k}": v for k, v in miner_windows(worker, compressor).items()})
+    out["miner-worker"], out["miner-compressor"] = worker, compressor  # type: ignore[assignment]
     return out
 
 
@@ -110,3 +123,37 @@ def test_checkpoint_of_four_fsdp_ranks_loads_on_one_and_two(runs):
     one.train_steps(iter(rank_batches(SINGLE, 1, seed=9)), 1)  # moments loaded on both
     for name, tensor in one.full_parameters().items():
         torch.testing.assert_close(runs[2][f"resumed/{name}"], tensor, **TOLERANCE, msg=name)
+
+
+def moments(worker) -> dict[str, torch.Tensor]:
+    names = {id(p): n for n, p in worker.model.named_parameters()}
+    optimizer = worker.optimizers[0]
+    return {
+        f"{names[id(p)]}/{key}": value
+        for p, entry in optimizer.state.items()
+        for key, value in entry.items()
+    }
+
+
+def test_miner_state_of_four_ranks_loads_on_two_and_one(runs, reference):
+    """Error feedback (split by chunks) and FSDP2-sharded AdamW moments saved by 4 ranks,
+    loaded and saved again by 2, load on one process: the same data, re-sharded."""
+    loaded = []
+    for world in (4, 2):
+        worker, compressor = make_worker(SINGLE, "adamw"), new_compressor(SINGLE)
+        root = runs[world]["state"]
+        saved = SavedState(root / f"w{WINDOWS - 1:012d}", WINDOWS - 1, world)
+        assert MinerState(root.parent, run_spec()).load(saved, worker, compressor)
+        loaded.append((compressor.state_dict(), moments(worker), worker.step))
+    (errors4, moments4, step4), (errors2, moments2, step2) = loaded
+    assert step4 == step2 == WINDOWS * 2  # inner steps of both windows
+    assert errors4.keys() == errors2.keys() and len(errors4) == 14
+    assert all(torch.equal(errors4[n], errors2[n]) for n in errors4)  # re-sharding moves data
+    assert moments4.keys() == moments2.keys() and len(moments4) == 3 * 14
+    assert all(torch.equal(moments4[k], moments2[k]) for k in moments4)
+    expected_errors = reference["miner-compressor"].state_dict()
+    expected_moments = moments(reference["miner-worker"])
+    for name, error in expected_errors.items():
+        torch.testing.assert_close(errors4[name], error, **TOLERANCE, msg=name)
+    for key, value in expected_moments.items():
+        torch.testing.assert_close(moments4[key], value, rtol=1e-3, atol=1e-6, msg=key)

@@ -49,7 +49,7 @@ from tplr.node.run_spec import (
 from tplr.node.settings import GatherConfig, NodeSettings
 from tplr.node.stores import NodeStores, open_node_stores
 from tplr.node.waiting import poll_until_found
-from tplr.node.worker_setup import build_worker
+from tplr.node.worker_setup import first_shard_and_worker
 from tplr.train.distributed import DistContext, resolve_device
 from tplr.train.worker import TrainWorker
 
@@ -365,9 +365,14 @@ async def open_runtime(
         manager = await stack.enter_async_context(
             _dataset_manager(settings, joined, registry, transfer_metrics, ranks)
         )
-        dataset = await manager.dataset_for(first_window)
-        worker = await asyncio.to_thread(
-            build_worker, joined.spec, settings.node, dataset.context_len, registry, ranks.context
+        _, worker = await first_shard_and_worker(  # the worker warms up during the download
+            manager,
+            first_window,
+            joined.spec,
+            settings.node,
+            registry,
+            ranks.context,
+            error_feedback=settings.role == "miner",
         )
         rt = _assemble(
             settings, joined, manager, worker, registry, transfer_metrics, shutdown, ranks

@@ -289,20 +289,24 @@ class ErrorFeedbackCompressor:
         }
 
     def load_rows(
-        self, name: str, shape: torch.Size, all_chunks: torch.Tensor, device: torch.device
+        self, name: str, shape: torch.Size, owned: torch.Tensor, device: torch.device
     ) -> None:
-        """Take this rank's rows of a parameter's whole error ``(n_chunks, chunk)`` (a CPU
-        tensor, e.g. memory-mapped) into a buffer for ``device``."""
-        numel = math.prod(shape)
-        expected = (self.settings.chunk_count(numel), self.settings.chunk_size)
-        if tuple(all_chunks.shape) != expected:
+        """Set this rank's error rows of a parameter (``owned``: ``(owned chunks, chunk)``,
+        a CPU tensor) in a buffer for ``device`` (host memory when offloading on CUDA)."""
+        start, stop = self.chunk_range(math.prod(shape))
+        expected = (stop - start, self.settings.chunk_size)
+        if tuple(owned.shape) != expected:
             raise CompressionError(
-                f"saved error of {name!r} has shape {tuple(all_chunks.shape)}, expected {expected}",
+                f"saved error of {name!r} has shape {tuple(owned.shape)}, expected {expected}",
                 hint="it was saved with another chunk size or model; drop the saved state",
             )
         self._errors.pop(name, None)
-        start, stop = self.chunk_range(numel)
-        self._error_buffer(name, torch.Size(shape), device).copy_(all_chunks[start:stop])
+        self._error_buffer(name, torch.Size(shape), device).copy_(owned)
+
+    def reset(self) -> None:
+        """Forget every error buffer (a fresh compressor)."""
+        self._errors.clear()
+        self._shapes.clear()
 
     def _require_whole(self, what: str) -> None:
         if self.world_size != 1:

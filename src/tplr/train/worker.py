@@ -393,6 +393,11 @@ class TrainWorker:
     def optimizers(self) -> list[torch.optim.Optimizer]:
         return list(self._optimizers)
 
+    def reset_optimizer_state(self) -> None:
+        """Drop every moment and step count (as freshly built optimizers)."""
+        for optimizer in self._optimizers:
+            optimizer.state.clear()
+
     @property
     def schedule(self) -> WarmupCosineSchedule:
         return self._schedule

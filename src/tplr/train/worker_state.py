@@ -73,7 +73,7 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: Mapping[str, A
 
 
 def _as_state_of(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    if not is_sharded(param) or value.shape != param.shape:
+    if is_sharded(value) or not is_sharded(param) or value.shape != param.shape:
         return value  # a scalar step count, or a whole parameter's state
     rows = local_rows(value, param).to(param.device, non_blocking=True)
     return as_sharded_like(rows, param)
