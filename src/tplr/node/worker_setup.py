@@ -60,8 +60,10 @@ def check_memory(
     *,
     error_feedback: bool,
     error_feedback_offload: bool = False,
+    capacity_bytes: int | None = None,
 ) -> MemorySetup:
-    """Refuse, naming settings that would fit, when the estimated peak exceeds the device."""
+    """Refuse, naming settings that would fit, when the estimated peak exceeds the device
+    (``capacity_bytes``: default, the GPU's memory or the host's available memory)."""
     from tplr.train.memory import choose_parallel
 
     cuda = context.device.type == "cuda"
@@ -75,7 +77,7 @@ def check_memory(
         error_feedback_offload=error_feedback_offload,
     )
     needed = estimate(setup).total
-    capacity = device_capacity_bytes(context.device)
+    capacity = capacity_bytes or device_capacity_bytes(context.device)
     if needed <= capacity:
         return setup
     where = "GPU" if cuda else "host memory"

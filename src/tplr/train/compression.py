@@ -216,21 +216,18 @@ class ErrorFeedbackCompressor:
 
         ``deltas`` are whole tensors; with ``world_size`` > 1 the result holds this rank's
         chunk range of each (indices and values of shape ``(owned chunks, k)``)."""
+        check_finite(deltas)  # all or nothing: no error buffer moves for a bad Δ
         sent = {name: self.compress_one(name, delta) for name, delta in deltas.items()}
         if self.offload:
             _wait_for_copies(deltas)
         return sent
 
     def compress_one(self, name: str, delta: torch.Tensor) -> CompressedTensor:
+        """One parameter's share (the caller has checked Δ is finite)."""
         numel = delta.numel()
         start, stop = self.chunk_range(numel)
         chunk = self.settings.chunk_size
         flat = delta.detach().reshape(-1)[start * chunk : stop * chunk]
-        if not torch.isfinite(flat).all():  # one sync per tensor; the error stays clean
-            raise CompressionError(
-                f"pseudo-gradient of parameter {name!r} holds NaN or infinity",
-                hint="the inner steps diverged; lower the learning rate or restore a checkpoint",
-            )
         home = self._error_buffer(name, delta.shape, delta.device)
         error = home.to(delta.device, non_blocking=True) if self.offload else home
         error.mul_(self.settings.error_feedback_beta)
@@ -314,6 +311,19 @@ class ErrorFeedbackCompressor:
                 f"{what} needs the whole error; this compressor holds rank {self.rank}'s share",
                 hint="use owned_rows / load_rows under torchrun",
             )
+
+
+def check_finite(deltas: Mapping[str, torch.Tensor]) -> None:
+    """Raise CompressionError naming the first parameter whose Δ holds NaN or infinity."""
+    if not deltas:
+        return
+    flags = torch.stack([torch.isfinite(t.detach()).all().cpu() for t in deltas.values()])
+    if not bool(flags.all()):  # one sync for all tensors
+        bad = next(name for name, ok in zip(deltas, flags.tolist(), strict=True) if not ok)
+        raise CompressionError(
+            f"pseudo-gradient of parameter {bad!r} holds NaN or infinity",
+            hint="the inner steps diverged; lower the learning rate or restore a checkpoint",
+        )
 
 
 def _wait_for_copies(deltas: Mapping[str, torch.Tensor]) -> None:

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from tplr.train.compression import CompressedTensor, CompressionError, ErrorFeedbackCompressor
-from tplr.train.sharding import full_tensor, shard_rows
+from tplr.train.sharding import full_tensor, local_part, shard_rows
 
 
 @torch.no_grad()
@@ -29,17 +29,26 @@ def compress_across_ranks(
     ``deltas``: whole tensors (DDP: the same on every rank) or sharded DTensors (FSDP2)."""
     if compressor.world_size == 1:
         return compressor.compress({name: full_tensor(d) for name, d in deltas.items()})
+    _check_finite_everywhere(deltas)  # before any error buffer moves, the same on every rank
     joined = {}
     for name in sorted(deltas):
         whole = full_tensor(deltas[name])  # (all-gather under FSDP2)
-        if not bool(torch.isfinite(whole).all()):  # same data everywhere: same verdict
-            raise CompressionError(
-                f"pseudo-gradient of parameter {name!r} holds NaN or infinity",
-                hint="the inner steps diverged; lower the learning rate or restore a checkpoint",
-            )
         part = compressor.compress_one(name, whole)
         joined[name] = _join_parts(part, compressor)
     return {name: joined[name] for name in deltas}
+
+
+def _check_finite_everywhere(deltas: Mapping[str, torch.Tensor]) -> None:
+    names = sorted(deltas)
+    flags = torch.stack([torch.isfinite(local_part(deltas[n])).all() for n in names])
+    flags = flags.to(torch.int32)
+    dist.all_reduce(flags, op=dist.ReduceOp.MIN)  # every rank's rows, one verdict everywhere
+    bad = [name for name, ok in zip(names, flags.tolist(), strict=True) if not ok]
+    if bad:
+        raise CompressionError(
+            f"pseudo-gradient of parameter {bad[0]!r} holds NaN or infinity",
+            hint="the inner steps diverged; lower the learning rate or restore a checkpoint",
+        )
 
 
 def _join_parts(part: CompressedTensor, compressor: ErrorFeedbackCompressor) -> CompressedTensor:

@@ -161,6 +161,8 @@ def block_activation_bytes(model: ModelConfig, mode: str, bf16: bool) -> float:
     attention = c * ((heads * head_dim + 2 * kv) + heads * head_dim + kv + d + d) + 4 * heads
     if model.qk_norm:
         attention += 8 * heads  # the q and k norms' inverse RMS
+        if bf16:
+            attention += 4 * (heads * head_dim + kv)  # autocast runs them on fp32 copies
     mlp_width = 4 if model.activation == "swiglu" else 2
     return norms + attention + c * mlp_width * hidden
 

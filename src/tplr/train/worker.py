@@ -348,14 +348,16 @@ class TrainWorker:
             return
         started = time.perf_counter()
         shape = (self.config.micro_batch_size, self.config.seq_len)
-        tokens = torch.zeros(shape, dtype=torch.int64, device=self.device)
+        # two tensors, as real batches are (the compiled graph guards on aliasing)
+        inputs = torch.zeros(shape, dtype=torch.int64, device=self.device)
+        targets = torch.ones(shape, dtype=torch.int64, device=self.device)
         self.model.train()
         with self._grad_sync(last_micro_step=True), self._autocast():
-            loss = self._train_module(tokens, tokens)
+            loss = self._train_module(inputs, targets)
         loss.backward()
         for optimizer in self._optimizers:
             optimizer.zero_grad(set_to_none=True)
-        self.evaluate([(tokens.cpu(), tokens.cpu())])
+        self.evaluate([(inputs.cpu(), targets.cpu())])
         if self.metrics is not None:
             self.metrics.eval_loss.set(math.nan)
         log.info(
