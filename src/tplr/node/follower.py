@@ -22,7 +22,7 @@ from tplr.data.sampler import rank_share
 from tplr.node.lifecycle import Shutdown
 from tplr.node.miner import train_window
 from tplr.node.miner_state import MinerState, SavedState, compress_and_save, miner_compressor
-from tplr.node.ranks import Apply, Command, LoadState, Ranks, Restore, Start, Stop, Train
+from tplr.node.ranks import Apply, Command, Gather, LoadState, Ranks, Restore, Start, Stop, Train
 from tplr.node.run_spec import RunSpec
 from tplr.node.runtime import manager_config
 from tplr.node.settings import MinerConfig, NodeSettings
@@ -113,6 +113,8 @@ class Follower:
             await asyncio.to_thread(_apply, worker, ranks, command.lr)
         elif isinstance(command, Restore):
             await asyncio.to_thread(_restore, worker, ranks)
+        elif isinstance(command, Gather):
+            await asyncio.to_thread(worker.full_parameters, keep=False)
         elif isinstance(command, LoadState):
             saved = SavedState(Path(command.folder), command.window, command.world_size)
             await asyncio.to_thread(self.state.load, saved, worker, self.compressor)

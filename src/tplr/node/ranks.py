@@ -24,6 +24,7 @@ import torch
 from tplr.data.manager_catalog import RankChannel, SingleRank, TorchDistChannel
 from tplr.train.distributed import DistContext
 from tplr.train.sharding import is_sharded, local_rows
+from tplr.train.worker import TrainWorker
 
 
 @dataclass(frozen=True)
@@ -56,11 +57,28 @@ class LoadState:
 
 
 @dataclass(frozen=True)
+class Gather:
+    pass  # every rank takes part in gathering the whole parameters to rank 0 (FSDP2)
+
+
+@dataclass(frozen=True)
 class Stop:
     pass
 
 
-Command = Start | Train | Apply | Restore | LoadState | Stop
+Command = Start | Train | Apply | Restore | LoadState | Gather | Stop
+
+
+def gather_full_parameters(worker: TrainWorker, ranks: Ranks) -> dict[str, torch.Tensor]:
+    """The whole parameters on rank 0, for a digest or a published checkpoint. Blocking.
+
+    One process or DDP: the model's own parameters (no copy, no collective). FSDP2: the
+    followers are told to join, and every shard is gathered (CPU copies on rank 0)."""
+    if getattr(worker, "parallel", None) != "fsdp":
+        return dict(worker.model.named_parameters())
+    if ranks.has_followers:
+        ranks.send(Gather())
+    return worker.full_parameters(keep=ranks.context.is_main)
 
 
 class Ranks(Protocol):

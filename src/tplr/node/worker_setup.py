@@ -31,6 +31,12 @@ log = logging.getLogger(__name__)
 INNER_SCHEDULE_STEPS = 1 << 40
 """The inner learning rate is constant over a run (no cosine decay inside windows)."""
 
+NODE_DIGESTS_SHARDED_MODELS = False
+"""FSDP2 runs in the node once ``tplr.node.global_model`` hashes
+``tplr.node.ranks.gather_full_parameters(worker, ranks)`` (a collective with the torchrun
+followers) instead of ``worker.model.named_parameters()``, whose tensors are one rank's
+shards under FSDP2; until then the node refuses ``TPLR_PARALLEL=fsdp`` with advice."""
+
 
 def train_config_for(spec: RunSpec, node: NodeConfig, context_len: int) -> TrainConfig:
     return build_config(
@@ -61,6 +67,7 @@ def check_memory(
     error_feedback: bool,
     error_feedback_offload: bool = False,
     capacity_bytes: int | None = None,
+    enforce: bool = True,
 ) -> MemorySetup:
     """Refuse, naming settings that would fit, when the estimated peak exceeds the device
     (``capacity_bytes``: default, the GPU's memory or the host's available memory)."""
@@ -76,12 +83,14 @@ def check_memory(
         error_feedback=error_feedback,
         error_feedback_offload=error_feedback_offload,
     )
+    if not enforce:
+        return setup
     needed = estimate(setup).total
     capacity = capacity_bytes or device_capacity_bytes(context.device)
     if needed <= capacity:
         return setup
     where = "GPU" if cuda else "host memory"
-    fits = fitting_alternatives(setup, capacity)
+    fits = fitting_alternatives(setup, capacity, micro_batches=False)  # the run's, not ours
     advice = (
         "; or ".join(_as_settings(alt) for alt in fits)
         if fits
@@ -103,7 +112,7 @@ def _as_settings(setup: MemorySetup) -> str:
         parts.append(f"TPLR_PARALLEL={setup.parallel}")
     if setup.error_feedback_offload:
         parts.append("TPLR_MINER_ERROR_FEEDBACK_OFFLOAD=true")
-    parts.append(f"(micro-batch {setup.micro_batch_size}, ~{estimate(setup).total / GIB:.1f} GiB)")
+    parts.append(f"(~{estimate(setup).total / GIB:.1f} GiB)")
     return " ".join(parts)
 
 
@@ -123,8 +132,16 @@ def build_worker(
     model = ModelConfig.preset(spec.model, vocab_size=spec.vocab_size)
     config = train_config_for(spec, node, context_len)
     context = context or DistContext(0, 1, 0, resolve_device(node.device))
-    if node.memory_check:
-        check_memory(model, config, context, error_feedback=error_feedback)
+    setup = check_memory(
+        model, config, context, error_feedback=error_feedback, enforce=node.memory_check
+    )
+    if setup.parallel == "fsdp" and not NODE_DIGESTS_SHARDED_MODELS:
+        raise ConfigError(
+            "FSDP2 is not wired into the node's global-model digests yet: the node hashes "
+            "worker.model.named_parameters(), which are one rank's shards under FSDP2",
+            hint="set TPLR_PARALLEL=ddp with TPLR_ACTIVATION_CHECKPOINTING=full (or "
+            "selective) to fit, or train with `python -m tplr.train --parallel fsdp`",
+        )
     worker = TrainWorker(model, config, context=context, metrics=TrainMetrics(registry))
     if warm_up:
         worker.warm_up()

@@ -216,9 +216,9 @@ def estimate(setup: MemorySetup) -> MemoryEstimate:
 
 
 # -- fitting -----------------------------------------------------------------------------
-def alternatives(setup: MemorySetup) -> list[MemorySetup]:
-    """Settings to try, cheapest change first: checkpointing, FSDP2, offload, smaller
-    micro-batches (more accumulation steps, the same global batch)."""
+def alternatives(setup: MemorySetup, *, micro_batches: bool = True) -> list[MemorySetup]:
+    """Settings to try, cheapest change first: checkpointing, FSDP2, offload, and (with
+    ``micro_batches``) smaller micro-batches (more accumulation, the same global batch)."""
     modes = ("none", "selective", "full")
     parallels = ["fsdp"] if setup.world_size > 1 and setup.parallel != "fsdp" else []
     candidates = [
@@ -228,15 +228,18 @@ def alternatives(setup: MemorySetup) -> list[MemorySetup]:
         candidates += [replace(setup, parallel=parallel, checkpointing=m) for m in modes]
     if setup.error_feedback and not setup.error_feedback_offload:
         candidates.append(replace(setup, error_feedback_offload=True, checkpointing="full"))
-    micro = setup.micro_batch_size // 2
+    micro = setup.micro_batch_size // 2 if micro_batches else 0
     while micro >= 1:
         candidates.append(replace(setup, micro_batch_size=micro, checkpointing="full"))
         micro //= 2
     return candidates
 
 
-def fitting_alternatives(setup: MemorySetup, capacity: int, limit: int = 3) -> list[MemorySetup]:
-    return [c for c in alternatives(setup) if estimate(c).total <= capacity][:limit]
+def fitting_alternatives(
+    setup: MemorySetup, capacity: int, limit: int = 3, *, micro_batches: bool = True
+) -> list[MemorySetup]:
+    candidates = alternatives(setup, micro_batches=micro_batches)
+    return [c for c in candidates if estimate(c).total <= capacity][:limit]
 
 
 def device_capacity_bytes(device) -> int:
