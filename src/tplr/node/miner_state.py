@@ -37,6 +37,7 @@ import torch.distributed as dist
 from tplr.comms.errors import InsufficientSpace
 from tplr.node.ranks import LoadState, Ranks
 from tplr.node.run_spec import RunSpec
+from tplr.train.checkpoint import fsync_path
 from tplr.train.compression import CompressedTensor, CompressionError, ErrorFeedbackCompressor
 from tplr.train.compression_dist import compress_across_ranks
 from tplr.train.distributed import DistContext
@@ -278,11 +279,7 @@ def _write_json_atomic(path: Path, value: Any) -> None:
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(path.parent)
 
 
 # -- the miner's window computation (rank 0 and the torchrun followers alike) -----------------

@@ -130,7 +130,7 @@ def write_checkpoint_atomic(
             handle.flush()
             os.fsync(handle.fileno())
         tmp.replace(path)
-        _fsync_dir(path.parent)
+        fsync_path(path.parent)
     except (OSError, RuntimeError) as exc:
         tmp.unlink(missing_ok=True)
         if _disk_full(exc):
@@ -146,8 +146,9 @@ def write_checkpoint_atomic(
         raise
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder by path (a folder: so a rename in it is durable)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:

@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 from tplr.comms.diskspace import FreeSpaceProbe, free_bytes
 from tplr.comms.errors import InsufficientSpace
 from tplr.errors import TplrError
+from tplr.train.checkpoint import fsync_path
 from tplr.train.optim import optimizer_names
 from tplr.train.sharding import as_sharded_like, is_sharded, local_part, shard_rows
 from tplr.train.worker_state import load_optimizer_state, optimizer_params
@@ -77,11 +78,7 @@ def write_piece_file(
     tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
     try:
         save_file(tensors, str(tmp), metadata={HEADER_KEY: json.dumps(header)})
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(tmp)
         tmp.replace(path)
     except (OSError, SafetensorError) as exc:
         tmp.unlink(missing_ok=True)
