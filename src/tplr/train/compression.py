@@ -218,9 +218,15 @@ class ErrorFeedbackCompressor:
         chunk range of each (indices and values of shape ``(owned chunks, k)``)."""
         check_finite(deltas)  # all or nothing: no error buffer moves for a bad Δ
         sent = {name: self.compress_one(name, delta) for name, delta in deltas.items()}
-        if self.offload:
-            _wait_for_copies(deltas)
+        self.finish(deltas.values())
         return sent
+
+    def finish(self, on: Iterable[torch.Tensor]) -> None:
+        """With ``offload``, wait until the errors copied back to host memory have landed
+        (before anything reads the pinned buffers on the host: a saved state, a restart)."""
+        if self.offload:
+            for device in {t.device for t in on if t.device.type == "cuda"}:
+                torch.cuda.synchronize(device)
 
     def compress_one(self, name: str, delta: torch.Tensor) -> CompressedTensor:
         """One parameter's share (the caller has checked Δ is finite)."""
@@ -317,16 +323,11 @@ def check_finite(deltas: Mapping[str, torch.Tensor]) -> None:
     """Raise CompressionError naming the first parameter whose Δ holds NaN or infinity."""
     if not deltas:
         return
-    flags = torch.stack([torch.isfinite(t.detach()).all().cpu() for t in deltas.values()])
+    where = next(iter(deltas.values())).device
+    flags = torch.stack([torch.isfinite(t.detach()).all().to(where) for t in deltas.values()])
     if not bool(flags.all()):  # one sync for all tensors
         bad = next(name for name, ok in zip(deltas, flags.tolist(), strict=True) if not ok)
         raise CompressionError(
             f"pseudo-gradient of parameter {bad!r} holds NaN or infinity",
             hint="the inner steps diverged; lower the learning rate or restore a checkpoint",
         )
-
-
-def _wait_for_copies(deltas: Mapping[str, torch.Tensor]) -> None:
-    devices = {t.device for t in deltas.values() if t.device.type == "cuda"}
-    for device in devices:
-        torch.cuda.synchronize(device)  # the pinned buffers must hold the new errors

@@ -35,6 +35,7 @@ def compress_across_ranks(
         whole = full_tensor(deltas[name])  # (all-gather under FSDP2)
         part = compressor.compress_one(name, whole)
         joined[name] = _join_parts(part, compressor)
+    compressor.finish(local_part(d) for d in deltas.values())
     return {name: joined[name] for name in deltas}
 
 

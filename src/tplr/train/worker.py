@@ -295,6 +295,13 @@ class TrainWorker:
         Every forward has the shape ``(micro_batch_size, seq_len)``: batches are cut and
         padded to it and the padding is masked out of the loss, so a compiled model never
         recompiles for a short last batch."""
+        mean = self._mean_loss(batches)
+        if self.metrics is not None:
+            self.metrics.eval_loss.set(mean)
+        return mean
+
+    @torch.no_grad()
+    def _mean_loss(self, batches: Iterable[Batch]) -> float:
         self.model.eval()
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         counted = torch.zeros((), device=self.device, dtype=torch.float64)
@@ -311,10 +318,7 @@ class TrainWorker:
         loss_total, tokens = totals.tolist()  # sync point
         if tokens == 0:
             raise BatchError("evaluate got no batches", hint="pass at least one validation batch")
-        mean = loss_total / tokens
-        if self.metrics is not None:
-            self.metrics.eval_loss.set(mean)
-        return mean
+        return loss_total / tokens
 
     def _eval_pieces(self, batches: Iterable[Batch]) -> Iterator[Batch]:
         spec = BatchSpec(
@@ -357,9 +361,7 @@ class TrainWorker:
         loss.backward()
         for optimizer in self._optimizers:
             optimizer.zero_grad(set_to_none=True)
-        self.evaluate([(inputs.cpu(), targets.cpu())])
-        if self.metrics is not None:
-            self.metrics.eval_loss.set(math.nan)
+        self._mean_loss([(inputs.cpu(), targets.cpu())])  # not a real loss: not recorded
         log.info(
             "warmed up (compile %s) in %.1fs", self.compile_enabled, time.perf_counter() - started
         )
