@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -150,3 +152,60 @@ def test_compressed_size_matches_the_tensors():
         assert tuple(compressed.indices.shape) == settings.compressed_shape(delta.shape)
         nbytes = compressed.indices.nbytes + compressed.values.nbytes
         assert nbytes == settings.compressed_bytes(delta.shape)
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 5])
+def test_chunk_shares_of_several_ranks_join_to_one_compressor(world_size):
+    """Each rank owns a range of every parameter's chunks: its top-k rows and error rows,
+    joined in rank order, are bit-identical to one compressor doing everything."""
+    settings = CompressionSettings(chunk_size=16, topk=3, error_feedback_beta=0.9)
+    whole = ErrorFeedbackCompressor(settings)
+    shares = [
+        ErrorFeedbackCompressor(settings, rank=r, world_size=world_size) for r in range(world_size)
+    ]
+    for window in range(3):
+        deltas = random_deltas(20 + window, scale=0.01)
+        expected = whole.compress(deltas)
+        parts = [share.compress(deltas) for share in shares]
+        for name, sent in expected.items():
+            joined_indices = torch.cat([part[name].indices for part in parts])
+            joined_values = torch.cat([part[name].values for part in parts])
+            assert torch.equal(joined_indices, sent.indices), name
+            assert torch.equal(joined_values, sent.values), name
+    for name in SHAPES:
+        rows = torch.cat([share.owned_rows()[name][0] for share in shares])
+        numel = math.prod(SHAPES[name])
+        assert torch.equal(rows.view(-1)[:numel].view(SHAPES[name]), whole.error_of(name))
+
+
+def test_a_non_finite_delta_leaves_the_error_clean():
+    """Regression: the error buffer took β·e + Δ before the NaN was found, so every later
+    window failed too."""
+    compressor = ErrorFeedbackCompressor(CompressionSettings(chunk_size=16, topk=2))
+    good = random_deltas(1)
+    compressor.compress(good)
+    before = compressor.state_dict()
+    bad = {k: v.clone() for k, v in good.items()}
+    bad["h.0.bias"][0] = float("inf")
+    with pytest.raises(CompressionError):
+        compressor.compress(bad)
+    after = compressor.state_dict()
+    assert all(torch.equal(after[n], before[n]) for n in before)
+    compressor.compress(good)  # the next window works
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned host memory needs CUDA")
+def test_offloaded_errors_live_in_pinned_host_memory_and_give_the_same_payload():
+    settings = CompressionSettings(chunk_size=64, topk=4)
+    on_gpu, offloaded = (
+        ErrorFeedbackCompressor(settings),
+        ErrorFeedbackCompressor(settings, offload=True),
+    )
+    for window in range(3):
+        deltas = {k: v.cuda() for k, v in random_deltas(30 + window).items()}
+        a, b = on_gpu.compress(deltas), offloaded.compress(deltas)
+        for name in deltas:
+            assert torch.equal(a[name].indices.cpu(), b[name].indices.cpu())
+            assert torch.equal(a[name].values.cpu(), b[name].values.cpu())
+    for rows, _, _ in offloaded.owned_rows().values():
+        assert rows.device.type == "cpu" and rows.is_pinned()

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import itertools
 import random
+import subprocess
 
 import numpy as np
 import pytest
 import torch
 
+from tplr.comms.errors import InsufficientSpace
 from tplr.train.config import ModelConfig, TrainConfig
 from tplr.train.errors import CheckpointError
 from tplr.train.synthetic import progression_batches
@@ -112,3 +114,90 @@ def test_mismatched_model_or_optimizer_named(tmp_path):
     assert "--model" in info.value.hint
     with pytest.raises(CheckpointError, match=r"optimizers \['adamw', 'muon'\]"):
         make_worker(optimizer="adamw").load_checkpoint(path)
+
+
+def test_optimizer_state_loads_its_data_not_its_implementation_flags(tmp_path):
+    """A checkpoint written elsewhere (say, fused AdamW on a GPU, or foreach off) must not
+    switch this run's optimizer implementation: only moments and step counts are data."""
+    path = tmp_path / "c.pt"
+    writer = make_worker(optimizer="adamw")
+    writer.train_steps(batch_list(2, seed=0), 1)
+    writer.save_checkpoint(path)
+    state = torch.load(path, weights_only=True)
+    for group in state["optimizers"]["adamw"]["param_groups"]:
+        group.update(foreach=False, fused=True, capturable=True)
+    torch.save(state, path)
+
+    reader = make_worker(optimizer="adamw")
+    wanted = [
+        {k: g[k] for k in ("foreach", "fused", "capturable")}
+        for opt in reader._optimizers
+        for g in opt.param_groups
+    ]
+    reader.load_checkpoint(path)
+    loaded = [
+        {k: g[k] for k in ("foreach", "fused", "capturable")}
+        for opt in reader._optimizers
+        for g in opt.param_groups
+    ]
+    assert loaded == wanted and wanted[0]["foreach"] is True
+    moments = next(iter(reader._optimizers[0].state.values()))
+    saved_moments = state["optimizers"]["adamw"]["state"][0]
+    assert torch.equal(moments["exp_avg"], saved_moments["exp_avg"])  # the data did load
+    reader.train_steps(batch_list(2, seed=1), 1)  # and the run goes on with its own flags
+
+
+# -- disk full ---------------------------------------------------------------------------------
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 512 KiB tmpfs (needs root and mount rights; skipped where they are missing)."""
+    mount_point = tmp_path / "tmpfs"
+    mount_point.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount_point)],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def big_worker() -> TrainWorker:
+    """~1.6 MB of parameters and AdamW moments: more than the 512 KiB tmpfs holds."""
+    return make_worker(optimizer="adamw", d_model=128)
+
+
+def test_disk_full_checkpoint_is_insufficient_space_and_keeps_the_old_file(small_tmpfs):
+    path = small_tmpfs / "c.pt"
+    small = make_worker(optimizer="adamw", n_layer=1, d_model=16, n_head=2)
+    small.save_checkpoint(path)  # the previous checkpoint, which must survive
+    before = path.read_bytes()
+    with pytest.raises(InsufficientSpace) as info:
+        big_worker().save_checkpoint(path)
+    assert info.value.path == str(small_tmpfs) and info.value.needed_bytes > 1_000_000
+    assert str(small_tmpfs) in str(info.value) and "bytes" in str(info.value)
+    assert sorted(p.name for p in small_tmpfs.iterdir()) == ["c.pt"]  # no temp file left
+    assert path.read_bytes() == before
+    make_worker(optimizer="adamw", n_layer=1, d_model=16, n_head=2).load_checkpoint(path)
+
+
+def test_disk_full_in_the_middle_of_the_write(small_tmpfs):
+    """The free-space probe says yes (another writer filled the disk after the check):
+    the failed write still ends as InsufficientSpace, with nothing left behind."""
+    path = small_tmpfs / "c.pt"
+    with pytest.raises(InsufficientSpace) as info:
+        big_worker().save_checkpoint(path, free_space_probe=lambda _: 1 << 40)
+    assert info.value.needed_bytes > 1_000_000
+    assert list(small_tmpfs.iterdir()) == []
+
+
+def test_disk_full_from_the_probe_before_writing(tmp_path):
+    path = tmp_path / "ckpt" / "c.pt"
+    with pytest.raises(InsufficientSpace, match=r"need [0-9]+ bytes, 1000 bytes free") as info:
+        big_worker().save_checkpoint(path, free_space_probe=lambda _: 1000)
+    assert info.value.path == str(path.parent)
+    assert list(path.parent.iterdir()) == []

@@ -17,6 +17,7 @@ from tplr.train.config import ModelConfig, TrainConfig
 from tplr.train.distributed import LaunchEnv
 from tplr.train.errors import DistributedError
 from tplr.train.model import GPT
+from tplr.train.sharding import build_model
 from tplr.train.synthetic import progression_batches
 from tplr.train.worker import TrainWorker
 
@@ -120,8 +121,8 @@ def test_two_process_ddp_equals_one_process_with_twice_the_accumulation(tmp_path
 
 def untrained() -> GPT:
     """The workers' initial model (same seed), to measure how far training moved it."""
-    torch.manual_seed(TrainConfig().seed)
-    return GPT(ModelConfig.preset("tiny", vocab_size=VOCAB, max_seq_len=SEQ))
+    config = ModelConfig.preset("tiny", vocab_size=VOCAB, max_seq_len=SEQ)
+    return build_model(config, torch.device("cpu"), seed=TrainConfig().seed)
 
 
 NO_CUDA_SCRIPT = textwrap.dedent(

@@ -128,3 +128,45 @@ def test_worker_takes_the_loaders_host_batches(shard_dir):
         stats = worker.train_steps(loader, 3)  # 6 micro-batches of the 9 left
         assert stats.tokens == 6 * 4 * SEQ
         assert len(list(loader)) == 3
+
+
+@pytest.fixture(scope="module")
+def templar_dir(tmp_path_factory) -> Path:
+    """Templar shards (rows of 128 bytes-tokens + sample ids) with their manifest."""
+    from node_harness import build_dataset
+
+    return build_dataset(tmp_path_factory.mktemp("templar"), text_bytes=200_000)
+
+
+def test_seq_len_defaults_to_the_datasets_recorded_length(templar_dir, caplog):
+    """Regression: without --seq-len the model's max_seq_len (256 for tiny) was asked of
+    shards that store rows of 128 tokens, and the run failed."""
+    caplog.set_level(logging.INFO)
+    args = ["--data", str(templar_dir), "--model", "tiny", "--device", "cpu", "--steps", "2"]
+    args += ["--micro-batch-size", "2", "--global-batch-size", "4", "--eval-every-steps", "0"]
+    assert main(args) == 0
+    assert logged(caplog, r"seq 127, global batch 4")  # rows of 128: 127 tokens of context
+    assert main([*args, "--seq-len", "128"]) == 0  # the recorded length, given explicitly
+
+
+def test_seq_len_conflicting_with_stored_rows_is_a_clear_error(templar_dir, capsys):
+    args = ["--data", str(templar_dir), "--model", "tiny", "--device", "cpu", "--steps", "1"]
+    assert main([*args, "--seq-len", "64"]) == 2
+    err = capsys.readouterr().err
+    assert "--seq-len 64" in err and "128" in err and "Traceback" not in err
+    assert "hint: " in err
+
+
+def test_every_flag_has_help():
+    from tplr.train.entry import build_parser
+
+    parser = build_parser()
+    missing = [
+        action.option_strings
+        for action in parser._actions
+        if action.option_strings and not action.help
+    ]
+    assert missing == []
+    text = parser.format_help()
+    for flag in ("--parallel", "--activation-checkpointing", "--estimate-memory", "--optimizer"):
+        assert flag in text, flag

@@ -184,3 +184,50 @@ def test_compiles_under_dynamo():
     stats = worker.train_steps(random_batches(VOCAB, MICRO, SEQ), 2)
     assert torch.isfinite(torch.tensor(stats.loss))
     assert worker.compile_enabled
+
+
+# -- warm-up and fixed-shape evaluation --------------------------------------------------------
+COMPILED: list[tuple[int, ...]] = []
+
+
+def counting_backend(graph_module, example_inputs):
+    """A real dynamo backend that records the input shapes of every graph it compiles."""
+    COMPILED.append(tuple(tuple(t.shape) for t in example_inputs if hasattr(t, "shape")))
+    return graph_module.forward
+
+
+torch._dynamo.register_backend(name="tplr_counting", compiler_fn=counting_backend)
+
+
+def test_warm_up_compiles_before_work_and_evaluate_never_recompiles():
+    """Regression: evaluate recompiled for every new batch shape (a short last batch), and
+    the first compile happened inside the first window."""
+    torch._dynamo.reset()
+    COMPILED.clear()
+    worker = make_worker(compile=True, compile_backend="tplr_counting")
+    before = worker.snapshot()
+    worker.warm_up()
+    warmed = len(COMPILED)
+    assert warmed >= 2  # the training graph and the evaluation graph
+    assert all(torch.equal(p, before[n]) for n, p in worker.model.named_parameters())
+    assert worker.step == 0 and not worker.optimizers[0].state  # nothing was trained
+    worker.train_steps(random_batches(VOCAB, MICRO, SEQ), 1)
+    batches = list(itertools.islice(random_batches(VOCAB, MICRO, SEQ), 3))
+    short = (batches[2][0][:3], batches[2][1][:3])  # the last batch of a validation set
+    worker.evaluate([batches[0], batches[1], short])
+    worker.evaluate([(batches[0][0][:5, :20], batches[0][1][:5, :20])])  # shorter rows, too
+    assert len(COMPILED) == warmed, COMPILED[warmed:]
+
+
+def test_padded_evaluation_is_the_token_weighted_mean():
+    worker = make_worker()
+    batches = list(itertools.islice(progression_batches(VOCAB, MICRO, SEQ, seed=4), 3))
+    short = (batches[2][0][:3], batches[2][1][:3])
+    with torch.no_grad():
+        sums = [
+            worker.model(i, t, reduction="sum").item() for i, t in (batches[0], batches[1], short)
+        ]
+    tokens = 2 * MICRO * SEQ + 3 * SEQ
+    assert worker.evaluate([batches[0], batches[1], short]) == pytest.approx(
+        sum(sums) / tokens, rel=1e-6
+    )

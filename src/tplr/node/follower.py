@@ -2,14 +2,17 @@
 
 It receives :class:`~tplr.node.ranks.Start` (the run and the first window), opens the
 dataset manager as a non-zero rank (it waits for rank 0's ready markers, never downloads),
-builds the same DDP worker, then executes commands until :class:`~tplr.node.ranks.Stop`:
-train its share of a window's samples, apply an aggregate, restore parameters.
+builds the same DDP or FSDP2 worker (and warms it up with rank 0 while the first shard
+arrives), then executes commands until :class:`~tplr.node.ranks.Stop`: train its share of
+a window's samples and compress its share of the error feedback (saving its part of the
+miner state), apply an aggregate, restore parameters, load a saved miner state.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
@@ -18,12 +21,14 @@ from tplr.data.manager_metrics import DatasetMetrics
 from tplr.data.sampler import rank_share
 from tplr.node.lifecycle import Shutdown
 from tplr.node.miner import train_window
-from tplr.node.ranks import Apply, Command, Ranks, Restore, Start, Stop, Train
+from tplr.node.miner_state import MinerState, SavedState, compress_and_save, miner_compressor
+from tplr.node.ranks import Apply, Command, Gather, LoadState, Ranks, Restore, Start, Stop, Train
 from tplr.node.runtime import manager_config
-from tplr.node.settings import NodeSettings
-from tplr.node.stores import dataset_uses_r2, embedded_dataset_root
-from tplr.node.worker_setup import build_worker
+from tplr.node.settings import MinerConfig, NodeSettings
+from tplr.node.stores import cache_dir_for, dataset_uses_r2, embedded_dataset_root
+from tplr.node.worker_setup import first_shard_and_worker
 from tplr.protocol.run_spec import RunSpec
+from tplr.train.compression import ErrorFeedbackCompressor
 from tplr.train.worker import TrainWorker
 
 log = logging.getLogger(__name__)
@@ -58,41 +63,71 @@ async def follow(settings: NodeSettings, shutdown: Shutdown, ranks: Ranks) -> No
     spec = RunSpec.from_json(first.spec_json)
     log.info("rank %d follows run %s", ranks.context.rank, spec.run_id)
     async with follower_manager(settings, spec, ranks) as manager:
-        dataset = await manager.dataset_for(first.window)
-        worker = await asyncio.to_thread(
-            build_worker,
+        _, worker = await first_shard_and_worker(  # as rank 0 does, in the same order
+            manager,
+            first.window,
             spec,
             settings.node,
-            dataset.context_len,
             CollectorRegistry(),
             ranks.context,
+            error_feedback=True,
+        )
+        miner = settings.miner or MinerConfig()
+        follower = Follower(
+            worker,
+            spec,
+            manager,
+            ranks,
+            miner_compressor(spec, ranks.context, offload=miner.error_feedback_offload),
+            MinerState(cache_dir_for(settings.node), spec, every_windows=miner.state_every_windows),
         )
         while True:
             command = await asyncio.to_thread(ranks.receive)
             if isinstance(command, Stop):
                 log.info("rank %d: rank 0 stopped", ranks.context.rank)
                 return
-            await execute(command, worker, spec, manager, ranks)
+            await follower.execute(command)
 
 
-async def execute(
-    command: Command,
-    worker: TrainWorker,
-    spec: RunSpec,
-    manager: SharedShardedDatasetManager,
-    ranks: Ranks,
-) -> None:
-    context = ranks.context
-    if isinstance(command, Train):
-        dataset = await manager.dataset_for(command.window)
+class Follower:
+    """What a rank > 0 holds between commands."""
+
+    def __init__(
+        self,
+        worker: TrainWorker,
+        spec: RunSpec,
+        manager: SharedShardedDatasetManager,
+        ranks: Ranks,
+        compressor: ErrorFeedbackCompressor,
+        state: MinerState,
+    ) -> None:
+        self.worker, self.spec, self.manager, self.ranks = worker, spec, manager, ranks
+        self.compressor, self.state = compressor, state
+
+    async def execute(self, command: Command) -> None:
+        worker, ranks = self.worker, self.ranks
+        if isinstance(command, Train):
+            dataset = await self.manager.dataset_for(command.window)
+            await asyncio.to_thread(self._train, command, dataset)
+        elif isinstance(command, Apply):
+            await asyncio.to_thread(_apply, worker, ranks, command.lr)
+        elif isinstance(command, Restore):
+            await asyncio.to_thread(_restore, worker, ranks)
+        elif isinstance(command, Gather):
+            await asyncio.to_thread(worker.full_parameters, keep=False)
+        elif isinstance(command, LoadState):
+            saved = SavedState(Path(command.folder), command.window, command.world_size)
+            await asyncio.to_thread(self.state.load, saved, worker, self.compressor)
+        else:
+            raise RuntimeError(f"unexpected command from rank 0: {command!r}")
+
+    def _train(self, command: Train, dataset) -> None:
+        context = self.ranks.context
         share = rank_share(command.indices, rank=context.rank, world_size=context.world_size)
-        await asyncio.to_thread(train_window, worker, spec, dataset, share)
-    elif isinstance(command, Apply):
-        await asyncio.to_thread(_apply, worker, ranks, command.lr)
-    elif isinstance(command, Restore):
-        await asyncio.to_thread(_restore, worker, ranks)
-    else:
-        raise RuntimeError(f"unexpected command from rank 0: {command!r}")
+        _, delta = train_window(self.worker, self.spec, dataset, share)
+        compress_and_save(
+            self.worker, self.compressor, self.state, command.window, delta, base_digest=None
+        )
 
 
 def _apply(worker: TrainWorker, ranks: Ranks, lr: float) -> None:

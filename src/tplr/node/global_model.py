@@ -31,7 +31,7 @@ from tplr.node.checkpoints import (
     read_latest_pointer,
 )
 from tplr.node.lifecycle import NodeStopped
-from tplr.node.ranks import Apply, Ranks, Restore
+from tplr.node.ranks import Apply, Ranks, Restore, gather_full_parameters
 from tplr.node.runtime import NodeRuntime
 from tplr.node.waiting import poll_until_found
 from tplr.protocol.aggregation import AggregationStats, weighted_sum
@@ -158,7 +158,8 @@ class GlobalModel:
         )
 
     async def _advance_to(self, window: int) -> str:
-        params = dict(self.rt.worker.model.named_parameters())
+        rt = self.rt  # under FSDP2 the followers join the gather (a collective)
+        params = await asyncio.to_thread(gather_full_parameters, rt.worker, rt.ranks)
         digest = await asyncio.to_thread(model_digest, params)
         self.window = window
         self.digests[window] = digest

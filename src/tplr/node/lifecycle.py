@@ -156,7 +156,7 @@ def run_node(main: Callable[[Shutdown], Awaitable[None]], *, grace_s: float) -> 
 
 def exit_code_for(exc: TplrError) -> int:
     """2 for a usage/configuration error, 1 for a failure at run time."""
-    from tplr.node.run_spec import RunSpecConflict, RunSpecInvalid
+    from tplr.protocol.run_spec import RunSpecConflict, RunSpecInvalid
 
     if isinstance(exc, ConfigError | RunSpecConflict | RunSpecInvalid):
         return EXIT_CONFIG

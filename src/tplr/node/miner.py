@@ -36,6 +36,7 @@ from tplr.data.sampler import rank_share
 from tplr.node.global_model import GlobalModel, StepResult
 from tplr.node.housekeeping import Housekeeper, run_with_housekeeping
 from tplr.node.lifecycle import NodeStopped, Shutdown
+from tplr.node.miner_state import MinerState, compress_and_save, miner_compressor, resume
 from tplr.node.ranks import Ranks, Stop, Train
 from tplr.node.reports import REPORTS_PREFIX, WindowReport, publish_report
 from tplr.node.runtime import NodeRuntime, check_retention, open_runtime
@@ -44,7 +45,7 @@ from tplr.protocol.assignment import Assignment, assignment_for
 from tplr.protocol.commitments import COMMITMENTS_PREFIX, Commitment, commit_to, commitment_key
 from tplr.protocol.payload import PayloadMeta, encode_payload, payload_key
 from tplr.protocol.run_spec import RunSpec
-from tplr.train.compression import CompressedTensor, CompressionError, ErrorFeedbackCompressor
+from tplr.train.compression import CompressedTensor, CompressionError
 from tplr.train.errors import TrainingDivergedError
 from tplr.train.worker import TrainStats, TrainWorker
 
@@ -85,7 +86,12 @@ class Miner:
         self.rt = rt
         self.config = config
         self.model = GlobalModel(rt)
-        self.compressor = ErrorFeedbackCompressor(rt.spec.compression_settings())
+        # durable miner state (tplr.node.miner_state): error feedback split across ranks
+        offload = config.error_feedback_offload
+        self.compressor = miner_compressor(rt.spec, rt.ranks.context, offload=offload)
+        self.state = MinerState(
+            rt.stores.cache_dir, rt.spec, every_windows=config.state_every_windows
+        )
         self.work: WindowWork | None = None
         self.housekeeper = Housekeeper(self.expire, name=f"miner {rt.uid} retention")
 
@@ -97,6 +103,9 @@ class Miner:
     async def window_loop(self) -> None:
         rt = self.rt
         window = await self.model.join(await rt.first_window())
+        await asyncio.to_thread(  # miner state: resume error feedback and optimizer state
+            resume, self.state, rt.worker, self.compressor, rt.ranks, self.model.digests, window
+        )
         while not rt.shutdown.requested:
             self.work = WindowWork(window)
             if self.model.window == window:
@@ -118,6 +127,9 @@ class Miner:
         """Train, commit and reveal for ``window`` (skipping what cannot be done in time)."""
         rt = self.rt
         work = WindowWork(window)
+        if self.state.already_done(window):  # miner state: payload made before a restart
+            log.info("window %d: payload made before the restart; waiting for the next", window)
+            return work
         dataset = await rt.manager.dataset_for(window)
         assignment = self.assignment(dataset, window)
         try:
@@ -209,7 +221,12 @@ class Miner:
             assignment.indices, rank=ranks.context.rank, world_size=ranks.context.world_size
         )
         stats, delta = train_window(self.rt.worker, self.rt.spec, dataset, share)
-        return stats, self.compressor.compress(delta)
+        digest = self.model.digests.get(assignment.window)  # miner state: the base model
+        compressed = compress_and_save(
+            self.rt.worker, self.compressor, self.state, assignment.window, delta,
+            base_digest=digest,
+        )  # fmt: skip
+        return stats, compressed
 
     def observe_training(self, stats: TrainStats) -> None:
         metrics = self.rt.metrics

@@ -23,6 +23,8 @@ import torch
 
 from tplr.data.manager_catalog import RankChannel, SingleRank, TorchDistChannel
 from tplr.train.distributed import DistContext
+from tplr.train.sharding import is_sharded, local_rows
+from tplr.train.worker import TrainWorker
 
 
 @dataclass(frozen=True)
@@ -48,11 +50,35 @@ class Restore:
 
 
 @dataclass(frozen=True)
+class LoadState:
+    folder: str  # a saved miner state (tplr.node.miner_state) every rank loads its rows of
+    window: int
+    world_size: int
+
+
+@dataclass(frozen=True)
+class Gather:
+    pass  # every rank takes part in gathering the whole parameters to rank 0 (FSDP2)
+
+
+@dataclass(frozen=True)
 class Stop:
     pass
 
 
-Command = Start | Train | Apply | Restore | Stop
+Command = Start | Train | Apply | Restore | LoadState | Gather | Stop
+
+
+def gather_full_parameters(worker: TrainWorker, ranks: Ranks) -> dict[str, torch.Tensor]:
+    """The whole parameters on rank 0, for a digest or a published checkpoint. Blocking.
+
+    One process or DDP: the model's own parameters (no copy, no collective). FSDP2: the
+    followers are told to join, and every shard is gathered (CPU copies on rank 0)."""
+    if getattr(worker, "parallel", None) != "fsdp":
+        return dict(worker.model.named_parameters())
+    if ranks.has_followers:
+        ranks.send(Gather())
+    return worker.full_parameters(keep=ranks.context.is_main)
 
 
 class Ranks(Protocol):
@@ -125,17 +151,22 @@ class TorchRanks:
     def broadcast_tensors(
         self, tensors: Mapping[str, torch.Tensor] | None, like: Mapping[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
-        """Rank 0's ``tensors`` on every rank, shaped like ``like`` (names in sorted order)."""
+        """Rank 0's ``tensors`` on every rank, shaped like ``like`` (names in sorted order).
+
+        Where ``like`` holds FSDP2-sharded parameters, each rank keeps only its own rows of
+        every broadcast tensor (one whole tensor in flight at a time), which the worker's
+        ``restore``/``apply_update`` take as they are."""
         device = self.context.device
         out: dict[str, torch.Tensor] = {}
         for name in sorted(like):
+            reference = like[name]
             if self.context.is_main:
                 assert tensors is not None
-                tensor = tensors[name].to(device=device, dtype=like[name].dtype).contiguous()
+                tensor = tensors[name].to(device=device, dtype=reference.dtype).contiguous()
             else:
-                tensor = torch.empty_like(like[name], device=device)
+                tensor = torch.empty(reference.shape, dtype=reference.dtype, device=device)
             self._dist.broadcast(tensor, src=0)
-            out[name] = tensor
+            out[name] = local_rows(tensor, reference).clone() if is_sharded(reference) else tensor
         return out
 
 

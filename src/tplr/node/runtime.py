@@ -46,7 +46,7 @@ from tplr.node.run_spec import publish_run_spec, read_run_spec
 from tplr.node.settings import GatherConfig, NodeSettings
 from tplr.node.stores import NodeStores, open_node_stores
 from tplr.node.waiting import poll_until_found
-from tplr.node.worker_setup import build_worker
+from tplr.node.worker_setup import first_shard_and_worker
 from tplr.protocol.clock import Clock, SystemClock, WindowClock
 from tplr.protocol.payload import PayloadSchema
 from tplr.protocol.run_spec import RUN_SPEC_KEY, RunSpec, check_local_overrides
@@ -457,16 +457,16 @@ async def open_runtime(
             )
         )
         health.phase(NodeState.DOWNLOADING, f"the dataset shard of window {first_window}")
-        dataset = await manager.dataset_for(first_window)
-        health.phase(NodeState.JOINING, f"building the {joined.spec.model} model")
-        worker = await asyncio.to_thread(
-            build_worker,
+        _, worker = await first_shard_and_worker(  # the worker warms up during the download
+            manager,
+            first_window,
             joined.spec,
             settings.node,
-            dataset.context_len,
             observers.registry,
             ranks.context,
+            error_feedback=settings.role == "miner",
         )
+        health.phase(NodeState.JOINING, f"the {joined.spec.model} model is ready")
         rt = _assemble(settings, joined, manager, worker, observers, shutdown, ranks)
         rt.health_port = health_port
         working = NodeState.TRAINING if settings.role == "miner" else NodeState.VALIDATING

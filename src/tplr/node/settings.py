@@ -105,6 +105,22 @@ class NodeConfig(BaseSettings):
         stripped = value.strip()
         return stripped.upper() if stripped.upper() in _LOG_LEVELS else stripped.lower()
 
+    # -- training parallelism and memory (tplr.train) ------------------------------------
+    parallel: Literal["auto", "ddp", "fsdp"] = Field(
+        default="auto",
+        description="under torchrun: ddp (a model replica per GPU) or fsdp (FSDP2 shards "
+        "parameters, gradients and optimizer state); auto: fsdp when a replica does not fit",
+    )
+    activation_checkpointing: Literal["none", "full", "selective"] = Field(
+        default="none",
+        description="recompute activations in the backward pass: full (keep block inputs "
+        "only), selective (also matmul and attention outputs), none",
+    )
+    memory_check: bool = Field(
+        default=True,
+        description="refuse to start when the estimated peak memory exceeds the device",
+    )
+
 
 class GatherConfig(BaseSettings):
     """Fetching peers' payloads (miners and validators)."""
@@ -129,6 +145,19 @@ class MinerConfig(BaseSettings):
         ge=2,
         le=100_000,
         description="keep this many windows of own payloads (late joiners replay from them)",
+    )
+    # -- durable state and error feedback (tplr.node.miner_state) --------------------------
+    state_every_windows: int = Field(
+        default=1,
+        ge=0,
+        le=100_000,
+        description="save error feedback and optimizer state every N windows for a restart "
+        "to resume (0: never)",
+    )
+    error_feedback_offload: bool = Field(
+        default=False,
+        description="keep the error-feedback buffers in pinned host memory between windows "
+        "(CUDA; saves 4 bytes per parameter / GPUs of GPU memory)",
     )
 
 

@@ -12,6 +12,7 @@ lists), so ``torch.load(weights_only=True)`` reads it and nothing is ever unpick
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import random
@@ -21,6 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from tplr.comms.diskspace import FreeSpaceProbe, free_bytes
+from tplr.comms.errors import InsufficientSpace
 from tplr.train.errors import CheckpointError
 
 CHECKPOINT_FORMAT = "tplr-train-checkpoint"
@@ -59,8 +62,55 @@ def restore_rng_state(state: dict[str, Any], device: torch.device) -> None:
     )
 
 
-def write_checkpoint_atomic(state: dict[str, Any], path: Path) -> None:
-    """Write to ``<path>.tmp.<pid>``, fsync, then rename over ``path`` (never a torn file)."""
+_SPACE_MARGIN_BYTES = 64 << 10  # zip records, pickled structure, alignment
+
+
+def estimated_bytes(state: Any) -> int:
+    """Bytes ``torch.save(state)`` will need: every tensor's data plus a margin."""
+    total = 0
+    pending = [state]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, torch.Tensor):
+            total += item.numel() * item.element_size()
+        elif isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, list | tuple):
+            pending.extend(item)
+    return total + total // 100 + _SPACE_MARGIN_BYTES
+
+
+def _space_error(folder: Path, needed: int, free: int) -> InsufficientSpace:
+    return InsufficientSpace(
+        str(folder),
+        needed,
+        free,
+        hint=f"free at least {max(needed - free, 1)} bytes there, or save to a larger disk",
+    )
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """True when ``exc`` (or what it was raised while handling) is a full disk or quota.
+
+    torch's zip writer reports a failed write as ``RuntimeError: ... unexpected pos``."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if isinstance(seen, RuntimeError) and "unexpected pos" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def write_checkpoint_atomic(
+    state: dict[str, Any], path: Path, *, free_space_probe: FreeSpaceProbe | None = None
+) -> None:
+    """Write to ``<path>.tmp.<pid>``, fsync, then rename over ``path`` (never a torn file).
+
+    Raises :class:`~tplr.comms.errors.InsufficientSpace` (folder, bytes needed, bytes free)
+    before writing when the disk is too small, or when it fills up during the write; the
+    temporary file is removed and an older file under ``path`` is left as it was."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -69,6 +119,10 @@ def write_checkpoint_atomic(state: dict[str, Any], path: Path) -> None:
             f"cannot create checkpoint folder {path.parent}: {exc}",
             hint="check the path and its permissions",
         ) from exc
+    needed = estimated_bytes(state)
+    free = (free_space_probe or free_bytes)(path.parent)
+    if free < needed:
+        raise _space_error(path.parent, needed, free)
     tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
     try:
         with open(tmp, "wb") as handle:
@@ -76,9 +130,13 @@ def write_checkpoint_atomic(state: dict[str, Any], path: Path) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         tmp.replace(path)
-        _fsync_dir(path.parent)
-    except OSError as exc:
+        fsync_path(path.parent)
+    except (OSError, RuntimeError) as exc:
         tmp.unlink(missing_ok=True)
+        if _disk_full(exc):
+            raise _space_error(path.parent, needed, free_bytes(path.parent)) from exc
+        if isinstance(exc, RuntimeError):
+            raise
         raise CheckpointError(
             f"could not write checkpoint {path}: {exc}",
             hint="check free disk space and permissions",
@@ -88,8 +146,9 @@ def write_checkpoint_atomic(state: dict[str, Any], path: Path) -> None:
         raise
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder by path (a folder: so a rename in it is durable)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -102,7 +161,8 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist", hint="check the --resume path")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        # mmap: ranks that each read the file share its pages and touch only what they use
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
             f"checkpoint {path} holds objects outside the safe set (tensors, plain values): "

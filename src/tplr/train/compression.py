@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from tplr.errors import ConfigError, TplrError
+from tplr.train.sharding import shard_rows
 
 VALUE_DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 """Value dtypes a run may choose (``compression_value_dtype`` in run.json)."""
@@ -176,62 +177,157 @@ def decompress_all(
 class ErrorFeedbackCompressor:
     """Keeps one float32 error buffer per parameter and compresses with error feedback.
 
+    With ``world_size`` > 1 (torchrun), rank ``r`` owns the error of a contiguous range of
+    every parameter's chunks (:func:`~tplr.train.sharding.shard_rows` of the chunk count)
+    and :meth:`compress` returns that range only; :func:`tplr.train.compression_dist.
+    compress_across_ranks` joins the ranges into the whole payload. Chunks are independent,
+    so the joined payload and the errors are bit-identical to one process doing it all.
+
+    ``offload``: on CUDA, keep the buffers in pinned host memory between calls and bring
+    each to the device only while its parameter is compressed.
+
     Not thread-safe; one compressor per miner process. ``state_dict``/``load_state_dict``
-    let a checkpoint carry the buffers across restarts.
+    (one process) and :meth:`owned_rows`/:meth:`load_rows` (any world size) carry the
+    buffers across restarts.
     """
 
-    def __init__(self, settings: CompressionSettings) -> None:
+    def __init__(
+        self,
+        settings: CompressionSettings,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        offload: bool = False,
+    ) -> None:
         self.settings = settings
-        self._errors: dict[str, torch.Tensor] = {}  # name -> (n_chunks, chunk) float32, padded
+        self.rank = rank
+        self.world_size = world_size
+        self.offload = offload
+        self._errors: dict[str, torch.Tensor] = {}  # name -> (owned chunks, chunk) float32
         self._shapes: dict[str, torch.Size] = {}
+
+    def chunk_range(self, numel: int) -> tuple[int, int]:
+        """``[start, stop)`` of the chunks of a ``numel``-element tensor this rank owns."""
+        return shard_rows(self.settings.chunk_count(numel), self.rank, self.world_size)
 
     @torch.no_grad()
     def compress(self, deltas: Mapping[str, torch.Tensor]) -> dict[str, CompressedTensor]:
-        """``e ← β·e + Δ``; send top-k of ``e`` per chunk; ``e ← e − quantised sent``."""
-        return {name: self._compress_one(name, delta) for name, delta in deltas.items()}
+        """``e ← β·e + Δ``; send top-k of ``e`` per chunk; ``e ← e − quantised sent``.
 
-    def _compress_one(self, name: str, delta: torch.Tensor) -> CompressedTensor:
-        numel = delta.numel()
-        error = self._error_buffer(name, delta)
-        error.mul_(self.settings.error_feedback_beta)
-        error.view(-1)[:numel].add_(delta.detach().reshape(-1))
-        sent = select_topk(error, numel, delta.shape, self.settings)
-        if not torch.isfinite(sent.values).all():  # one sync per tensor
-            raise CompressionError(
-                f"pseudo-gradient of parameter {name!r} holds NaN or infinity",
-                hint="the inner steps diverged; lower the learning rate or restore a checkpoint",
-            )
-        error.scatter_add_(1, sent.indices.to(torch.int64), -sent.values.to(torch.float32))
+        ``deltas`` are whole tensors; with ``world_size`` > 1 the result holds this rank's
+        chunk range of each (indices and values of shape ``(owned chunks, k)``)."""
+        check_finite(deltas)  # all or nothing: no error buffer moves for a bad Δ
+        sent = {name: self.compress_one(name, delta) for name, delta in deltas.items()}
+        self.finish(deltas.values())
         return sent
 
-    def _error_buffer(self, name: str, delta: torch.Tensor) -> torch.Tensor:
+    def finish(self, on: Iterable[torch.Tensor]) -> None:
+        """With ``offload``, wait until the errors copied back to host memory have landed
+        (before anything reads the pinned buffers on the host: a saved state, a restart)."""
+        if self.offload:
+            for device in {t.device for t in on if t.device.type == "cuda"}:
+                torch.cuda.synchronize(device)
+
+    def compress_one(self, name: str, delta: torch.Tensor) -> CompressedTensor:
+        """One parameter's share (the caller has checked Δ is finite)."""
+        numel = delta.numel()
+        start, stop = self.chunk_range(numel)
+        chunk = self.settings.chunk_size
+        flat = delta.detach().reshape(-1)[start * chunk : stop * chunk]
+        home = self._error_buffer(name, delta.shape, delta.device)
+        error = home.to(delta.device, non_blocking=True) if self.offload else home
+        error.mul_(self.settings.error_feedback_beta)
+        error.view(-1)[: flat.numel()].add_(flat)
+        sent = select_topk(error, flat.numel(), delta.shape, self.settings)
+        error.scatter_add_(1, sent.indices.to(torch.int64), -sent.values.to(torch.float32))
+        if error is not home:
+            home.copy_(error, non_blocking=True)
+        return sent
+
+    def _error_buffer(self, name: str, shape: torch.Size, device: torch.device) -> torch.Tensor:
         error = self._errors.get(name)
         if error is None:
-            n_chunks = self.settings.chunk_count(delta.numel())
+            start, stop = self.chunk_range(math.prod(shape))
+            on_host = self.offload and device.type == "cuda"
             error = torch.zeros(
-                n_chunks, self.settings.chunk_size, dtype=torch.float32, device=delta.device
+                stop - start,
+                self.settings.chunk_size,
+                dtype=torch.float32,
+                device="cpu" if on_host else device,
+                pin_memory=on_host,
             )
             self._errors[name] = error
-            self._shapes[name] = delta.shape
-        elif self._shapes[name] != delta.shape:
+            self._shapes[name] = torch.Size(shape)
+        elif self._shapes[name] != shape:
             raise CompressionError(
                 f"parameter {name!r} changed shape from {tuple(self._shapes[name])} "
-                f"to {tuple(delta.shape)}",
+                f"to {tuple(shape)}",
                 hint="the model config changed; start a fresh compressor (drop the error state)",
             )
         return error
 
     def error_of(self, name: str) -> torch.Tensor:
-        """The error buffer of one parameter, in the parameter's shape (a view)."""
+        """The error buffer of one parameter, in the parameter's shape (a view; one process)."""
+        self._require_whole("error_of")
         numel = math.prod(self._shapes[name])
         return self._errors[name].view(-1)[:numel].view(self._shapes[name])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        self._require_whole("state_dict")
         return {name: self.error_of(name).clone() for name in self._errors}
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        self._require_whole("load_state_dict")
         self._errors.clear()
         self._shapes.clear()
         for name, error in state.items():
-            buffer = self._error_buffer(name, error)
+            buffer = self._error_buffer(name, error.shape, error.device)
             buffer.view(-1)[: error.numel()].copy_(error.reshape(-1))
+
+    def owned_rows(self) -> dict[str, tuple[torch.Tensor, int, torch.Size]]:
+        """name -> (this rank's error rows ``(owned chunks, chunk)``, first chunk, shape)."""
+        return {
+            name: (error, self.chunk_range(math.prod(self._shapes[name]))[0], self._shapes[name])
+            for name, error in self._errors.items()
+        }
+
+    def load_rows(
+        self, name: str, shape: torch.Size, owned: torch.Tensor, device: torch.device
+    ) -> None:
+        """Set this rank's error rows of a parameter (``owned``: ``(owned chunks, chunk)``,
+        a CPU tensor) in a buffer for ``device`` (host memory when offloading on CUDA)."""
+        start, stop = self.chunk_range(math.prod(shape))
+        expected = (stop - start, self.settings.chunk_size)
+        if tuple(owned.shape) != expected:
+            raise CompressionError(
+                f"saved error of {name!r} has shape {tuple(owned.shape)}, expected {expected}",
+                hint="it was saved with another chunk size or model; drop the saved state",
+            )
+        self._errors.pop(name, None)
+        self._error_buffer(name, torch.Size(shape), device).copy_(owned)
+
+    def reset(self) -> None:
+        """Forget every error buffer (a fresh compressor)."""
+        self._errors.clear()
+        self._shapes.clear()
+
+    def _require_whole(self, what: str) -> None:
+        if self.world_size != 1:
+            raise CompressionError(
+                f"{what} needs the whole error; this compressor holds rank {self.rank}'s share",
+                hint="use owned_rows / load_rows under torchrun",
+            )
+
+
+def check_finite(deltas: Mapping[str, torch.Tensor]) -> None:
+    """Raise CompressionError naming the first parameter whose Δ holds NaN or infinity."""
+    if not deltas:
+        return
+    where = next(iter(deltas.values())).device
+    flags = torch.stack([torch.isfinite(t.detach()).all().to(where) for t in deltas.values()])
+    if not bool(flags.all()):  # one sync for all tensors
+        bad = next(name for name, ok in zip(deltas, flags.tolist(), strict=True) if not ok)
+        raise CompressionError(
+            f"pseudo-gradient of parameter {bad!r} holds NaN or infinity",
+            hint="the inner steps diverged; lower the learning rate or restore a checkpoint",
+        )

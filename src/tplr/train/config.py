@@ -17,15 +17,32 @@ from tplr.train.errors import TrainConfigError
 
 VOCAB_PAD_MULTIPLE = 128
 
-_PRESETS: dict[str, dict[str, int]] = {
-    # name: shape. Sizes use the GPT-2 vocabulary (50257, padded to 50304).
+_LLAMA: dict[str, Any] = {
+    "activation": "swiglu",
+    "qk_norm": False,
+    "rope_base": 500000.0,
+    "norm_eps": 1e-5,
+    "max_seq_len": 8192,
+}
+_PRESETS: dict[str, dict[str, Any]] = {
+    # GPT presets. Sizes quoted with the GPT-2 vocabulary (50257, padded to 50304).
     "tiny": {"n_layer": 2, "n_head": 2, "d_model": 64, "max_seq_len": 256},
     "small": {"n_layer": 12, "n_head": 12, "d_model": 768, "max_seq_len": 1024},  # 124M
     "medium": {"n_layer": 24, "n_head": 16, "d_model": 1024, "max_seq_len": 1024},  # 350M
     "1b": {"n_layer": 18, "n_head": 16, "d_model": 2048, "max_seq_len": 2048},  # 1.1B untied
-}
+    # Llama-3 shapes (RoPE, RMSNorm, SwiGLU, grouped-query attention), sizes with the
+    # Llama-3 vocabulary (128256): 1.24B, 3.21B, 8.03B.
+    "llama-1b": {**_LLAMA, "n_layer": 16, "n_head": 32, "n_kv_head": 8, "d_model": 2048,
+                 "ffn_hidden": 8192},
+    "llama-3b": {**_LLAMA, "n_layer": 28, "n_head": 24, "n_kv_head": 8, "d_model": 3072,
+                 "ffn_hidden": 8192},
+    "llama-8b": {**_LLAMA, "n_layer": 32, "n_head": 32, "n_kv_head": 8, "d_model": 4096,
+                 "ffn_hidden": 14336, "tie_embeddings": False},
+}  # fmt: skip
 _PRESET_ALIASES = {"gpt2": "small", "124m": "small", "350m": "medium", "gpt2-medium": "medium"}
 _PRESET_UNTIED = {"1b"}
+GPT2_VOCAB_SIZE = 50257
+LLAMA3_VOCAB_SIZE = 128256
 
 
 class _TypedErrors(BaseModel):
@@ -46,10 +63,12 @@ class ModelConfig(_TypedErrors):
     vocab_size: int = Field(ge=2, le=1 << 24)
     n_layer: int = Field(default=12, ge=1, le=256)
     n_head: int = Field(default=12, ge=1, le=256)
+    n_kv_head: int | None = Field(default=None, ge=1, le=256)  # None: n_head (no GQA)
     d_model: int = Field(default=768, ge=8, le=65536)
     mlp_ratio: int = Field(default=4, ge=1, le=16)
+    ffn_hidden: int | None = Field(default=None, ge=1, le=1 << 20)  # None: mlp_ratio x d
     max_seq_len: int = Field(default=1024, ge=2, le=1 << 20)
-    activation: Literal["relu2", "gelu"] = "relu2"
+    activation: Literal["relu2", "gelu", "swiglu"] = "relu2"
     tie_embeddings: bool = True
     qk_norm: bool = True
     rope_base: float = Field(default=10000.0, gt=1.0)
@@ -63,11 +82,25 @@ class ModelConfig(_TypedErrors):
             )
         if self.head_dim % 2:
             raise ValueError(f"head_dim d_model/n_head = {self.head_dim} must be even (rotary)")
+        if self.n_head % self.kv_heads:
+            raise ValueError(
+                f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.kv_heads})"
+            )
         return self
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: fewer than ``n_head`` is grouped-query attention."""
+        return self.n_kv_head or self.n_head
+
+    @property
+    def hidden_size(self) -> int:
+        """Width of the MLP's hidden layer (per branch for SwiGLU)."""
+        return self.ffn_hidden or self.mlp_ratio * self.d_model
 
     @property
     def padded_vocab_size(self) -> int:
@@ -80,16 +113,27 @@ class ModelConfig(_TypedErrors):
 
     @classmethod
     def preset(cls, name: str, *, vocab_size: int, **overrides: Any) -> ModelConfig:
-        """A named shape (tiny, small/gpt2/124m, medium/350m, 1b) with optional overrides."""
-        key = _PRESET_ALIASES.get(name.lower(), name.lower())
-        if key not in _PRESETS:
-            raise TrainConfigError(
-                f"unknown model preset {name!r}",
-                hint="use one of: " + ", ".join(cls.preset_names()),
-            )
-        values: dict[str, Any] = {**_PRESETS[key], "tie_embeddings": key not in _PRESET_UNTIED}
+        """A named shape (tiny, small/gpt2/124m, medium/350m, 1b, llama-1b/3b/8b) with
+        optional overrides."""
+        key = _preset_key(name)
+        values: dict[str, Any] = {"tie_embeddings": key not in _PRESET_UNTIED, **_PRESETS[key]}
         values.update(overrides, vocab_size=vocab_size)
         return build_config(cls, values)
+
+    @classmethod
+    def default_vocab_size(cls, name: str) -> int:
+        """The vocabulary a preset is usually trained with (GPT-2's, or Llama-3's)."""
+        return LLAMA3_VOCAB_SIZE if _preset_key(name).startswith("llama") else GPT2_VOCAB_SIZE
+
+
+def _preset_key(name: str) -> str:
+    key = _PRESET_ALIASES.get(name.lower(), name.lower())
+    if key not in _PRESETS:
+        raise TrainConfigError(
+            f"unknown model preset {name!r}",
+            hint="use one of: " + ", ".join(ModelConfig.preset_names()),
+        )
+    return key
 
 
 class TrainConfig(_TypedErrors):
@@ -117,6 +161,11 @@ class TrainConfig(_TypedErrors):
     compile: bool | None = None
     compile_backend: str = "inductor"
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    # auto: DDP when a full replica fits the device, else FSDP2 (see tplr.train.memory)
+    parallel: Literal["auto", "ddp", "fsdp"] = "auto"
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    # None: chunk the loss when one micro-batch's logits would be large; 0: never
+    loss_chunk_tokens: int | None = Field(default=None, ge=0, le=1 << 24)
     log_every_steps: int = Field(default=0, ge=0)
     prefetch_batches: int | None = Field(default=None, ge=0, le=64)  # None: 2 on CUDA, 0 on CPU
     validate_batches: bool = True

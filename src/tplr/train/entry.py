@@ -21,13 +21,16 @@ from pathlib import Path
 from tplr.errors import TplrError
 from tplr.train.config import ModelConfig, TrainConfig, build_config, flag_for
 from tplr.train.distributed import LaunchEnv, distributed_context
+from tplr.train.entry_memory import add_estimate_flags, print_estimate
 from tplr.train.errors import TrainConfigError
 from tplr.train.local_data import (
     BatchPlan,
     LocalDataset,
+    RecordedLength,
     data_vocab,
     open_local_dataset,
     read_local_manifest,
+    recorded_seq_len,
     train_batches,
     validation_batches,
 )
@@ -35,25 +38,36 @@ from tplr.train.vocab import check_vocab
 from tplr.train.worker import TrainStats, TrainWorker
 
 log = logging.getLogger("tplr.train")
-GPT2_VOCAB_SIZE = 50257
 ENTRY_LOG_EVERY_STEPS = 10
-# TrainConfig fields settable by a flag of the same name (``--micro-batch-size``)
-_TRAIN_FLAGS: dict[str, type] = {
-    "optimizer": str,
-    "lr": float,
-    "muon_lr": float,
-    "weight_decay": float,
-    "grad_clip_norm": float,
-    "warmup_steps": int,
-    "min_lr_ratio": float,
-    "micro_batch_size": int,
-    "global_batch_size": int,
-    "device": str,
-    "dtype": str,
-    "log_every_steps": int,
-    "peak_tflops": float,
-    "seed": int,
-}
+# TrainConfig fields settable by a flag of the same name (``--micro-batch-size``):
+# field -> (type, help, choices)
+_TRAIN_FLAGS: dict[str, tuple[type, str, tuple[str, ...] | None]] = {
+    "optimizer": (str, "adamw, or muon (Muon for hidden matrices, AdamW for the rest)",
+                  ("adamw", "muon")),
+    "lr": (float, "peak AdamW learning rate (default 6e-4)", None),
+    "muon_lr": (float, "peak Muon learning rate (default 0.02)", None),
+    "weight_decay": (float, "decoupled weight decay of matrices (default 0.1)", None),
+    "grad_clip_norm": (float, "clip the global gradient norm to this (default 1.0)", None),
+    "warmup_steps": (int, "linear warmup steps (default 0)", None),
+    "min_lr_ratio": (float, "cosine decay ends at this x lr (default 0.1)", None),
+    "micro_batch_size": (int, "sequences per forward/backward on one device (default 16)", None),
+    "global_batch_size": (int, "sequences per optimizer step, all devices (default 512)", None),
+    "device": (str, "auto (cuda when present), cuda or cpu", ("auto", "cuda", "cpu")),
+    "dtype": (str, "auto (bf16 autocast on CUDA, fp32 on CPU), bfloat16 or float32",
+              ("auto", "bfloat16", "float32")),
+    "parallel": (str, "under torchrun: ddp (replicas) or fsdp (FSDP2 sharding); auto: fsdp "
+                 "when a replica does not fit the GPU", ("auto", "ddp", "fsdp")),
+    "activation_checkpointing": (str, "recompute activations in the backward pass: full, "
+                                 "selective (keeps matmul/attention outputs) or none",
+                                 ("none", "full", "selective")),
+    "loss_chunk_tokens": (int, "tokens per chunk of the head loss (default: chunk when the "
+                          "logits are large; 0 = never)", None),
+    "log_every_steps": (int, "log loss, tokens/s and MFU every N steps (default 10; 0 = off)",
+                        None),
+    "peak_tflops": (float, "the device's peak bf16 TFLOP/s for MFU (default: from the GPU "
+                    "table)", None),
+    "seed": (int, "model init and data order (default 1337)", None),
+}  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,28 +76,48 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--data", type=Path, required=True, help="folder of token shards")
+    parser.add_argument("--data", type=Path, help="folder of token shards (required to train)")
     parser.add_argument(
         "--model", default="small", help="preset: " + ", ".join(ModelConfig.preset_names())
     )
-    parser.add_argument("--vocab-size", type=int, help="default: the manifest's, else 50257")
-    parser.add_argument("--seq-len", type=int, help="tokens per sample (default: model's)")
+    parser.add_argument(
+        "--vocab-size", type=int, help="default: the manifest's, else the preset's usual one"
+    )
+    parser.add_argument(
+        "--seq-len",
+        type=int,
+        help="tokens per sample; default: the dataset's recorded length (rows of stored "
+        "shards, or the manifest's seq_len), else the model's max_seq_len",
+    )
     parser.add_argument("--steps", type=int, default=1000, help="total optimizer steps")
-    parser.add_argument("--eval-every-steps", type=int, default=250, help="0 = never")
-    parser.add_argument("--eval-batches", type=int, default=20, help="per rank")
-    parser.add_argument("--val-shards", type=int, help="shards held out (default 1)")
+    parser.add_argument(
+        "--eval-every-steps", type=int, default=250, help="validation loss every N steps; 0 = never"
+    )
+    parser.add_argument(
+        "--eval-batches", type=int, default=20, help="validation micro-batches per rank"
+    )
+    parser.add_argument("--val-shards", type=int, help="shards held out for validation (default 1)")
     parser.add_argument("--save", type=Path, help="checkpoint file, rewritten atomically")
-    parser.add_argument("--save-every-steps", type=int, default=0, help="0 = at the end only")
-    parser.add_argument("--resume", type=Path, help="checkpoint to continue from")
+    parser.add_argument(
+        "--save-every-steps", type=int, default=0, help="checkpoint every N steps; 0 = at the end"
+    )
+    parser.add_argument("--resume", type=Path, help="checkpoint to continue from (any world size)")
     parser.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="torch.compile (default: on for CUDA, off on CPU)",
     )
-    parser.add_argument("--log-level", default="INFO")
-    for field, kind in _TRAIN_FLAGS.items():
-        parser.add_argument("--" + field.replace("_", "-"), dest=field, type=kind)
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        help="logging level",
+    )
+    for field, (kind, text, choices) in _TRAIN_FLAGS.items():
+        parser.add_argument(flag_for(field), dest=field, type=kind, help=text, choices=choices)
+    add_estimate_flags(parser)
     return parser
 
 
@@ -99,13 +133,15 @@ def _check_counts(args: argparse.Namespace) -> None:
             raise TrainConfigError(f"{flag_for(name)} is {value}; it must be >= {minimum}")
 
 
-def _configs(args: argparse.Namespace, vocab_size: int) -> tuple[ModelConfig, dict]:
+def model_and_values(
+    args: argparse.Namespace, vocab_size: int, seq_len: int | None
+) -> tuple[ModelConfig, dict]:
+    """The model preset (its max_seq_len raised to ``seq_len`` if needed) and the
+    TrainConfig values the flags set."""
     _check_counts(args)
     model_config = ModelConfig.preset(args.model, vocab_size=vocab_size)
-    if args.seq_len and args.seq_len > model_config.max_seq_len:
-        model_config = ModelConfig.preset(
-            args.model, vocab_size=vocab_size, max_seq_len=args.seq_len
-        )
+    if seq_len and seq_len > model_config.max_seq_len:
+        model_config = ModelConfig.preset(args.model, vocab_size=vocab_size, max_seq_len=seq_len)
     values = {k: getattr(args, k) for k in _TRAIN_FLAGS if getattr(args, k) is not None}
     values.update(compile=args.compile, total_steps=args.steps)
     values.setdefault("log_every_steps", ENTRY_LOG_EVERY_STEPS)
@@ -113,13 +149,19 @@ def _configs(args: argparse.Namespace, vocab_size: int) -> tuple[ModelConfig, di
 
 
 def _load_data(args: argparse.Namespace) -> tuple[LocalDataset, ModelConfig, dict]:
-    if not args.data.is_dir():
-        raise TrainConfigError(f"--data {args.data} is not a folder", hint="pass the shard folder")
+    if args.data is None or not args.data.is_dir():
+        raise TrainConfigError(
+            f"--data {args.data} is not a folder",
+            hint="pass the shard folder (or --estimate-memory to only print the estimate)",
+        )
     manifest = read_local_manifest(args.data)
     vocab = data_vocab(manifest)
-    model_config, values = _configs(args, args.vocab_size or vocab.vocab_size or GPT2_VOCAB_SIZE)
-    check_vocab(model_config, vocab, source=f"the manifest in {args.data}")
-    seq_len = args.seq_len or model_config.max_seq_len
+    vocab_size = args.vocab_size or vocab.vocab_size or ModelConfig.default_vocab_size(args.model)
+    source = f"the manifest in {args.data}"
+    check_vocab(ModelConfig.preset(args.model, vocab_size=vocab_size), vocab, source=source)
+    seq_len = resolve_seq_len(args.seq_len, recorded_seq_len(args.data, manifest))
+    model_config, values = model_and_values(args, vocab_size, seq_len)
+    seq_len = seq_len or model_config.max_seq_len
     data = open_local_dataset(
         args.data,
         seq_len=seq_len,
@@ -208,15 +250,34 @@ def _evaluate_and_save(
         worker.save_checkpoint(args.save)
 
 
+def resolve_seq_len(given: int | None, recorded: RecordedLength | None) -> int | None:
+    """``--seq-len``, else the dataset's recorded length; a conflict with rows the shards
+    store (templar) is an error. None: neither says (the model's max_seq_len is used)."""
+    if recorded is None:
+        return given
+    if given is None:
+        return recorded.seq_len
+    if recorded.fixed_rows and given != recorded.seq_len:
+        raise TrainConfigError(
+            f"--seq-len {given} conflicts with the dataset: its shards store rows of "
+            f"{recorded.seq_len} tokens ({recorded.source})",
+            hint=f"leave --seq-len out (the stored {recorded.seq_len} is used) or pass "
+            f"--seq-len {recorded.seq_len}",
+        )
+    return given
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=args.log_level.upper(),
+        level=args.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
     env = LaunchEnv.from_environ(os.environ)
     try:
+        if args.estimate_memory:
+            return 0 if print_estimate(args, model_and_values) else 1
         train(args, env)
     except TplrError as exc:
         print(f"error: {exc.message}", file=sys.stderr)

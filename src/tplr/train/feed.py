@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from tplr.train.errors import BatchError, BatchesExhaustedError
+from tplr.train.loss import IGNORE_INDEX
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 HOST_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint16, torch.uint8)
@@ -192,3 +193,28 @@ class BatchFeed:
         if isinstance(item, BaseException):
             raise item
         return item
+
+
+def fixed_shape_pieces(
+    inputs: torch.Tensor, targets: torch.Tensor, rows: int, cols: int
+) -> list[Batch]:
+    """Cut a ``(B, T)`` batch into ``(rows, max(cols, T))`` pieces, padding the last rows and
+    the columns with inputs 0 and targets ``IGNORE_INDEX`` (they add nothing to the loss).
+
+    One shape for every evaluation batch: a compiled model never recompiles for a short
+    last batch. Causal attention keeps right-padding from changing the real positions.
+    """
+    batch, width = inputs.shape
+    width_out = max(cols, width)
+    pieces = []
+    for start in range(0, batch, rows):
+        piece_in = inputs[start : start + rows]
+        piece_t = targets[start : start + rows]
+        if piece_in.shape != (rows, width_out):
+            padded_in = inputs.new_zeros((rows, width_out))
+            padded_t = targets.new_full((rows, width_out), IGNORE_INDEX)
+            padded_in[: piece_in.shape[0], :width] = piece_in
+            padded_t[: piece_t.shape[0], :width] = piece_t
+            piece_in, piece_t = padded_in, padded_t
+        pieces.append((piece_in, piece_t))
+    return pieces

@@ -37,8 +37,10 @@ PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
 
 def matmul_parameters(config: ModelConfig) -> int:
     """Weights used in matrix multiplies per token: attention, MLP and the output head."""
-    d = config.d_model
-    per_layer = 4 * d * d + 2 * config.mlp_ratio * d * d  # qkv + proj, fc + proj
+    d, hidden = config.d_model, config.hidden_size
+    qkv = d * (config.n_head + 2 * config.kv_heads) * config.head_dim
+    fc = d * hidden * (2 if config.activation == "swiglu" else 1)
+    per_layer = qkv + d * d + fc + hidden * d  # qkv + proj, fc + proj
     return config.n_layer * per_layer + config.padded_vocab_size * d
 
 

@@ -19,7 +19,8 @@ import torch
 
 from tplr.comms.manifest import MANIFEST_NAME, Manifest, read_manifest
 from tplr.data.dataset import SharedShardedDataset
-from tplr.data.dataset_manifest import entry_metadata
+from tplr.data.dataset_manifest import dataset_info, entry_metadata
+from tplr.data.formats import open_shard
 from tplr.data.layout import ShardGroup, plan_layout
 from tplr.data.loader import BatchLoader, LoaderConfig
 from tplr.data.sampler import rank_share, window_sample_indices
@@ -48,6 +49,31 @@ def read_local_manifest(root: Path) -> Manifest | None:
 
 def data_vocab(manifest: Manifest | None) -> DataVocab:
     return vocab_from_manifest(manifest) if manifest is not None else DataVocab()
+
+
+@dataclass(frozen=True)
+class RecordedLength:
+    """The sequence length a dataset records, and whether its shards store rows of it."""
+
+    seq_len: int
+    fixed_rows: bool  # templar shards: rows of exactly seq_len tokens
+    source: str
+
+
+def recorded_seq_len(root: Path, manifest: Manifest | None) -> RecordedLength | None:
+    """From the first training shard (templar rows, read from its sample ids), else from the
+    manifest's ``dataset.seq_len`` (a token stream's context). None when neither says."""
+    keys = [p.relative_to(root).as_posix() for p in sorted(root.rglob("*")) if p.is_file()]
+    layout = plan_layout(keys, manifest=manifest)
+    if layout.train and layout.train[0].ids_key:
+        group = layout.train[0]
+        shard = open_shard(root / group.tokens_key, ids_path=root / group.ids_key)
+        if shard.seq_len is not None:
+            return RecordedLength(shard.seq_len, True, f"{group.tokens_key} and its sample ids")
+    info = dataset_info(manifest) if manifest is not None else None
+    if info is not None:
+        return RecordedLength(info.seq_len, False, f"seq_len in {root / MANIFEST_NAME}")
+    return None
 
 
 def _open_group(

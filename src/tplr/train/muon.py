@@ -4,6 +4,9 @@ For 2-D hidden weights only; embeddings, the head and scalars stay on AdamW. The
 iteration with coefficients (3.4445, -4.7750, 2.0315) drives the singular values of the
 normalised update towards ~1 in a few steps without an SVD, so it runs well in bf16.
 Under DDP every rank sees the same all-reduced gradient and computes the same update.
+Under FSDP2 the momentum stays sharded; the Nesterov update of each matrix is gathered
+whole (Newton–Schulz needs the whole matrix), orthogonalised on every rank, and each rank
+applies its own rows.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+
+from tplr.train.sharding import as_sharded_like, full_tensor, local_rows
 
 _NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
@@ -69,7 +74,8 @@ class Muon(torch.optim.Optimizer):
                 buffer = state["momentum_buffer"]
                 buffer.lerp_(param.grad, 1 - momentum)
                 nesterov = param.grad.lerp(buffer, momentum)
-                update = orthogonalize(nesterov, self.ns_steps, self.ns_dtype)
+                whole = orthogonalize(full_tensor(nesterov), self.ns_steps, self.ns_dtype)
+                update = as_sharded_like(local_rows(whole, param), param)
                 scale = max(1.0, param.size(0) / param.size(1)) ** 0.5
                 if decay:
                     param.mul_(1 - lr * decay)

@@ -1,9 +1,12 @@
-"""The training worker: model + optimizers + schedule on one device, DDP under torchrun.
+"""The training worker: model + optimizers + schedule on one device; under torchrun either
+DDP (every rank a replica) or FSDP2 (parameters, gradients and optimizer state sharded).
 
 The node drives it with ``train_steps(batches, n)``; every call runs ``n`` optimizer steps of
 ``global_batch_size`` sequences each (``micro_batch_size`` x world size x accumulation steps).
 Calls are synchronous and compute-bound: the node runs them off the event loop
-(``asyncio.to_thread``). With DDP, every rank must make the same calls in the same order.
+(``asyncio.to_thread``). Under torchrun every rank must make the same calls in the same
+order (under FSDP2 even ``evaluate``, ``pseudo_gradient`` and ``full_parameters`` are
+collectives).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,21 +25,20 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from tplr.comms.diskspace import FreeSpaceProbe
 from tplr.train import checkpoint as ckpt
 from tplr.train import params as param_ops
+from tplr.train import worker_state
 from tplr.train.config import ModelConfig, TrainConfig
 from tplr.train.distributed import DistContext, resolve_device
-from tplr.train.errors import BatchError, CheckpointError, TrainConfigError, TrainingDivergedError
-from tplr.train.feed import Batch, BatchFeed, BatchSpec, check_batch, to_device
+from tplr.train.errors import BatchError, TrainConfigError, TrainingDivergedError
+from tplr.train.feed import Batch, BatchFeed, BatchSpec, check_batch, fixed_shape_pieces, to_device
 from tplr.train.flops import flops_per_token, mfu, peak_flops_for
+from tplr.train.loss import IGNORE_INDEX, auto_chunk_tokens
+from tplr.train.memory import choose_parallel
 from tplr.train.metrics import TrainMetrics
-from tplr.train.model import GPT
-from tplr.train.optim import (
-    WarmupCosineSchedule,
-    build_optimizers,
-    optimizer_names,
-    refresh_hyperparameters,
-)
+from tplr.train.optim import WarmupCosineSchedule, build_optimizers
+from tplr.train.sharding import build_model, fsdp_sharder, full_tensor
 
 log = logging.getLogger(__name__)
 
@@ -82,12 +84,27 @@ class TrainWorker:
             )
         self.accumulation_steps = config.accumulation_steps(self.context.world_size)
         self._setup_fast_path()
+        self.parallel = choose_parallel(model_config, config, self.context)
         torch.manual_seed(config.seed)
-        with torch.device(self.device):
-            self.model = GPT(model_config)  # unwrapped: names, state_dict, parameter ops
-        self._ddp = self._wrap_ddp(self.model)
-        self._train_module = self._maybe_compile(self._ddp or self.model)
-        self._eval_module = self._maybe_compile(self.model)
+        # unwrapped (FSDP2 shards it in place): names, state_dict, parameter ops
+        self.model = build_model(
+            model_config,
+            self.device,
+            seed=config.seed,
+            checkpointing=config.activation_checkpointing,
+            shard=self._fsdp_sharder() if self.parallel == "fsdp" else None,
+        )
+        self.model.loss_chunk_tokens = auto_chunk_tokens(
+            config.micro_batch_size * config.seq_len,
+            model_config.padded_vocab_size,
+            config.loss_chunk_tokens,
+        )
+        self._ddp = self._wrap_ddp(self.model) if self.parallel == "ddp" else None
+        if self.parallel == "fsdp":  # blocks were compiled before sharding
+            self._train_module = self._eval_module = self.model
+        else:
+            self._train_module = self._maybe_compile(self._ddp or self.model)
+            self._eval_module = self._maybe_compile(self.model)
         self._optimizers = build_optimizers(self.model, config, device=self.device)
         self._schedule = WarmupCosineSchedule.from_config(config)
         self.step = 0
@@ -110,9 +127,17 @@ class TrainWorker:
             torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast
             torch.backends.cudnn.allow_tf32 = True
 
-    def _wrap_ddp(self, model: nn.Module) -> DistributedDataParallel | None:
-        if not self.context.distributed:
-            return None
+    def _fsdp_sharder(self):
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(self.device.type, (self.context.world_size,))
+        compile_block = None
+        if self.compile_enabled:
+            backend = self.config.compile_backend
+            compile_block = lambda block: block.compile(backend=backend)  # noqa: E731
+        return fsdp_sharder(mesh, compute_dtype=self.autocast_dtype, compile_block=compile_block)
+
+    def _wrap_ddp(self, model: nn.Module) -> DistributedDataParallel:
         on_cuda = self.device.type == "cuda"
         return DistributedDataParallel(
             model,
@@ -139,7 +164,10 @@ class TrainWorker:
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
     def _grad_sync(self, last_micro_step: bool) -> contextlib.AbstractContextManager:
-        """DDP all-reduces gradients only on the last micro-step of an optimizer step."""
+        """DDP all-reduces gradients only on the last micro-step of an optimizer step.
+
+        FSDP2 reduce-scatters every micro-step: deferring would keep whole unsharded
+        gradients alive between micro-steps, which is the memory FSDP exists to save."""
         if self._ddp is None or last_micro_step:
             return contextlib.nullcontext()
         return self._ddp.no_sync()
@@ -188,9 +216,10 @@ class TrainWorker:
                 (loss / accum).backward()
             loss_sum += loss.detach()
         if self.config.grad_clip_norm is not None:
-            norm_sum += nn.utils.clip_grad_norm_(
+            norm = nn.utils.clip_grad_norm_(
                 self.model.parameters(), self.config.grad_clip_norm, foreach=True
-            )
+            )  # a replicated DTensor under FSDP2: its local value is the global norm
+            norm_sum += full_tensor(norm)
         for optimizer in self._optimizers:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -262,34 +291,81 @@ class TrainWorker:
     # -- evaluation --------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, batches: Iterable[Batch]) -> float:
-        """Token-weighted mean loss over ``batches`` (all ranks together under DDP)."""
+        """Token-weighted mean loss over ``batches`` (all ranks together under DDP/FSDP2).
+
+        Every forward has the shape ``(micro_batch_size, seq_len)``: batches are cut and
+        padded to it and the padding is masked out of the loss, so a compiled model never
+        recompiles for a short last batch."""
+        mean = self._mean_loss(batches)
+        if self.metrics is not None:
+            self.metrics.eval_loss.set(mean)
+        return mean
+
+    @torch.no_grad()
+    def _mean_loss(self, batches: Iterable[Batch]) -> float:
         self.model.eval()
-        spec = BatchSpec(
-            vocab_size=self.model_config.vocab_size,
-            max_seq_len=self.model_config.max_seq_len,
-            check_token_ids=self.config.validate_batches,
-        )
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
-        token_count = 0
-        for index, raw in enumerate(batches):
-            inputs, targets = check_batch(raw, spec, index)
-            inputs, targets = to_device(inputs, self.device), to_device(targets, self.device)
+        counted = torch.zeros((), device=self.device, dtype=torch.float64)
+        pieces = self._eval_pieces(batches)
+        if self.parallel == "fsdp":  # every rank runs the same number of (collective) forwards
+            pieces = self._same_count_everywhere(list(pieces))
+        for inputs, targets in pieces:
             with self._autocast():
-                loss = self._eval_module(inputs, targets)
-            loss_sum += loss.double() * targets.numel()
-            token_count += targets.numel()
-        totals = torch.stack(
-            [loss_sum, torch.tensor(float(token_count), device=self.device, dtype=torch.float64)]
-        )
+                loss_sum += self._eval_module(inputs, targets, reduction="sum").double()
+            counted += (targets != IGNORE_INDEX).sum()
+        totals = torch.stack([loss_sum, counted])
         if self.context.distributed:
             dist.all_reduce(totals)
         loss_total, tokens = totals.tolist()  # sync point
         if tokens == 0:
             raise BatchError("evaluate got no batches", hint="pass at least one validation batch")
-        mean = loss_total / tokens
-        if self.metrics is not None:
-            self.metrics.eval_loss.set(mean)
-        return mean
+        return loss_total / tokens
+
+    def _eval_pieces(self, batches: Iterable[Batch]) -> Iterator[Batch]:
+        spec = BatchSpec(
+            vocab_size=self.model_config.vocab_size,
+            max_seq_len=self.model_config.max_seq_len,
+            check_token_ids=self.config.validate_batches,
+        )
+        for index, raw in enumerate(batches):
+            inputs, targets = check_batch(raw, spec, index)
+            if hasattr(raw, "to_device"):
+                inputs, targets = raw.to_device(self.device)
+            else:
+                inputs, targets = to_device(inputs, self.device), to_device(targets, self.device)
+            rows, cols = self.config.micro_batch_size, self.config.seq_len
+            yield from fixed_shape_pieces(inputs, targets, rows, cols)
+
+    def _same_count_everywhere(self, pieces: list[Batch]) -> list[Batch]:
+        count = torch.tensor([len(pieces)], device=self.device)
+        dist.all_reduce(count, op=dist.ReduceOp.MAX)
+        rows, cols = self.config.micro_batch_size, self.config.seq_len
+        empty = torch.zeros((rows, cols), dtype=torch.int64, device=self.device)
+        padding = (empty, torch.full_like(empty, IGNORE_INDEX))  # counts nothing
+        return pieces + [padding] * (int(count.item()) - len(pieces))
+
+    # -- warm-up -----------------------------------------------------------------------
+    def warm_up(self) -> None:
+        """Compile (and let cuDNN/flash pick kernels) on a dummy batch of the training and
+        the evaluation shape, before real work; the parameters are not changed. A no-op
+        without compile on the CPU. A collective under torchrun: every rank must call."""
+        if not (self.compile_enabled or self.device.type == "cuda"):
+            return
+        started = time.perf_counter()
+        shape = (self.config.micro_batch_size, self.config.seq_len)
+        # two tensors, as real batches are (the compiled graph guards on aliasing)
+        inputs = torch.zeros(shape, dtype=torch.int64, device=self.device)
+        targets = torch.ones(shape, dtype=torch.int64, device=self.device)
+        self.model.train()
+        with self._grad_sync(last_micro_step=True), self._autocast():
+            loss = self._train_module(inputs, targets)
+        loss.backward()
+        for optimizer in self._optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        self._mean_loss([(inputs.cpu(), targets.cpu())])  # not a real loss: not recorded
+        log.info(
+            "warmed up (compile %s) in %.1fs", self.compile_enabled, time.perf_counter() - started
+        )
 
     @torch.no_grad()
     def sample_losses(self, batches: Iterable[Batch]) -> torch.Tensor:
@@ -349,81 +425,72 @@ class TrainWorker:
 
     # -- parameters --------------------------------------------------------------------
     def snapshot(self) -> param_ops.ParameterDict:
-        """Parameters copied to CPU (pinned memory on GPU); restore with :meth:`restore`."""
+        """Parameters copied to CPU (pinned memory on GPU); restore with :meth:`restore`.
+
+        Under FSDP2 this rank's rows only (restore it on the same rank)."""
         return param_ops.snapshot_parameters(self.model, self.device)
 
     def restore(self, snapshot: Mapping[str, torch.Tensor]) -> None:
+        """Load parameters: full tensors (each FSDP2 rank takes its rows) or a snapshot."""
         param_ops.restore_parameters(self.model, snapshot)
 
     def pseudo_gradient(self, snapshot: Mapping[str, torch.Tensor]) -> param_ops.ParameterDict:
-        """``Δ = θ_snapshot − θ_now``: what this worker's steps since the snapshot did."""
+        """``Δ = θ_snapshot − θ_now``: what this worker's steps since the snapshot did.
+
+        Under FSDP2 each value is a sharded DTensor (``full_tensor()`` gathers it)."""
         return param_ops.pseudo_gradient(self.model, snapshot)
 
     def apply_update(self, delta: Mapping[str, torch.Tensor], lr: float) -> None:
         """Outer step ``θ ← θ − lr · Δ`` (same on every rank: pass the same Δ everywhere)."""
         param_ops.apply_update(self.model, delta, lr)
 
+    def full_parameters(self, *, keep: bool = True) -> param_ops.ParameterDict:
+        """Every parameter whole on the CPU (for digests and published checkpoints).
+
+        Under FSDP2 a collective: every rank calls; ``keep=False`` ranks get ``{}``."""
+        return param_ops.full_parameters(self.model, keep=keep)
+
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return list(self._optimizers)
+
+    def reset_optimizer_state(self) -> None:
+        """Drop every moment and step count (as freshly built optimizers)."""
+        for optimizer in self._optimizers:
+            optimizer.state.clear()
+
+    @property
+    def schedule(self) -> WarmupCosineSchedule:
+        return self._schedule
+
     # -- checkpoints -------------------------------------------------------------------
-    def save_checkpoint(self, path: str | Path) -> None:
-        """Rank 0 writes the full state atomically; every rank must call (it ends in a barrier)."""
+    def save_checkpoint(
+        self, path: str | Path, *, free_space_probe: FreeSpaceProbe | None = None
+    ) -> None:
+        """Rank 0 writes the full state atomically; every rank must call (under FSDP2 the
+        state is gathered; the call ends in a barrier). A full disk raises
+        :class:`~tplr.comms.errors.InsufficientSpace`."""
+        started = time.perf_counter()
+        state = worker_state.checkpoint_state(self)
+        failure: BaseException | None = None
         if self.context.is_main:
-            started = time.perf_counter()
-            ckpt.write_checkpoint_atomic(self._checkpoint_state(), Path(path))
-            if self.metrics is not None:
-                self.metrics.checkpoint_duration.observe(time.perf_counter() - started)
-            log.info("saved checkpoint %s at step %d", path, self.step)
+            try:
+                ckpt.write_checkpoint_atomic(state, Path(path), free_space_probe=free_space_probe)
+            except BaseException as exc:  # raised after the barrier: the others must not hang
+                failure = exc
+            else:
+                if self.metrics is not None:
+                    self.metrics.checkpoint_duration.observe(time.perf_counter() - started)
+                log.info("saved checkpoint %s at step %d", path, self.step)
         if self.context.distributed:
             dist.barrier()
-
-    def _checkpoint_state(self) -> dict:
-        names = optimizer_names(self._optimizers)
-        return {
-            "format": ckpt.CHECKPOINT_FORMAT,
-            "version": ckpt.CHECKPOINT_VERSION,
-            "step": self.step,
-            "world_size": self.context.world_size,
-            "model_config": self.model_config.model_dump(),
-            "train_config": self.config.model_dump(),
-            "model": self.model.state_dict(),
-            "optimizers": {
-                name: opt.state_dict() for name, opt in zip(names, self._optimizers, strict=True)
-            },
-            "scheduler": {**self._schedule.state_dict(), "step": self.step},
-            "rng": ckpt.capture_rng_state(self.device),
-        }
+        if failure is not None:
+            raise failure
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore model, optimizers, step and RNG (any world size; every rank reads the file)."""
-        state = ckpt.read_checkpoint(Path(path))
-        self._check_model_config(state["model_config"], path)
-        saved = state["optimizers"]
-        names = optimizer_names(self._optimizers)
-        if sorted(saved) != sorted(names):
-            raise CheckpointError(
-                f"checkpoint {path} was trained with optimizers {sorted(saved)}, this run "
-                f"uses {sorted(names)}",
-                hint="resume with the same --optimizer",
-            )
-        try:
-            self.model.load_state_dict(state["model"])
-            for name, optimizer in zip(names, self._optimizers, strict=True):
-                optimizer.load_state_dict(saved[name])
-        except (RuntimeError, ValueError, KeyError) as exc:
-            raise CheckpointError(f"checkpoint {path} does not fit this model: {exc}") from exc
-        refresh_hyperparameters(self._optimizers, self.config)
-        self.step = int(state["step"])
-        ckpt.restore_rng_state(state["rng"], self.device)
+        worker_state.load_checkpoint(self, ckpt.read_checkpoint(Path(path)), path)
         log.info("loaded checkpoint %s at step %d", path, self.step)
-
-    def _check_model_config(self, saved: dict, path: str | Path) -> None:
-        current = self.model_config.model_dump()
-        differing = sorted(k for k in current if saved.get(k) != current[k])
-        if differing:
-            detail = ", ".join(f"{k}: {saved.get(k)!r} != {current[k]!r}" for k in differing)
-            raise CheckpointError(
-                f"checkpoint {path} is for a different model ({detail})",
-                hint="use the --model preset and --vocab-size the checkpoint was trained with",
-            )
 
 
 @dataclass
