@@ -27,7 +27,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit
 
-from tplr.comms.errors import InvalidRequest, PreconditionFailed, StoreError, TransientError
+from tplr.comms.errors import (
+    InvalidRequest,
+    MalformedResponse,
+    PreconditionFailed,
+    StoreError,
+    TransientError,
+)
+from tplr.untrusted import MalformedInput, parse_ascii_int
 
 # per connection; measured: 256 KiB costs more CPU per byte, 2 MiB more system time
 RECEIVE_BUFFER_BYTES = 1024 * 1024
@@ -134,16 +141,46 @@ class _Stale(TransientError):
     """The connection closed before any answer (an idle keep-alive the server dropped)."""
 
 
-def _parse_head(head: bytes) -> tuple[int, dict[str, str]]:
+_MAX_HEADERS = 100
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def parse_response_head(head: bytes, where: str) -> tuple[int, dict[str, str]]:
+    """Status and headers (names lower-cased) of an HTTP/1.x response head, checked as
+    untrusted input: ASCII-digit status, well-formed header names, no repeated
+    ``Content-Length`` with different values, at most 100 headers. Raises only
+    :class:`MalformedResponse`."""
     lines = head.decode("latin-1").split("\r\n")
     parts = lines[0].split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
-        raise InvalidRequest(f"not an HTTP/1.x response: {lines[0][:80]!r}")
+    if len(parts) < 2 or parts[0] not in ("HTTP/1.1", "HTTP/1.0"):
+        raise MalformedResponse(f"not an HTTP/1.x response to {where}: {lines[0][:80]!r}")
+    try:
+        status = parse_ascii_int(parts[1], what="HTTP status", min_value=100, max_value=599)
+    except MalformedInput as exc:
+        raise MalformedResponse(f"{where}: {exc.message}") from None
+    if len(lines) - 1 > _MAX_HEADERS:
+        raise MalformedResponse(f"{where}: more than {_MAX_HEADERS} headers")
     headers: dict[str, str] = {}
     for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    return int(parts[1]), headers
+        name, colon, value = line.partition(":")
+        if not colon or not _TOKEN.fullmatch(name):
+            raise MalformedResponse(f"{where}: malformed header line {line[:80]!r}")
+        name, value = name.lower(), value.strip()
+        if name in headers and name == "content-length" and headers[name] != value:
+            raise MalformedResponse(f"{where}: two different Content-Length headers")
+        headers[name] = value if name not in headers else f"{headers[name]}, {value}"
+    return status, headers
+
+
+def content_length(headers: dict[str, str], where: str) -> int | None:
+    """The declared body size, or None when there is none."""
+    text = headers.get("content-length")
+    if text is None:
+        return None
+    try:
+        return parse_ascii_int(text, what="Content-Length", max_value=1 << 50)
+    except MalformedInput as exc:
+        raise MalformedResponse(f"{where}: {exc.message}") from None
 
 
 class PresignedRangeReader:
@@ -268,7 +305,14 @@ class PresignedRangeReader:
                 connection.close()
                 connection, _ = await self._connect(url, fresh=True)
                 status, headers = await self._ask(connection, request, where)
-            whole = status == 200 and offset == 0 and headers.get("content-length") == str(length)
+            declared = content_length(headers, where)
+            if "transfer-encoding" in headers and status in (200, 206):
+                raise MalformedResponse(
+                    f"{where}: a ranged answer with Transfer-Encoding"
+                    f" {headers['transfer-encoding'][:40]!r}",
+                    location=self.location,
+                )
+            whole = status == 200 and offset == 0 and declared == length
             if status != 206 and not whole:
                 await self._raise_for(connection, status, headers, where)
             self._check_answer(headers, offset, length, if_match, where, whole=whole)
@@ -299,7 +343,7 @@ class PresignedRangeReader:
             await self._wait(connection, connection.available + 1, where)
         head = bytes(connection.view[connection.pos : end])
         connection.consume(end + 4 - connection.pos)
-        return _parse_head(head)
+        return parse_response_head(head, where)
 
     async def _wait(self, connection: _Connection, wanted: int, where: str) -> None:
         try:
@@ -376,7 +420,7 @@ class PresignedRangeReader:
         self, connection: _Connection, headers: dict[str, str], where: str
     ) -> bytes:
         """The (small) body of an error answer; best effort, the connection is dropped."""
-        wanted = min(int(headers.get("content-length", "0") or 0), _MAX_ERROR_BODY_BYTES)
+        wanted = min(content_length(headers, where) or 0, _MAX_ERROR_BODY_BYTES)
         if headers.get("transfer-encoding", "").lower() == "chunked":
             wanted = _MAX_ERROR_BODY_BYTES
         with contextlib.suppress(TransientError):
