@@ -1,7 +1,8 @@
 """``tplr fetch URL DEST``: download one object with the transfer engine.
 
 Credentials come from the environment (see :mod:`tplr.comms.store_url`); ``file://``
-URLs and plain paths read a local store. Tuning comes from ``DOWNLOAD_MAX_WORKERS`` /
+URLs and plain paths read a local store, ``https://`` and ``hf://`` URLs a web server or
+the dataset hub. Tuning comes from ``DOWNLOAD_MAX_WORKERS`` /
 ``DOWNLOAD_PART_SIZE`` and the ``TRANSFER_*`` variables, overridden by the flags.
 The last line is a summary (bytes, seconds, MB/s, retries); a failure is one line and a
 hint (``tplr.cli.main`` prints it), and an interrupted fetch resumes when run again.
@@ -31,10 +32,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "fetch",
         help="download one object (parallel, resumable, verified)",
-        description="Download s3://BUCKET/KEY (or file:///path) to DEST. A DEST that is a"
-        " folder means DEST/basename(KEY). Interrupted downloads resume from DEST.partial.",
+        description="Download s3://BUCKET/KEY, https://HOST/PATH or"
+        " hf://datasets/OWNER/REPO/PATH (or file:///path) to DEST. A DEST that is a"
+        " folder means DEST/basename(KEY). Interrupted downloads resume from DEST.partial."
+        " hf:// uses HF_ENDPOINT and HF_TOKEN; TPLR_CA_BUNDLE adds a CA to trust.",
     )
-    p.add_argument("url", help="s3://BUCKET/KEY, file:///abs/path or a local path")
+    p.add_argument(
+        "url",
+        help="s3://BUCKET/KEY, https://HOST/PATH, hf://datasets/OWNER/REPO[@REV]/PATH,"
+        " file:///abs/path or a local path",
+    )
     p.add_argument(
         "dest",
         help="destination file, or a folder (an existing one, or any path ending in '/')",

@@ -201,6 +201,8 @@ class PresignedRangeReader:
         throttle: Any = None,
         buffer_bytes: int = RECEIVE_BUFFER_BYTES,
         url_ttl_s: float = URL_TTL_S,
+        ssl_context: ssl.SSLContext | None = None,
+        extra_headers: Callable[[str], list[tuple[str, str]]] | None = None,
     ) -> None:
         self._url_factory = url_factory
         self._url = ""
@@ -213,7 +215,8 @@ class PresignedRangeReader:
         self._throttle = throttle
         self._buffer_bytes = buffer_bytes
         self._idle: list[_Connection] = []
-        self._ssl: ssl.SSLContext | None = None
+        self._ssl: ssl.SSLContext | None = ssl_context
+        self._extra_headers = extra_headers
 
     async def __aenter__(self) -> PresignedRangeReader:
         await self._refresh_url()
@@ -266,8 +269,7 @@ class PresignedRangeReader:
             ) from exc
         return connection, False
 
-    @staticmethod
-    def _request_bytes(url: str, offset: int, length: int, if_match: str | None) -> bytes:
+    def _request_bytes(self, url: str, offset: int, length: int, if_match: str | None) -> bytes:
         parts = urlsplit(url)
         target = parts.path + (f"?{parts.query}" if parts.query else "")
         lines = [
@@ -277,8 +279,10 @@ class PresignedRangeReader:
             "Accept-Encoding: identity",
             "User-Agent: tplr-download",
         ]
-        if if_match is not None:
+        if if_match is not None and if_match.strip('"'):
             lines.append(f'If-Match: "{if_match.strip(chr(34))}"')
+        if self._extra_headers is not None:
+            lines += [f"{name}: {value}" for name, value in self._extra_headers(url)]
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
     # -- one ranged GET ----------------------------------------------------------------
@@ -384,7 +388,7 @@ class PresignedRangeReader:
         whole: bool,
     ) -> None:
         etag = headers.get("etag", "").strip('"')
-        if if_match is not None and etag and etag != if_match.strip('"'):
+        if if_match and if_match.strip('"') and etag and etag != if_match.strip('"'):
             raise PreconditionFailed(
                 f"object changed: {where} answered ETag {etag}", location=self.location
             )

@@ -102,13 +102,15 @@ async def range_source(
     """The fastest way ``store`` offers to stream ranges of ``key`` (None: use get_range)."""
     presign = _presigner(store)
     if presign is not None:
+        custom = getattr(store, "range_reader_options", None)  # HttpStore: its own TLS, auth
+        options = custom(key) if custom is not None else {"map_error": _s3_error_mapper(store, key)}
         reader = PresignedRangeReader(
             lambda: presign(key, URL_EXPIRES_S),
             location=store.url(key),
             connect_timeout_s=config.transfer_connect_timeout_s,
             read_timeout_s=config.transfer_read_timeout_s,
-            map_error=_s3_error_mapper(store, key),
             throttle=getattr(store, "throttle", None),
+            **options,
         )
         async with reader:
             yield lambda _key, offset, length, *, if_match=None: reader.open(
