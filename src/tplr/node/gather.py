@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from tplr.comms.download_source import read_object
 from tplr.comms.errors import NotFound, PreconditionFailed, StoreError
 from tplr.comms.retry import RetryPolicy, retry
 from tplr.comms.store import ObjectInfo
@@ -150,14 +151,14 @@ class PayloadFetcher:
                     RejectReason.TOO_LARGE, f"{info.size} bytes, the limit is {max_bytes}"
                 )
             started = time.monotonic()
-            buffer = bytearray(info.size)
-            if info.size:
-                await store.get_range(key, 0, memoryview(buffer), if_match=info.etag)
+            # one ranged GET pinned to the HEAD's ETag, by the store's fastest source (the
+            # raw presigned reader for S3: no copies through aiohttp/botocore)
+            data = await read_object(store, info)
             if self.transfer_metrics is not None:
                 self.transfer_metrics.observe_part(
                     "download", info.size, time.monotonic() - started
                 )
-            return FetchedPayload(uid, bytes(buffer), info)
+            return FetchedPayload(uid, data, info)
 
         return await retry(attempt, self.policy, describe=f"fetch {store.url(key)}")
 
