@@ -215,8 +215,13 @@ class HttpStore:
             location = answer.get("location")
             if not location:
                 raise MalformedResponse(f"{method} {url}: a redirect without Location")
-            url = urljoin(url, location)
-            if urlsplit(url).scheme not in ("http", "https"):
+            try:
+                url = urljoin(url, location)
+                parts = urlsplit(url)
+                parts.port  # noqa: B018  (a bad port raises here)
+            except ValueError:
+                raise MalformedResponse(f"{method} {url}: a malformed Location") from None
+            if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise MalformedResponse(f"{method} {self.url(key)}: redirected to {url[:80]!r}")
         raise MalformedResponse(f"{method} {self.url(key)}: more than {MAX_REDIRECTS} redirects")
 
@@ -359,7 +364,15 @@ class HttpStore:
             if path.startswith(prefix):
                 entries.append(ObjectInfo(key=path, size=size, etag="", last_modified=now))
         match = _NEXT_LINK.search(answer.get("link", ""))
-        return entries, urljoin(url, match.group(1)) if match else None
+        if match is None:
+            return entries, None
+        try:
+            following = urljoin(url, match.group(1))
+            if urlsplit(following).scheme not in ("http", "https"):
+                raise ValueError("not http(s)")
+        except ValueError:
+            raise MalformedResponse(f"listing {url}: a malformed next-page link") from None
+        return entries, following
 
     # -- writes: refused ------------------------------------------------------------------
 

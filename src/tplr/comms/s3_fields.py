@@ -23,7 +23,15 @@ MAX_OBJECT_BYTES = 1 << 50  # 1 PiB: far beyond S3's 5 TiB, far below any overfl
 MAX_ETAG_CHARS = 256
 MAX_TEXT_CHARS = 1024
 
-ANSWER_PARSE_FAILURES = (ResponseParserError, ValueError, KeyError, TypeError, AttributeError)
+ANSWER_PARSE_FAILURES = (
+    ResponseParserError,
+    ValueError,
+    KeyError,
+    TypeError,
+    AttributeError,
+    ArithmeticError,  # OverflowError: a date or number too large
+    RuntimeError,  # botocore: "Unable to calculate correct timezone offset" (found by fuzzing)
+)
 """What botocore raises when it cannot parse an answer (a date "yesterday", a number
 "abc", broken XML); only ever caught around one client call."""
 

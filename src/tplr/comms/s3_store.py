@@ -291,6 +291,7 @@ class S3Store:
         botocore failing to parse what the endpoint sent (a bad date, a bad number,
         broken XML), which is the endpoint's fault and becomes ``MalformedResponse``.
         """
+        self._client  # noqa: B018  (raises if used outside ``async with``, before the try)
         async with self.throttle:
             try:
                 yield

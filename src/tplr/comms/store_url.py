@@ -67,8 +67,17 @@ class StoreUrl:
     hub: bool = False
 
 
+def _split(url: str):
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  (a bad port raises here)
+    except ValueError as exc:
+        raise ConfigError(f"malformed URL {url[:200]!r}: {exc}", hint="check the URL") from None
+    return parts
+
+
 def _parse_http_url(url: str) -> StoreUrl:
-    parts = urlsplit(url)
+    parts = _split(url)
     if not parts.hostname or parts.query or parts.fragment or parts.username:
         raise ConfigError(
             f"unsupported HTTP(S) URL {url!r}",
@@ -121,7 +130,7 @@ def parse_store_url(url: str, *, hf_endpoint: str = DEFAULT_HF_ENDPOINT) -> Stor
             )
         return StoreUrl(scheme="s3", bucket=bucket, key=key)
     if url.startswith("file:"):
-        parts = urlsplit(url)
+        parts = _split(url)
         if parts.netloc not in ("", "localhost"):
             raise ConfigError(
                 f"file URL {url!r} names host {parts.netloc!r}",
