@@ -152,7 +152,10 @@ async def _load_manifest(source: str, endpoint_url: str | None, config):
 
     if "://" not in source or source.startswith("file:"):
         return await asyncio.to_thread(_read_local_manifest, source, read_manifest)
-    async with open_store_for_url(source, endpoint_url=endpoint_url, transfer=config) as (s, k):
+    opened = open_store_for_url(
+        source, endpoint_url=endpoint_url, transfer=config, signed_reads=True
+    )
+    async with opened as (s, k):
         return Manifest.from_json(await s.get(k), source=source)
 
 
@@ -170,7 +173,11 @@ async def _fetch(args: argparse.Namespace, config) -> int:
         manifest = await _load_manifest(args.manifest, args.endpoint_url, config)
     connections = (config.download_max_workers or MAX_AUTO_WORKERS) + 2  # parts + a HEAD
     async with open_store_for_url(
-        args.url, endpoint_url=args.endpoint_url, transfer=config, max_connections=connections
+        args.url,
+        endpoint_url=args.endpoint_url,
+        transfer=config,
+        max_connections=connections,
+        signed_reads=True,  # presigned HEAD and GETs: no S3 client to start
     ) as (store, key):
         gc.freeze()  # imports and the client's service model: never garbage, never rescanned
         result = await download(

@@ -30,7 +30,7 @@ import email.utils
 import http.client
 import re
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -62,19 +62,36 @@ _NEXT_LINK = re.compile(r'<([^>]+)>\s*;\s*rel="?next"?')
 _CONTENT_RANGE_TOTAL = re.compile(r"bytes 0-0/([0-9]{1,19})")
 
 
+Signer = Callable[[str, str], str]
+"""(method, URL) -> the URL to send (an S3 bucket's presigned URL, :mod:`tplr.comms.sigv4`)."""
+
+
 @dataclass(frozen=True)
 class HttpSource:
-    """Where an :class:`HttpStore` reads. ``tree_api`` is the hub's listing URL prefix."""
+    """Where an :class:`HttpStore` reads. ``tree_api`` is the hub's listing URL prefix.
+
+    ``signer`` presigns every request (an S3 bucket read without botocore, whose keys are
+    shown as ``display_base`` + key, e.g. ``s3://bucket/``; redirects are not followed)."""
 
     base_url: str  # ends with "/"
     token: SecretStr | None = None
     ca_bundle: Path | None = None
     tree_api: str | None = None
     hint: str = "check the URL"  # what an operator should check on 401/403/404
+    signer: Signer | None = None
+    display_base: str | None = None
 
 
-def http_status_error(status: int, where: str, location: str, *, auth_hint: str) -> StoreError:
-    """The typed error for an HTTP error status (no body parsing: the status decides)."""
+_THROTTLE_CODES = frozenset({"SlowDown", "Throttling", "TooManyRequests", "RequestLimitExceeded"})
+
+
+def http_status_error(
+    status: int, where: str, location: str, *, auth_hint: str, code: str = ""
+) -> StoreError:
+    """The typed error for an HTTP error status (and an S3 error code, when the body had
+    one: ``SlowDown`` is a throttle, whatever its status)."""
+    if code in _THROTTLE_CODES:
+        return Throttled(f"{where} was throttled: HTTP {status} {code}", location=location)
     if status in (404, 410):
         return NotFound(f"not found: {where} (HTTP {status})", location=location)
     if status in (401, 403):
@@ -135,6 +152,12 @@ class HttpStore:
         return f"HttpStore(base_url={self.source.base_url!r})"
 
     def url(self, key: str = "") -> str:
+        """A printable location (``https://…``, or ``s3://bucket/key`` when signed)."""
+        return (self.source.display_base or self.source.base_url) + (
+            key if self.source.display_base else quote(key)
+        )
+
+    def _http_url(self, key: str) -> str:
         return self.source.base_url + quote(key)
 
     async def __aenter__(self) -> HttpStore:
@@ -169,6 +192,8 @@ class HttpStore:
             connection = http.client.HTTPConnection(
                 parts.hostname or "", parts.port, timeout=self._timeout_s
             )
+        if self.source.signer is not None:
+            parts = urlsplit(self.source.signer(method, url))
         target = parts.path + (f"?{parts.query}" if parts.query else "")
         sent = {"Accept-Encoding": "identity", "User-Agent": "tplr", **headers}
         sent.update(dict(self.auth_headers(url)))
@@ -207,10 +232,10 @@ class HttpStore:
 
     async def _follow(self, key: str, method: str, headers: dict[str, str], max_body: int):
         """``method`` the key's URL, following redirects; returns (final URL, answer)."""
-        url = self.url(key)
+        url = self._http_url(key)
         for _hop in range(MAX_REDIRECTS + 1):
             status, answer, body = await self._request(method, url, headers, max_body)
-            if status not in _REDIRECTS:
+            if status not in _REDIRECTS or self.source.signer is not None:
                 return url, status, answer, body
             location = answer.get("location")
             if not location:
@@ -225,6 +250,9 @@ class HttpStore:
                 raise MalformedResponse(f"{method} {self.url(key)}: redirected to {url[:80]!r}")
         raise MalformedResponse(f"{method} {self.url(key)}: more than {MAX_REDIRECTS} redirects")
 
+    def _where(self, method: str, key: str, url: str) -> str:
+        return f"{method} {self.url(key)}" + (f" (endpoint {url})" if self.source.signer else "")
+
     # -- reads ----------------------------------------------------------------------------
 
     def _checked(self, key: str) -> str:
@@ -236,8 +264,10 @@ class HttpStore:
     async def head(self, key: str) -> ObjectInfo:
         self._checked(key)
         url, status, answer, _ = await self._follow(key, "HEAD", {}, 0)
-        where = f"HEAD {url}"
-        if status in (403, 405, 501) and url != self.url(key):
+        where = (
+            self._where("HEAD", key, self.source.base_url) if self.source.signer else f"HEAD {url}"
+        )
+        if status in (403, 405, 501) and url != self._http_url(key):
             # a presigned CDN URL may refuse HEAD: ask for byte 0, read the total size
             status, answer, _ = await self._request("GET", url, {"Range": "bytes=0-0"}, 1)
             where = f"GET {url} bytes 0-0"
@@ -261,16 +291,22 @@ class HttpStore:
         )
 
     async def presigned_get_url(self, key: str, expires_s: int) -> str:
-        """The URL the ranged GETs of ``key`` go to: where its redirects end."""
+        """The URL the ranged GETs of ``key`` go to: where its redirects end (signed for
+        ``expires_s`` seconds, for a signed source)."""
         if key not in self._final_urls:
             await self.head(key)
+        if self.source.signer is not None:
+            return self.source.signer("GET", self._final_urls[key])
         return self._final_urls[key]
 
     def range_reader_options(self, key: str) -> dict[str, Any]:
         """How the engine's raw range reader talks to this store (TLS, auth, errors)."""
 
-        def map_error(status: int, _code: str, _message: str) -> StoreError:
-            return self._error(status, f"GET {self.url(key)}", key)
+        def map_error(status: int, code: str, _message: str) -> StoreError:
+            where = self._where("GET", key, self.source.base_url)
+            return http_status_error(
+                status, where, self.url(key), auth_hint=self.source.hint, code=code
+            )
 
         return {
             "map_error": map_error,
@@ -282,7 +318,7 @@ class HttpStore:
         self._checked(key)
         url, status, answer, body = await self._follow(key, "GET", {}, MAX_SMALL_BODY_BYTES)
         if status != 200:
-            raise self._error(status, f"GET {url}", key)
+            raise self._error(status, self._where("GET", key, url), key)
         declared = content_length(answer, f"GET {url}")
         if declared is not None and declared != len(body):
             raise TransientError(
@@ -297,11 +333,11 @@ class HttpStore:
             raise InvalidRequest(f"negative offset {offset} for {self.url(key)}")
         if not len(into):
             return
-        from tplr.comms.download_http import PresignedRangeReader  # the bulk path
+        from tplr.comms.download_http import URL_EXPIRES_S, PresignedRangeReader
 
-        url = await self.presigned_get_url(key, 0)
+        await self.presigned_get_url(key, URL_EXPIRES_S)  # resolves the redirects once
         reader = PresignedRangeReader(
-            lambda: asyncio.sleep(0, url),
+            lambda: self.presigned_get_url(key, URL_EXPIRES_S),
             location=self.url(key),
             connect_timeout_s=min(self._timeout_s, 30.0),
             read_timeout_s=self._timeout_s,

@@ -325,6 +325,44 @@ def dataset_source_store(
     return http_store_for(location, env)
 
 
+def signed_bucket_reader(config: BucketConfig, env: Mapping[str, str]) -> ObjectStore | None:
+    """A read-only store for the bucket that presigns its own requests (SigV4, no botocore:
+    the fast start of ``tplr fetch``), or None when an HTTP proxy applies to the endpoint
+    (only the S3 client honours proxies)."""
+    import urllib.request
+
+    from tplr.comms.download_http import URL_EXPIRES_S
+    from tplr.comms.http_store import HttpSource, HttpStore
+    from tplr.comms.sigv4 import presign_url
+
+    endpoint = config.resolved_endpoint().rstrip("/")
+    host = _split(endpoint).hostname or ""
+    if urllib.request.getproxies().get(_split(endpoint).scheme) and not urllib.request.proxy_bypass(
+        host
+    ):
+        return None
+
+    def sign(method: str, url: str) -> str:
+        return presign_url(
+            method,
+            url,
+            access_key_id=config.access_key_id,
+            secret_access_key=config.secret_access_key,
+            region=config.region,
+            expires_s=URL_EXPIRES_S,
+        )
+
+    bundle = _get(env, "AWS_CA_BUNDLE") or _get(env, "REQUESTS_CA_BUNDLE")
+    source = HttpSource(
+        base_url=f"{endpoint}/{config.bucket_name}/",
+        ca_bundle=Path(bundle) if bundle else None,
+        hint="check the access key id and secret for this bucket, and that the key may read it",
+        signer=sign,
+        display_base=f"s3://{config.bucket_name}/",
+    )
+    return HttpStore(source)
+
+
 @contextlib.asynccontextmanager
 async def open_store_for_url(
     url: str,
@@ -334,8 +372,12 @@ async def open_store_for_url(
     max_connections: int = 16,
     env: Mapping[str, str] | None = None,
     access: Access = "read",
+    signed_reads: bool = False,
 ) -> AsyncIterator[tuple[ObjectStore, str]]:
-    """``async with open_store_for_url(url) as (store, key):`` for any supported URL."""
+    """``async with open_store_for_url(url) as (store, key):`` for any supported URL.
+
+    ``signed_reads``: read an ``s3://`` bucket through presigned URLs (HEAD, GET, ranged
+    GETs) without the S3 client: what ``tplr fetch`` uses to start fast."""
     env = os.environ if env is None else env
     location = parse_store_url(url, hf_endpoint=_get(env, "HF_ENDPOINT") or DEFAULT_HF_ENDPOINT)
     if location.scheme == "file":
@@ -353,9 +395,13 @@ async def open_store_for_url(
         async with http_store_for(location, env) as http:
             yield http, location.key
         return
-    from tplr.comms.s3_store import S3Store  # botocore: imported only when S3 is used
-
     assert location.bucket is not None
     config = bucket_config_for(location.bucket, access=access, endpoint_url=endpoint_url, env=env)
+    reader = signed_bucket_reader(config, env) if signed_reads and access == "read" else None
+    if reader is not None:
+        yield reader, location.key
+        return
+    from tplr.comms.s3_store import S3Store  # botocore: imported only when S3 is used
+
     async with S3Store(config, transfer, max_connections=max_connections) as s3:
         yield s3, location.key
