@@ -4,7 +4,9 @@ Requests wait in offset order; each stream takes the next one when it is free, s
 complete roughly in order (what a killed download has written is a prefix of the object,
 plus one part in progress per stream, not every part 75 % done). The download starts
 with a few streams and doubles them every ``interval_s`` while the aggregate throughput
-grows by at least ``min_gain`` per doubling: an origin that limits each connection (one
+grows by at least ``min_gain`` per doubling (and quadruples them while it grows almost in
+proportion, so a per-connection-limited origin gets its streams in a few tenths of a
+second): an origin that limits each connection (one
 R2 stream across a WAN, nginx ``limit_rate``) gets many streams, a fast loopback or LAN
 keeps few (less CPU and fewer seeks for the same bytes). ``max_streams`` caps it
 (``DOWNLOAD_MAX_WORKERS``, or one per request up to 128).
@@ -24,8 +26,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 INITIAL_STREAMS = 8
-GROWTH_INTERVAL_S = 0.25
+GROWTH_INTERVAL_S = 0.1
 MIN_GAIN = 1.2  # a doubling of the streams must bring >= 20 % more throughput to go on
+LINEAR_GAIN = 1.6  # a doubling that nearly doubled the throughput: grow 4x next time
 
 
 class AdaptiveStreams(Generic[T]):
@@ -100,6 +103,8 @@ class AdaptiveStreams(Generic[T]):
             if last_rate is not None and rate < last_rate * self._min_gain:
                 log.debug("streams settled at %d (%.1f MB/s)", self._active, rate / 1e6)
                 return
+            factor = 4 if last_rate is not None and rate >= last_rate * LINEAR_GAIN else 2
             last_rate = rate
-            for _ in range(min(self._active, self.max_streams - self.streams, len(self.queue))):
+            more = (factor - 1) * self._active
+            for _ in range(min(more, self.max_streams - self.streams, len(self.queue))):
                 self._start(group)
