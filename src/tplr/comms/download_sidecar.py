@@ -92,6 +92,7 @@ class Resumed:
     spans: dict[int, set[tuple[int, int]]] = field(default_factory=dict)
     verified_bytes: int = 0  # bytes re-hashed from disk to trust them
     rejected_bytes: int = 0  # journaled bytes that failed re-verification
+    rejected_parts: list[int] = field(default_factory=list)
     verify_seconds: float = 0.0
 
     def kept_bytes(self, header: JournalHeader) -> int:
@@ -193,7 +194,7 @@ class Sidecar:
                 resumed.done[index] = PartRecord(index, digests[0], digests[1])
             else:
                 resumed.rejected_bytes += length
-                log.warning("part %d of %s changed on disk; fetching it again", index, self.partial)
+                resumed.rejected_parts.append(index)
         for index, prefix in state.prefixes.items():
             if index in resumed.done:
                 continue
@@ -204,11 +205,20 @@ class Sidecar:
                 resumed.prefixes[index] = ResumedPrefix(prefix.length, hashers)
             else:
                 resumed.rejected_bytes += prefix.length
-                log.warning("part %d of %s changed on disk; fetching it again", index, self.partial)
+                resumed.rejected_parts.append(index)
         for index in list(resumed.spans):
             if index in resumed.done:
                 del resumed.spans[index]
         resumed.verify_seconds = time.monotonic() - started
+        if resumed.rejected_parts:
+            shown = ", ".join(map(str, sorted(resumed.rejected_parts)[:10]))
+            log.warning(
+                "%d journaled parts of %s changed on disk (%s%s); fetching them again",
+                len(resumed.rejected_parts),
+                self.partial,
+                shown,
+                ", …" if len(resumed.rejected_parts) > 10 else "",
+            )
         if resumed.verified_bytes:
             log.info(
                 "%s: re-verified %d resumed bytes in %.2f s (%d rejected)",

@@ -166,6 +166,26 @@ async def open_part_stream(
         yield chunks
 
 
+async def fetch_whole_object(
+    store: ObjectStore,
+    key: str,
+    *,
+    check: Callable[[ObjectInfo], None],
+    config: TransferConfig | None = None,
+) -> tuple[bytes, ObjectInfo]:
+    """A whole (small) object and its info, in one GET where the store presigns (a peer's
+    payload: no HEAD, the body received in a worker thread); ``check`` sees the info first
+    and may refuse the object by raising, before a byte of its body is read. Other stores:
+    HEAD, ``check``, then :func:`read_object` pinned to the HEAD's ETag."""
+    reader = _presigned_reader(store, key, config or TransferConfig.model_construct())
+    if reader is None:
+        info = await store.head(key)
+        check(info)
+        return await read_object(store, info, config=config), info
+    async with reader:
+        return await reader.fetch_whole_in_thread(key, check)
+
+
 async def read_object(
     store: ObjectStore, info: ObjectInfo, *, config: TransferConfig | None = None
 ) -> bytes:
@@ -185,5 +205,5 @@ async def read_object(
                 await store.get_range(info.key, 0, view, if_match=info.etag)
             else:
                 async with reader:
-                    await reader.read_into(0, view, if_match=info.etag)
+                    await reader.read_into_in_thread(0, view, if_match=info.etag)
         return buffer[:]

@@ -26,7 +26,6 @@ use the asyncio range reader. Every answer is parsed as untrusted input.
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import http.client
 import re
 import ssl
@@ -39,7 +38,7 @@ from urllib.parse import quote, urljoin, urlsplit
 
 from pydantic import SecretStr
 
-from tplr.comms.download_http import content_length
+from tplr.comms.download_http import content_length, parse_http_date, strong_etag
 from tplr.comms.errors import (
     AccessDenied,
     InvalidRequest,
@@ -109,26 +108,6 @@ def http_status_error(
     if 400 <= status <= 499:
         return InvalidRequest(f"request rejected: {where} (HTTP {status})", location=location)
     return MalformedResponse(f"{where}: unexpected HTTP status {status}", location=location)
-
-
-def _parse_http_date(value: str | None, where: str) -> datetime:
-    if value is None:
-        return datetime.now(UTC)
-    try:
-        moment = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        raise MalformedResponse(f"{where}: Last-Modified {value[:60]!r} is not a date") from None
-    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).astimezone(UTC)
-
-
-def _strong_etag(value: str | None) -> str:
-    """The ETag for ``If-Match``; "" when there is none or only a weak one."""
-    if not value or value.startswith("W/"):
-        return ""
-    etag = value.strip().strip('"')
-    if len(etag) > 256 or not (etag.isascii() and etag.isprintable()) or '"' in etag:
-        return ""
-    return etag
 
 
 class HttpStore:
@@ -286,8 +265,8 @@ class HttpStore:
         return ObjectInfo(
             key=key,
             size=size,
-            etag=_strong_etag(answer.get("etag")),
-            last_modified=_parse_http_date(answer.get("last-modified"), where),
+            etag=strong_etag(answer.get("etag")),
+            last_modified=parse_http_date(answer.get("last-modified"), where),
         )
 
     async def presigned_get_url(self, key: str, expires_s: int) -> str:

@@ -58,6 +58,7 @@ from tplr.comms.s3_fields import (
     answer_time,
     page_objects,
 )
+from tplr.comms.sigv4 import object_url, presign_url
 from tplr.comms.store import CompletedPart, ObjectInfo
 from tplr.comms.throttle import AdaptiveThrottle
 from tplr.comms.transfer_config import TransferConfig
@@ -446,9 +447,16 @@ class S3Store:
 
     async def presigned_get_url(self, key: str, expires_s: int) -> str:
         """A URL that GETs ``key`` without credentials for ``expires_s`` seconds (SigV4 query
-        auth). ``Range`` and ``If-Match`` headers may be added; they are not signed."""
-        return await self._client.generate_presigned_url(
-            "get_object", Params={"Bucket": self.bucket_name, "Key": key}, ExpiresIn=expires_s
+        auth, path style, as the client would sign it: :mod:`tplr.comms.sigv4`, checked
+        against botocore's signatures). ``Range`` and ``If-Match`` headers may be added;
+        they are not signed."""
+        return presign_url(
+            "GET",
+            object_url(self.endpoint, self.bucket_name, key),
+            access_key_id=self.bucket.access_key_id,
+            secret_access_key=self.bucket.secret_access_key,
+            region=self.bucket.region,
+            expires_s=expires_s,
         )
 
     async def put_if_absent(self, key: str, data: bytes) -> ObjectInfo:

@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from tplr.comms.download_source import read_object
+from tplr.comms.download_source import fetch_whole_object
 from tplr.comms.errors import NotFound, PreconditionFailed, StoreError
 from tplr.comms.retry import RetryPolicy, retry
 from tplr.comms.store import ObjectInfo
@@ -145,15 +145,16 @@ class PayloadFetcher:
         key = payload_key(window, uid)
 
         async def attempt() -> FetchedPayload:
-            info = await store.head(key)
-            if info.size > max_bytes:
-                raise PayloadRejected(
-                    RejectReason.TOO_LARGE, f"{info.size} bytes, the limit is {max_bytes}"
-                )
+            def within_limit(info: ObjectInfo) -> None:  # before any byte of the body
+                if info.size > max_bytes:
+                    raise PayloadRejected(
+                        RejectReason.TOO_LARGE, f"{info.size} bytes, the limit is {max_bytes}"
+                    )
+
             started = time.monotonic()
-            # one ranged GET pinned to the HEAD's ETag, by the store's fastest source (the
-            # raw presigned reader for S3: no copies through aiohttp/botocore)
-            data = await read_object(store, info)
+            # one GET (where the store presigns: no HEAD, one version by construction), the
+            # size limit checked from the answer's head, the body received off the loop
+            data, info = await fetch_whole_object(store, key, check=within_limit)
             if self.transfer_metrics is not None:
                 self.transfer_metrics.observe_part(
                     "download", info.size, time.monotonic() - started
