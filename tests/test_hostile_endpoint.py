@@ -56,7 +56,8 @@ def listing(*contents: str, truncated: bool = False, token: str = "") -> Rewrite
     if token:
         extra += f"<NextContinuationToken>{token}</NextContinuationToken>"
     xml = f"<?xml version='1.0'?><ListBucketResult>{extra}{''.join(contents)}</ListBucketResult>"
-    return body(xml.encode())
+    # a 200 whatever the real server said (moto refuses the made-up continuation token)
+    return lambda answer: Response(b"HTTP/1.1 200 OK", answer.headers, xml.encode())
 
 
 def item(key: str, size: str = "1", modified: str = "2026-01-01T00:00:00.000Z") -> str:
@@ -175,7 +176,7 @@ async def test_lying_upload_answers_are_typed_errors(hostile):
 @pytest.mark.parametrize(
     "rewrite",
     [
-        status_line(b"HTTP/1.1 2\xc2\xb26 Partial Content"),  # a superscript digit
+        status_line(b"HTTP/1.1 2\xb26 Partial Content"),  # latin-1 superscript two: isdigit()
         status_line(b"HTTP/9 206 Partial"),
         header("Content-Length", "twelve"),
         header("Content-Range", "bytes 0-1/2"),
