@@ -255,16 +255,13 @@ def reader_for(url: str) -> PresignedRangeReader:
 
 
 @FUZZ
-@given(head=heads, body=st.binary(max_size=200), how=st.sampled_from(["open", "into", "thread"]))
+@given(head=heads, body=st.binary(max_size=200), how=st.sampled_from(["open", "thread"]))
 def test_the_raw_reader_raises_only_store_errors(loop, raw_server, head, body, how):
     raw_server.answer = head + b"\r\n\r\n" + body
 
     async def fetch() -> None:
         reader = reader_for(raw_server.url)
         async with reader:
-            if how == "into":
-                await reader.read_into(0, memoryview(bytearray(100)), if_match="abc")
-                return
             if how == "thread":  # the blocking twin, as the gather path uses it
                 await reader.read_into_in_thread(0, memoryview(bytearray(100)), if_match="abc")
                 return
