@@ -26,6 +26,7 @@ use the asyncio range reader. Every answer is parsed as untrusted input.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import re
 import ssl
@@ -113,7 +114,17 @@ def http_status_error(
 class HttpStore:
     """Read-only store over HTTP(S); see the module doc. ``async with`` is optional."""
 
-    def __init__(self, source: HttpSource, *, timeout_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        source: HttpSource,
+        *,
+        timeout_s: float = 60.0,
+        fallback: Callable[[], contextlib.AbstractAsyncContextManager[Any]] | None = None,
+    ) -> None:
+        """``fallback`` opens another store for the same objects (the S3 client, for a
+        signed source) that answers ``head``/``get`` when a direct request fails: its error
+        is the precise one (which of bucket or key is missing, the S3 error code, the
+        endpoint's words), and it works where a server mishandles presigned requests."""
         parts = urlsplit(source.base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise InvalidRequest(f"not an http(s) URL: {source.base_url!r}")
@@ -122,6 +133,9 @@ class HttpStore:
         self._origin = (parts.scheme, parts.netloc)
         self._timeout_s = timeout_s
         self._final_urls: dict[str, str] = {}
+        self._fallback_factory = fallback
+        self._fallback: Any = None
+        self._stack = contextlib.AsyncExitStack()
         self.ssl_context: ssl.SSLContext | None = None
         if parts.scheme == "https" or source.ca_bundle is not None:
             cafile = str(source.ca_bundle) if source.ca_bundle is not None else None
@@ -146,7 +160,13 @@ class HttpStore:
         await self.aclose()
 
     async def aclose(self) -> None:
-        return None
+        self._fallback = None
+        await self._stack.aclose()
+
+    async def _fallback_store(self) -> Any:
+        if self._fallback is None and self._fallback_factory is not None:
+            self._fallback = await self._stack.enter_async_context(self._fallback_factory())
+        return self._fallback
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -242,6 +262,17 @@ class HttpStore:
 
     async def head(self, key: str) -> ObjectInfo:
         self._checked(key)
+        try:
+            return await self._head(key)
+        except StoreError:
+            fallback = await self._fallback_store()
+            if fallback is None:
+                raise
+            info = await fallback.head(key)
+            self._final_urls[key] = self._http_url(key)
+            return info
+
+    async def _head(self, key: str) -> ObjectInfo:
         url, status, answer, _ = await self._follow(key, "HEAD", {}, 0)
         where = (
             self._where("HEAD", key, self.source.base_url) if self.source.signer else f"HEAD {url}"
@@ -295,6 +326,15 @@ class HttpStore:
 
     async def get(self, key: str) -> bytes:
         self._checked(key)
+        try:
+            return await self._get(key)
+        except StoreError:
+            fallback = await self._fallback_store()
+            if fallback is None:
+                raise
+            return await fallback.get(key)
+
+    async def _get(self, key: str) -> bytes:
         url, status, answer, body = await self._follow(key, "GET", {}, MAX_SMALL_BODY_BYTES)
         if status != 200:
             raise self._error(status, self._where("GET", key, url), key)

@@ -325,10 +325,18 @@ def dataset_source_store(
     return http_store_for(location, env)
 
 
-def signed_bucket_reader(config: BucketConfig, env: Mapping[str, str]) -> ObjectStore | None:
+def signed_bucket_reader(
+    config: BucketConfig,
+    env: Mapping[str, str],
+    *,
+    transfer: TransferConfig | None = None,
+    max_connections: int = 16,
+) -> ObjectStore | None:
     """A read-only store for the bucket that presigns its own requests (SigV4, no botocore:
     the fast start of ``tplr fetch``), or None when an HTTP proxy applies to the endpoint
-    (only the S3 client honours proxies)."""
+    (only the S3 client honours proxies). A HEAD or GET that fails is asked again through
+    the S3 client, whose error is the precise one (and which works where a server does
+    not take presigned requests)."""
     import urllib.request
 
     from tplr.comms.download_http import URL_EXPIRES_S
@@ -360,7 +368,14 @@ def signed_bucket_reader(config: BucketConfig, env: Mapping[str, str]) -> Object
         signer=sign,
         display_base=f"s3://{config.bucket_name}/",
     )
-    return HttpStore(source)
+
+    def s3_client_store() -> contextlib.AbstractAsyncContextManager[ObjectStore]:
+        from tplr.comms.s3_store import S3Store
+
+        return S3Store(config, transfer, max_connections=max_connections)
+
+    timeout_s = (transfer or TransferConfig.model_construct()).transfer_read_timeout_s
+    return HttpStore(source, timeout_s=timeout_s, fallback=s3_client_store)
 
 
 @contextlib.asynccontextmanager
@@ -397,9 +412,14 @@ async def open_store_for_url(
         return
     assert location.bucket is not None
     config = bucket_config_for(location.bucket, access=access, endpoint_url=endpoint_url, env=env)
-    reader = signed_bucket_reader(config, env) if signed_reads and access == "read" else None
+    reader = None
+    if signed_reads and access == "read":
+        reader = signed_bucket_reader(
+            config, env, transfer=transfer, max_connections=max_connections
+        )
     if reader is not None:
-        yield reader, location.key
+        async with reader:  # type: ignore[attr-defined]
+            yield reader, location.key
         return
     from tplr.comms.s3_store import S3Store  # botocore: imported only when S3 is used
 
