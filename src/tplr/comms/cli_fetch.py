@@ -192,7 +192,12 @@ async def _fetch(args: argparse.Namespace, config) -> int:
             fsync_on_publish=args.fsync,
             checkpoint_interval_s=args.checkpoint_interval,
         )
-    resumed = f", {result.parts_resumed} parts resumed" if result.parts_resumed else ""
+    resumed = ""
+    if result.resumed_bytes:
+        resumed = (
+            f", {result.parts_resumed} parts resumed ({format_size(result.resumed_bytes)} kept,"
+            f" re-verified in {result.reverify_seconds:.2f} s)"
+        )
     note = f" ({result.note})" if result.note else ""
     print(
         f"fetched {store.url(key)} -> {result.path}: {format_size(result.size)}"
