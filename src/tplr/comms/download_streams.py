@@ -25,7 +25,7 @@ from typing import Generic, TypeVar
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-INITIAL_STREAMS = 8
+INITIAL_STREAMS = 16
 GROWTH_INTERVAL_S = 0.1
 MIN_GAIN = 1.2  # a doubling of the streams must bring >= 20 % more throughput to go on
 LINEAR_GAIN = 1.6  # a doubling that nearly doubled the throughput: grow 4x next time
