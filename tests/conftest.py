@@ -61,6 +61,7 @@ _ISOLATED_PREFIXES = (
     "NODE_",
     "TRAIN_",
     "RUN_",
+    "HF_",
 )
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import urlsplit
 
-FaultKind = Literal["reset", "status", "truncate", "stall", "corrupt", "hook"]
+FaultKind = Literal["reset", "status", "truncate", "stall", "corrupt", "hook", "rewrite"]
 _SLICE_BYTES = 64 * 1024
 
 
@@ -37,6 +37,8 @@ class Fault:
     code: str = "InternalError"
     stall_s: float = 60.0
     hook: Callable[[], Awaitable[None]] | None = None
+    rewrite: Callable[[Response], Response] | None = None  # kind "rewrite": lie about it
+    path_contains: str | None = None  # the request path (with its query) must contain it
     hits: int = 0
 
     def matches(self, request: Request) -> bool:
@@ -45,6 +47,8 @@ class Fault:
         if request.method != self.method:
             return False
         if self.key is not None and not request.path.split("?")[0].endswith("/" + self.key):
+            return False
+        if self.path_contains is not None and self.path_contains not in request.path:
             return False
         return self.range_start is None or request.range_start == self.range_start
 
@@ -70,6 +74,7 @@ class Response:
     status_line: bytes
     headers: list[tuple[str, str]]
     body: bytes
+    raw: bool = False  # send the headers exactly as they are (a lie about the framing)
 
 
 @dataclass
@@ -147,6 +152,8 @@ class FaultProxy:
         self.stats = ProxyStats()
         self._server: asyncio.Server | None = None
         self._handlers: set[asyncio.Task] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._closing = asyncio.Event()
         self.url = ""
 
     def add(self, fault: Fault) -> Fault:
@@ -162,24 +169,35 @@ class FaultProxy:
     async def __aexit__(self, *exc_info: object) -> None:
         assert self._server is not None
         self._server.close()
+        # End the handlers by closing their connections and waking their waits (a
+        # cancelled handler task makes asyncio log "Exception in callback").
+        self._closing.set()
+        for writer in list(self._writers):
+            writer.transport.abort()
         for task in list(self._handlers):
-            task.cancel()
-        for task in list(self._handlers):
-            with contextlib.suppress(BaseException):
+            with contextlib.suppress(Exception):
                 await task
         await self._server.wait_closed()
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep ``seconds``, or less if the proxy is closing."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._closing.wait()
 
     async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         task = asyncio.current_task()
         assert task is not None
         self._handlers.add(task)
+        self._writers.add(writer)
         try:
             while await self._one_request(reader, writer):
                 pass
         except (ConnectionError, asyncio.IncompleteReadError):
-            pass
+            pass  # the client went away, or the proxy is closing
         finally:
             self._handlers.discard(task)
+            self._writers.discard(writer)
             writer.transport.abort()
 
     def _take_fault(self, request: Request) -> Fault | None:
@@ -198,6 +216,8 @@ class FaultProxy:
         lines = head[:-4].split(b"\r\n")
         method, path, _ = lines[0].decode("latin-1").split(" ", 2)
         headers = _parse_headers(lines[1:])
+        if headers.get("expect", "").lower() == "100-continue":  # botocore's PUTs ask first
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         body = await reader.readexactly(int(headers.get("content-length", "0") or 0))
         request = Request(method, path, headers, head, body)
         self.stats.requests.append((method, path, request.range_start))
@@ -211,6 +231,8 @@ class FaultProxy:
             await self._send_error(writer, fault, with_body=method != "HEAD")
             return True
         response = await self._forward(request)
+        if fault is not None and fault.kind == "rewrite" and fault.rewrite is not None:
+            response = fault.rewrite(response)
         return await self._send(writer, request, response, fault)
 
     async def _forward(self, request: Request) -> Response:
@@ -219,7 +241,7 @@ class FaultProxy:
             kept = [
                 line
                 for line in request.head_bytes[:-4].split(b"\r\n")
-                if not line.lower().startswith((b"connection:", b"keep-alive:"))
+                if not line.lower().startswith((b"connection:", b"keep-alive:", b"expect:"))
             ]
             up_writer.write(b"\r\n".join([*kept, b"Connection: close", b"", b""]) + request.body)
             await up_writer.drain()
@@ -252,10 +274,12 @@ class FaultProxy:
         skip = {"connection", "keep-alive", "transfer-encoding"}
         if request.method != "HEAD":
             skip.add("content-length")
+        if response.raw:
+            skip = set()
         lines = [response.status_line]
         kept = [(k, v) for k, v in response.headers if k.lower() not in skip]
         lines += [f"{k}: {v}".encode("latin-1") for k, v in kept]
-        if request.method != "HEAD":
+        if request.method != "HEAD" and not response.raw:
             lines.append(f"Content-Length: {len(response.body)}".encode())
         writer.write(b"\r\n".join([*lines, b"", b""]))
         body = response.body
@@ -270,7 +294,7 @@ class FaultProxy:
             return True
         assert fault is not None
         if fault.kind == "stall":
-            await asyncio.sleep(fault.stall_s)
+            await self._pause(fault.stall_s)
         if fault.kind == "reset":
             _abort(writer)
         else:
@@ -286,4 +310,6 @@ class FaultProxy:
             if count:
                 self.stats.body_bytes_sent += len(piece)
             if self.rate_bytes_per_s:
-                await asyncio.sleep(len(piece) / self.rate_bytes_per_s)
+                await self._pause(len(piece) / self.rate_bytes_per_s)
+            if self._closing.is_set():
+                raise ConnectionResetError("the proxy is closing")

@@ -7,12 +7,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from tplr.comms.errors import InvalidRequest, NotFound
+from tplr.comms.errors import InsufficientSpace, InvalidRequest, NotFound
 from tplr.comms.local_store import INTERNAL_DIR, LocalStore, multipart_etag
 from tplr.comms.store import CompletedPart
 
@@ -185,3 +186,76 @@ async def test_unreadable_file_is_access_denied(root: Path):
     (root / "locked").chmod(0)
     with pytest.raises(AccessDenied, match="permission denied"):
         await store.get("locked")
+
+
+# -- a full disk (issue 10, item 8) ------------------------------------------------------
+
+DISK_BYTES = 1024 * 1024
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 1 MiB tmpfs when this machine lets us mount one (root), else None: the tests
+    then fill the disk with the free-space probe instead (they skip nothing)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={DISK_BYTES}", "tmpfs", str(mount)],
+        capture_output=True,
+    )
+    if done.returncode != 0:
+        yield None, mount
+        return
+    try:
+        yield mount, mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def leftovers(root: Path) -> list[Path]:
+    tmp = root / INTERNAL_DIR / "tmp"
+    return sorted(tmp.iterdir()) if tmp.exists() else []
+
+
+@pytest.mark.parametrize("how", ["preflight", "write"])
+async def test_a_full_disk_is_insufficient_space_naming_path_and_bytes(small_disk, how):
+    """``preflight``: the free-space probe refuses before a byte is written. ``write``: the
+    probe is told there is room, and the real tmpfs runs out mid-write (ENOSPC). Without
+    tmpfs, both use a probe that sees a small disk."""
+    tmpfs, folder = small_disk
+    root = folder / "store"
+    if tmpfs is None:
+        probe = lambda _path: DISK_BYTES // 2  # noqa: E731  (the probe's view of a small disk)
+    else:
+        probe = None if how == "preflight" else (lambda _path: 1 << 40)
+    store = LocalStore(root, free_space_probe=probe)
+    await store.put("keep.bin", b"old")
+    big = os.urandom(2 * DISK_BYTES)
+    for key in ("new.bin", "keep.bin"):
+        with pytest.raises(InsufficientSpace) as caught:
+            await store.put(key, big)
+        error = caught.value
+        assert error.needed_bytes == len(big) and error.path == str(store.root / key)
+        assert f"need {len(big)} bytes" in str(error) and "need 1 bytes" not in str(error)
+        assert leftovers(store.root) == []  # no orphaned temp file
+    assert not (store.root / "new.bin").exists()
+    assert await store.get("keep.bin") == b"old"  # nothing torn under a final name
+
+
+@pytest.mark.parametrize("how", ["preflight", "write"])
+async def test_a_full_disk_during_multipart_completion(small_disk, how):
+    tmpfs, folder = small_disk
+    if tmpfs is None:
+        probe = lambda _path: 300 * 1024  # noqa: E731
+    else:
+        probe = None if how == "preflight" else (lambda _path: 1 << 40)
+    store = LocalStore(folder / "store", free_space_probe=probe)
+    upload = await store.create_multipart("mp.bin")
+    parts = [os.urandom(300 * 1024), os.urandom(300 * 1024)]
+    etags = [await store.upload_part("mp.bin", upload, n, d) for n, d in enumerate(parts, 1)]
+    with pytest.raises(InsufficientSpace) as caught:
+        await store.complete_multipart(
+            "mp.bin", upload, [CompletedPart(n, e) for n, e in enumerate(etags, 1)]
+        )
+    assert caught.value.needed_bytes == sum(map(len, parts))
+    assert leftovers(store.root) == [] and not (store.root / "mp.bin").exists()

@@ -319,7 +319,7 @@ class ScriptedS3:
         }
         if key in canned:
             return self.error(*canned[key])
-        headers = {"ETag": '"abc"', "Content-Length": "50", "Content-Range": "bytes 0-49/100"}
+        headers = {"ETag": '"abc"', "Content-Length": "50", "Content-Range": "bytes 10-59/100"}
         if key == "norange":
             return web.Response(status=200, body=self.body, headers={"ETag": '"abc"'})
         response = web.StreamResponse(status=206, headers=headers)

@@ -28,16 +28,12 @@ import re
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from tplr.errors import TplrError
 
 MAX_KEY_BYTES = 1024
 DEFAULT_MAX_JSON_DEPTH = 32
 _ASCII_INT = re.compile(r"[0-9]{1,19}")
 _JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
-_OPENERS = np.frombuffer(b"[{", dtype=np.uint8)
-_CLOSERS = np.frombuffer(b"]}", dtype=np.uint8)
 
 
 class MalformedInput(TplrError):
@@ -87,9 +83,12 @@ def json_depth(data: bytes) -> int:
 
     Linear time, no recursion: hostile input cannot exhaust the stack here.
     """
+    import numpy as np  # here, not at import: `tplr fetch` starts without numpy
+
     outside_strings = _JSON_STRING.sub(b"", data)
     codes = np.frombuffer(outside_strings, dtype=np.uint8)
-    steps = np.isin(codes, _OPENERS).astype(np.int64) - np.isin(codes, _CLOSERS)
+    openers, closers = np.frombuffer(b"[{", np.uint8), np.frombuffer(b"]}", np.uint8)
+    steps = np.isin(codes, openers).astype(np.int64) - np.isin(codes, closers)
     if not steps.size:
         return 0
     return int(max(np.cumsum(steps).max(), 0))

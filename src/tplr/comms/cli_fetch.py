@@ -1,7 +1,8 @@
 """``tplr fetch URL DEST``: download one object with the transfer engine.
 
 Credentials come from the environment (see :mod:`tplr.comms.store_url`); ``file://``
-URLs and plain paths read a local store. Tuning comes from ``DOWNLOAD_MAX_WORKERS`` /
+URLs and plain paths read a local store, ``https://`` and ``hf://`` URLs a web server or
+the dataset hub. Tuning comes from ``DOWNLOAD_MAX_WORKERS`` /
 ``DOWNLOAD_PART_SIZE`` and the ``TRANSFER_*`` variables, overridden by the flags.
 The last line is a summary (bytes, seconds, MB/s, retries); a failure is one line and a
 hint (``tplr.cli.main`` prints it), and an interrupted fetch resumes when run again.
@@ -31,10 +32,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "fetch",
         help="download one object (parallel, resumable, verified)",
-        description="Download s3://BUCKET/KEY (or file:///path) to DEST. A DEST that is a"
-        " folder means DEST/basename(KEY). Interrupted downloads resume from DEST.partial.",
+        description="Download s3://BUCKET/KEY, https://HOST/PATH or"
+        " hf://datasets/OWNER/REPO/PATH (or file:///path) to DEST. A DEST that is a"
+        " folder means DEST/basename(KEY). Interrupted downloads resume from DEST.partial."
+        " hf:// uses HF_ENDPOINT and HF_TOKEN; TPLR_CA_BUNDLE adds a CA to trust.",
     )
-    p.add_argument("url", help="s3://BUCKET/KEY, file:///abs/path or a local path")
+    p.add_argument(
+        "url",
+        help="s3://BUCKET/KEY, https://HOST/PATH, hf://datasets/OWNER/REPO[@REV]/PATH,"
+        " file:///abs/path or a local path",
+    )
     p.add_argument(
         "dest",
         help="destination file, or a folder (an existing one, or any path ending in '/')",
@@ -145,7 +152,10 @@ async def _load_manifest(source: str, endpoint_url: str | None, config):
 
     if "://" not in source or source.startswith("file:"):
         return await asyncio.to_thread(_read_local_manifest, source, read_manifest)
-    async with open_store_for_url(source, endpoint_url=endpoint_url, transfer=config) as (s, k):
+    opened = open_store_for_url(
+        source, endpoint_url=endpoint_url, transfer=config, signed_reads=True
+    )
+    async with opened as (s, k):
         return Manifest.from_json(await s.get(k), source=source)
 
 
@@ -163,7 +173,11 @@ async def _fetch(args: argparse.Namespace, config) -> int:
         manifest = await _load_manifest(args.manifest, args.endpoint_url, config)
     connections = (config.download_max_workers or MAX_AUTO_WORKERS) + 2  # parts + a HEAD
     async with open_store_for_url(
-        args.url, endpoint_url=args.endpoint_url, transfer=config, max_connections=connections
+        args.url,
+        endpoint_url=args.endpoint_url,
+        transfer=config,
+        max_connections=connections,
+        signed_reads=True,  # presigned HEAD and GETs: no S3 client to start
     ) as (store, key):
         gc.freeze()  # imports and the client's service model: never garbage, never rescanned
         result = await download(
@@ -178,7 +192,12 @@ async def _fetch(args: argparse.Namespace, config) -> int:
             fsync_on_publish=args.fsync,
             checkpoint_interval_s=args.checkpoint_interval,
         )
-    resumed = f", {result.parts_resumed} parts resumed" if result.parts_resumed else ""
+    resumed = ""
+    if result.resumed_bytes:
+        resumed = (
+            f", {result.parts_resumed} parts resumed ({format_size(result.resumed_bytes)} kept,"
+            f" re-verified in {result.reverify_seconds:.2f} s)"
+        )
     note = f" ({result.note})" if result.note else ""
     print(
         f"fetched {store.url(key)} -> {result.path}: {format_size(result.size)}"

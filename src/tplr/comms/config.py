@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tplr.errors import ConfigError
@@ -53,6 +53,27 @@ class DatasetBucketSettings(BaseSettings):
     read_secret_access_key: SecretStr | None = None
     endpoint_url: str | None = None
     requests_per_second: float | None = Field(default=None, gt=0)
+    source_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("DATASET_SOURCE_URL"),
+        description="read the dataset from an https:// base URL or hf://datasets/OWNER/REPO"
+        " (read-only; DATASET_BINS_PATH is the folder in it) instead of a bucket",
+    )
+    hf_endpoint: str = Field(
+        default="https://huggingface.co",
+        validation_alias=AliasChoices("HF_ENDPOINT"),
+        description="the dataset hub's base URL for hf:// sources",
+    )
+    hf_token: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("HF_TOKEN"),
+        description="token for private or gated hub datasets (sent to the hub only)",
+    )
+    ca_bundle: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("TPLR_CA_BUNDLE"),
+        description="CA bundle (PEM) to trust for https:// sources besides the system's",
+    )
 
     def configured(self) -> bool:
         """True when any key is set: the node then uses R2/S3 instead of the local store."""

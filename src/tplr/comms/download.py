@@ -43,13 +43,13 @@ from tplr.comms.download_parts import (
 from tplr.comms.download_plan import (
     STREAM_FALLBACK_BUFFER_BYTES,
     DownloadPlan,
-    Part,
     plan_download,
 )
-from tplr.comms.download_sidecar import Sidecar
+from tplr.comms.download_sidecar import Resumed, Sidecar
 from tplr.comms.download_source import range_source
+from tplr.comms.download_streams import AdaptiveStreams
 from tplr.comms.errors import IntegrityError, PreconditionFailed
-from tplr.comms.journal import JournalHeader, PartRecord
+from tplr.comms.journal import JournalHeader
 from tplr.comms.manifest import Manifest
 from tplr.comms.progress import Progress, make_progress
 from tplr.comms.retry import reason_of, retry
@@ -78,6 +78,9 @@ class DownloadResult:
     etag: str
     verified: str  # what was checked: "manifest", "etag", "size" or "none"
     note: str = ""  # why a requested check could not be made, if so
+    resumed_bytes: int = 0  # bytes kept from an earlier run (re-verified from disk)
+    reverify_seconds: float = 0.0  # time spent re-hashing them
+    peak_streams: int = 0  # the most requests in flight at once
 
     @property
     def megabytes_per_second(self) -> float:
@@ -245,14 +248,25 @@ class _Download:
         )
         sidecar = Sidecar(self.dest, JournalHeader(self.key, info.size, info.etag, plan.part_size))
         await asyncio.to_thread(self.dest.parent.mkdir, parents=True, exist_ok=True)
-        done = await asyncio.to_thread(sidecar.open, self.probe)
-        if done:
-            count = (len(done), plan.part_count)
-            log.info("%s: resuming, %d of %d parts already present", self.location, *count)
-        resumed_bytes = sum(plan.part(i).length for i in done)
-        self.progress.start(PurePosixPath(self.key).name, info.size, resumed_bytes)
+        resumed = await asyncio.to_thread(
+            sidecar.open,
+            self.probe,
+            md5=verification.wants_part_md5(plan.part_size),
+            expected=verification.expected_part_hash,
+        )
+        kept = resumed.kept_bytes(sidecar.header)
+        if kept:
+            log.info(
+                "%s: resuming with %d bytes (%d of %d parts complete), re-verified in %.2f s",
+                self.location,
+                kept,
+                len(resumed.done),
+                plan.part_count,
+                resumed.verify_seconds,
+            )
+        self.progress.start(PurePosixPath(self.key).name, info.size, kept)
         try:
-            checked, note = await self.transfer(info, plan, verification, sidecar, done)
+            checked, note, streams = await self.transfer(info, plan, verification, sidecar, resumed)
         except (ObjectReplaced, ObjectIntegrityError):
             await asyncio.to_thread(sidecar.discard)  # nothing of it can be trusted
             raise
@@ -263,13 +277,16 @@ class _Download:
             key=self.key,
             path=self.dest,
             size=info.size,
-            fetched_bytes=info.size - resumed_bytes,
+            fetched_bytes=info.size - kept,
             seconds=time.monotonic() - started,
             retries=self.retries,
-            parts_resumed=len(done),
+            parts_resumed=len(resumed.done),
             etag=info.etag,
             verified=checked,
             note=note,
+            resumed_bytes=kept,
+            reverify_seconds=resumed.verify_seconds,
+            peak_streams=streams,
         )
 
     async def transfer(
@@ -278,8 +295,8 @@ class _Download:
         plan: DownloadPlan,
         verification: Verification,
         sidecar: Sidecar,
-        done: dict[int, PartRecord],
-    ) -> tuple[str, str]:
+        resumed: Resumed,
+    ) -> tuple[str, str, int]:
         """Fetch the missing parts, verify the object and publish it."""
         slots = self.shared_slots or TransferSlots(plan.workers)
         async with range_source(self.store, self.key, self.config) as opener:
@@ -299,11 +316,19 @@ class _Download:
                 on_retry=self.on_retry,
                 piece_size=plan.piece_size or plan.part_size,
             )
-            await self.fetch(fetcher, sidecar, [p for p in plan.parts() if p.index not in done])
-        records = {**done, **fetcher.completed}
+            missing = [p for p in plan.parts() if p.index not in resumed.done]
+            queue = fetcher.requests(missing, resumed)
+            streams = AdaptiveStreams(
+                queue,
+                lambda request: fetcher.fetch(request, queue),
+                max_streams=plan.workers,
+                bytes_done=lambda: fetcher.written_bytes,
+            )
+            await self.fetch(streams, sidecar)
+        records = {**resumed.done, **fetcher.completed}
         checked, note = await verification.verify_object(sidecar, info, records, plan)
         await asyncio.to_thread(sidecar.publish, fsync=self.fsync_on_publish)
-        return checked, note
+        return checked, note, streams.peak_streams
 
     def choose_verification(self, info: ObjectInfo) -> Verification:
         mode = self.verify
@@ -339,16 +364,9 @@ class _Download:
             metrics=self.metrics,
         )
 
-    async def fetch(self, fetcher: PartFetcher, sidecar: Sidecar, missing: list[Part]) -> None:
-        """Fetch ``missing`` parts; checkpoint periodically and on any exit but success."""
+    async def fetch(self, streams: AdaptiveStreams, sidecar: Sidecar) -> None:
+        """Run the streams; flush progress periodically and on any exit but success."""
         all_fetched = asyncio.Event()
-        lock = asyncio.Lock()
-
-        async def checkpoint() -> None:
-            async with lock:
-                records = sidecar.take_pending()
-                if records:
-                    await asyncio.to_thread(sidecar.checkpoint, records)
 
         async def checkpoint_periodically() -> None:
             while not all_fetched.is_set():
@@ -356,19 +374,17 @@ class _Download:
                     async with asyncio.timeout(self.checkpoint_interval_s):
                         await all_fetched.wait()
                 if not all_fetched.is_set():
-                    await checkpoint()
+                    await asyncio.to_thread(sidecar.checkpoint)
 
         try:
             async with asyncio.TaskGroup() as group:
                 group.create_task(checkpoint_periodically())
-                async with asyncio.TaskGroup() as parts:
-                    for part in missing:
-                        parts.create_task(fetcher.fetch_part(part))
+                await streams.run()
                 all_fetched.set()
         except BaseException as exc:
-            # Keep what is complete for the next run, even while being cancelled.
+            # Keep what was written for the next run, even while being cancelled.
             with contextlib.suppress(Exception):
-                await asyncio.shield(checkpoint())
+                await asyncio.shield(asyncio.to_thread(sidecar.checkpoint))
             if isinstance(exc, BaseExceptionGroup):
                 raise first_error(exc) from None
             raise

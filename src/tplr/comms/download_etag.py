@@ -80,38 +80,44 @@ def multipart_etag_of(part_md5s: list[str]) -> str:
     return f"{hashlib.md5(joined).hexdigest()}-{len(part_md5s)}"
 
 
-def _md5_of_range(path: Path, offset: int, length: int) -> str:
+def _md5_of_range(fd: int, offset: int, length: int) -> str:
     hasher = hashlib.md5()
-    with open(path, "rb", buffering=0) as fh:
-        while length > 0:
-            chunk = os.pread(fh.fileno(), min(_READ_CHUNK_BYTES, length), offset)
-            if not chunk:
-                raise OSError(f"{path} is shorter than expected at offset {offset}")
-            hasher.update(chunk)  # releases the GIL: parts hash in parallel threads
-            offset += len(chunk)
-            length -= len(chunk)
+    while length > 0:
+        chunk = os.pread(fd, min(_READ_CHUNK_BYTES, length), offset)
+        if not chunk:
+            raise OSError(f"the file is shorter than expected at offset {offset}")
+        hasher.update(chunk)  # releases the GIL: parts hash in parallel threads
+        offset += len(chunk)
+        length -= len(chunk)
     return hasher.hexdigest()
 
 
-def part_md5s_of_file(path: Path, size: int, part_size: int, threads: int = 2) -> list[str]:
+def part_md5s_of_file(fd: int, size: int, part_size: int, threads: int = 2) -> list[str]:
     ranges = [(off, min(part_size, size - off)) for off in range(0, size, part_size)]
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        return list(pool.map(lambda r: _md5_of_range(path, *r), ranges))
+        return list(pool.map(lambda r: _md5_of_range(fd, *r), ranges))
 
 
 def file_matches_etag(
-    path: Path, size: int, etag: Md5Etag, *, skip_part_sizes: tuple[int, ...] = ()
+    source: Path | int, size: int, etag: Md5Etag, *, skip_part_sizes: tuple[int, ...] = ()
 ) -> int | None:
-    """Read ``path`` and compare it with ``etag``. Blocking (run it in a thread).
+    """Read ``source`` (a path, or an open file descriptor, which is not closed) and
+    compare it with ``etag``. Blocking (run it in a thread).
 
     Returns the matching part size (the size itself for a single-part ETag), or None
     when no candidate matches. ``skip_part_sizes`` were already checked by the caller.
     """
+    if not isinstance(source, int):
+        fd = os.open(source, os.O_RDONLY)
+        try:
+            return file_matches_etag(fd, size, etag, skip_part_sizes=skip_part_sizes)
+        finally:
+            os.close(fd)
     if etag.parts is None:
-        return size if _md5_of_range(path, 0, size) == etag.digest else None
+        return size if _md5_of_range(source, 0, size) == etag.digest else None
     for candidate in part_size_candidates(size, etag.parts):
         if candidate in skip_part_sizes:
             continue
-        if multipart_etag_of(part_md5s_of_file(path, size, candidate)) == etag.text:
+        if multipart_etag_of(part_md5s_of_file(source, size, candidate)) == etag.text:
             return candidate
     return None

@@ -1,24 +1,31 @@
-"""Fetching one part (retried, verified as it streams) and verifying the whole object."""
+"""Fetching parts (retried from where they stopped, verified as they stream) and
+verifying the whole object.
+
+A part up to the request size is one ranged GET, hashed as it streams; its written prefix
+is journaled every :data:`PROGRESS_RECORD_BYTES`, so a killed download resumes inside the
+part, and a failed request continues from the last byte written, not from the part's
+start. A larger part (a manifest's 32 MiB parts when they are fewer than the streams
+wanted) is fetched as pieces on several streams, each journaled the same way, and hashed
+from the page cache once whole.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import xxhash
-
 from tplr.comms.buffers import BufferPool, TransferSlots
 from tplr.comms.download_etag import Md5Etag, file_matches_etag, multipart_etag_of
 from tplr.comms.download_plan import DownloadPlan, MiB, Part
-from tplr.comms.download_sidecar import Sidecar
+from tplr.comms.download_sidecar import Resumed, ResumedPrefix, Sidecar, new_hashers
 from tplr.comms.download_source import RangeOpener, open_part_stream
 from tplr.comms.errors import IntegrityError, PreconditionFailed, StoreError, TransientError
-from tplr.comms.journal import PartRecord
+from tplr.comms.journal import PartRecord, PrefixRecord, Record, SpanRecord
 from tplr.comms.progress import Progress
 from tplr.comms.retry import RetryHook, RetryPolicy, retry
 from tplr.comms.store import ObjectInfo, ObjectStore
@@ -28,6 +35,7 @@ log = logging.getLogger(__name__)
 
 WRITE_BATCH_BYTES = 1 * MiB  # socket chunks are gathered up to this before one pwritev
 INTEGRITY_ATTEMPTS = 3  # fetches of one part whose hash mismatches before giving up
+PROGRESS_RECORD_BYTES = 256 * 1024  # a stream journals its progress at least this often
 MIN_INLINE_MD5_PART_BYTES = 1 * MiB
 MAX_INLINE_MD5_PART_BYTES = 5 * 1024 * MiB
 
@@ -97,7 +105,7 @@ class Verification:
                 return "etag", self.note
             tried = (plan.part_size,)
         matched = await asyncio.to_thread(
-            file_matches_etag, sidecar.partial, size, self.etag, skip_part_sizes=tried
+            file_matches_etag, sidecar.fd, size, self.etag, skip_part_sizes=tried
         )
         if matched is None:
             raise self._mismatch("its MD5 does not match the ETag")
@@ -118,13 +126,23 @@ class Verification:
         )
 
 
-class PartFetcher:
-    """Fetches parts into the sidecar: slot, ranged GET, hash, positioned writes, retries.
+@dataclass
+class Request:
+    """One ranged GET's worth of work: ``[position, end)`` of ``part``. A whole part
+    (``piece_offset is None``) carries the hashers fed with its first bytes; a piece is
+    one of several concurrent requests of a larger part."""
 
-    A part up to ``piece_size`` is one request, hashed as it streams. A larger part (a
-    manifest's 32 MiB parts, when they are fewer than the streams wanted) is fetched as
-    concurrent pieces; its hash is then computed from the page cache.
-    """
+    part: Part
+    position: int
+    end: int
+    hashers: list[Any] = field(default_factory=list)
+    piece_offset: int | None = None
+    noted: int = 0  # the position last journaled
+
+
+class PartFetcher:
+    """Fetches requests into the sidecar: slot, ranged GET, hash, positioned writes,
+    progress records, retries (see the module doc)."""
 
     def __init__(
         self,
@@ -158,108 +176,115 @@ class PartFetcher:
         self.on_retry = on_retry
         self.piece_size = piece_size
         self.completed: dict[int, PartRecord] = {}
+        self.written_bytes = 0  # by this run (what adaptive concurrency measures)
+        self._pieces_left: dict[int, int] = {}
+        self._mismatches: dict[int, int] = {}
 
-    async def fetch_part(self, part: Part) -> None:
-        if part.length <= self.piece_size:
-            record = await self._fetch_whole(part)
-        else:
-            record = await self._fetch_in_pieces(part)
-        self.completed[part.index] = record
-        self.sidecar.mark_done(record)
+    # -- planning ---------------------------------------------------------------------
 
-    def _hashers(self) -> list[Any]:
-        return [xxhash.xxh3_128(), hashlib.md5()] if self.part_md5 else [xxhash.xxh3_128()]
+    def requests(self, parts: list[Part], resumed: Resumed) -> deque[Request]:
+        """The requests for ``parts`` (those not done), in offset order, starting where
+        the resumed journal says each part or piece stopped."""
+        queue: deque[Request] = deque()
+        for part in parts:
+            if part.length <= self.piece_size:
+                queue.append(self._whole(part, resumed.prefixes.get(part.index)))
+                continue
+            spans = resumed.spans.get(part.index, set())
+            pieces = [self._piece(part, offset, spans) for offset in self._piece_offsets(part)]
+            missing = [p for p in pieces if p.position < p.end]
+            self._pieces_left[part.index] = max(len(missing), 1)
+            queue.extend(missing or [self._piece(part, part.offset, set(), empty=True)])
+        return queue
 
-    async def _fetch_whole(self, part: Part) -> PartRecord:
-        """One request, hashed as it streams; retried alone, sleeping outside the slot."""
-        mismatches = 0
+    def _whole(self, part: Part, prefix: ResumedPrefix | None) -> Request:
+        if prefix is None:
+            return Request(part, part.offset, part.offset + part.length, new_hashers(self.part_md5))
+        start = part.offset + prefix.length
+        return Request(part, start, part.offset + part.length, prefix.hashers, noted=start)
 
-        async def attempt() -> PartRecord:
-            nonlocal mismatches
-            hashers = self._hashers()
-            async with self.slots:
-                await self._fetch_range(part.offset, part.length, hashers)
-            try:
-                return self._record(part, *(h.hexdigest() for h in hashers))
-            except PartHashMismatch as exc:
-                self.progress.advance(-part.length)  # these bytes will come again
-                mismatches += 1
-                if mismatches >= INTEGRITY_ATTEMPTS:
-                    raise self._gave_up(exc, mismatches) from exc
-                raise
+    def _piece_offsets(self, part: Part) -> range:
+        return range(part.offset, part.offset + part.length, self.piece_size)
 
-        return await retry(
-            attempt,
-            self.policy,
-            describe=f"part {part.index} of {self.location}",
-            on_retry=self.on_retry,
-            retry_on=(PartHashMismatch,),
-        )
+    def _piece(
+        self, part: Part, offset: int, spans: set[tuple[int, int]], *, empty: bool = False
+    ) -> Request:
+        end = min(offset + self.piece_size, part.offset + part.length)
+        written = max((n for o, n in spans if o == offset and n <= end - offset), default=0)
+        position = end if empty else offset + written
+        return Request(part, position, end, piece_offset=offset, noted=position)
 
-    async def _fetch_in_pieces(self, part: Part) -> PartRecord:
-        """Several concurrent requests (pieces), each retried alone; then the part is hashed
-        from the page cache, and fetched again whole if it does not match."""
-        for attempt in range(1, INTEGRITY_ATTEMPTS + 1):
-            async with asyncio.TaskGroup() as group:
-                end = part.offset + part.length
-                for offset in range(part.offset, end, self.piece_size):
-                    length = min(self.piece_size, end - offset)
-                    group.create_task(self._fetch_piece(part, offset, length))
+    # -- fetching ---------------------------------------------------------------------
+
+    async def fetch(self, request: Request, queue: deque[Request]) -> None:
+        """Fetch ``request`` (retried from where it stopped); complete its part if it was
+        the part's last request. A part that fails its hash is queued again from scratch."""
+        if request.position < request.end:
+            await self._fetch_with_retries(request)
+        if request.piece_offset is not None:
+            self._pieces_left[request.part.index] -= 1
+            if self._pieces_left[request.part.index] > 0:
+                return
             digests = await self.sidecar.hash_range_async(
-                part.offset, part.length, md5=self.part_md5
+                request.part.offset, request.part.length, md5=self.part_md5
             )
-            try:
-                return self._record(part, *digests)
-            except PartHashMismatch as exc:
-                self.progress.advance(-part.length)
-                if attempt == INTEGRITY_ATTEMPTS:
-                    raise self._gave_up(exc, attempt) from exc
-                self.on_retry(exc, attempt, 0.0)
-        raise AssertionError("unreachable")
+        else:
+            digests = tuple(h.hexdigest() for h in request.hashers)
+        try:
+            record = self._record(request.part, *digests)
+        except PartHashMismatch as exc:
+            self._refetch(request.part, exc, queue)
+            return
+        self.completed[record.index] = record
+        await self.sidecar.record_async(record)
 
-    async def _fetch_piece(self, part: Part, offset: int, length: int) -> None:
+    def _refetch(self, part: Part, exc: PartHashMismatch, queue: deque[Request]) -> None:
+        count = self._mismatches[part.index] = self._mismatches.get(part.index, 0) + 1
+        if count >= INTEGRITY_ATTEMPTS:
+            raise self._gave_up(exc, count) from exc
+        self.progress.advance(-part.length)  # these bytes will come again
+        self.on_retry(exc, count, 0.0)
+        fresh = Resumed()
+        again = self.requests([part], fresh)
+        queue.extendleft(reversed(again))
+
+    async def _fetch_with_retries(self, request: Request) -> None:
+        """One ranged GET for the rest of ``request``; a failure is retried (sleeping
+        outside the slot) from the last byte written."""
+
         async def attempt() -> None:
             async with self.slots:
-                await self._fetch_range(offset, length, [])
+                await self._fetch_range(request)
 
         await retry(
             attempt,
             self.policy,
-            describe=f"part {part.index} bytes {offset}-{offset + length - 1} of {self.location}",
+            describe=f"part {request.part.index} bytes {request.position}-{request.end - 1}"
+            f" of {self.location}",
             on_retry=self.on_retry,
         )
 
-    async def _fetch_range(self, offset: int, length: int, hashers: list[Any]) -> None:
+    async def _fetch_range(self, request: Request) -> None:
         """One ranged GET into the sidecar, with progress, metrics and typed errors."""
-        started = time.monotonic()
-        advanced = 0
-
-        def advance(num_bytes: int) -> None:
-            nonlocal advanced
-            advanced += num_bytes
-            self.progress.advance(num_bytes)
-
+        started, first = time.monotonic(), request.position
         try:
-            await self._stream(offset, length, hashers, advance)
+            await self._stream(request)
         except BaseException as exc:
-            self.progress.advance(-advanced)  # this attempt's bytes will come again
             if not isinstance(exc, asyncio.CancelledError):
                 self.metrics.observe_request("download")
             if isinstance(exc, PreconditionFailed):
                 raise ObjectReplaced(exc.message, location=self.location) from exc
             raise
-        self.metrics.observe_part("download", length, time.monotonic() - started)
+        self.metrics.observe_part("download", request.end - first, time.monotonic() - started)
 
-    async def _stream(
-        self, offset: int, length: int, hashers: list[Any], advance: Callable[[int], None]
-    ) -> None:
-        position = offset
+    async def _stream(self, request: Request) -> None:
         pending: list[Any] = []
         pending_bytes = 0
+        length = request.end - request.position
         async with open_part_stream(
             self.store,
             self.key,
-            offset,
+            request.position,
             length,
             if_match=self.etag,
             pool=self.pool,
@@ -271,20 +296,36 @@ class PartFetcher:
                 # bytes chunks may wait for a fuller batch; a pooled view must go now
                 if pending_bytes < WRITE_BATCH_BYTES and isinstance(chunk, bytes):
                     continue
-                await self.sidecar.write_async(pending, position, hashers)
-                position += pending_bytes
-                advance(pending_bytes)
+                await self._write(request, pending, pending_bytes)
                 pending, pending_bytes = [], 0
             if pending:
-                await self.sidecar.write_async(pending, position, hashers)
-                position += pending_bytes
-                advance(pending_bytes)
-        if position - offset != length:
+                await self._write(request, pending, pending_bytes)
+        if request.position != request.end:
             raise TransientError(
-                f"short read: bytes {offset}-{offset + length - 1} of {self.location}:"
-                f" got {position - offset} of {length}",
+                f"short read: bytes {request.position}-{request.end - 1} of {self.location}"
+                f" did not arrive",
                 location=self.location,
             )
+
+    async def _write(self, request: Request, chunks: list[Any], num_bytes: int) -> None:
+        after = request.position + num_bytes
+        note = None
+        if after - request.noted >= PROGRESS_RECORD_BYTES and after < request.end:
+            note = self._progress_note(request, after)
+            request.noted = after
+        await self.sidecar.write_async(chunks, request.position, request.hashers, note)
+        request.position = after
+        self.written_bytes += num_bytes
+        self.progress.advance(num_bytes)
+
+    @staticmethod
+    def _progress_note(request: Request, after: int) -> Callable[[], Record]:
+        index = request.part.index
+        if request.piece_offset is not None:
+            piece = request.piece_offset
+            return lambda: SpanRecord(index, piece, after - piece)
+        hasher = request.hashers[0]
+        return lambda: PrefixRecord(index, after - request.part.offset, hasher.hexdigest())
 
     def _record(self, part: Part, digest: str, md5: str | None = None) -> PartRecord:
         expected = self.verification.expected_part_hash(part.index)

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import mmap
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
@@ -23,7 +24,7 @@ from urllib.parse import urlsplit
 from tplr.comms.buffers import BufferPool
 from tplr.comms.download_http import URL_EXPIRES_S, PresignedRangeReader
 from tplr.comms.errors import StoreError, Throttled
-from tplr.comms.store import ObjectStore
+from tplr.comms.store import ObjectInfo, ObjectStore
 from tplr.comms.transfer_config import TransferConfig
 
 Chunk = bytes | memoryview
@@ -95,21 +96,31 @@ def _s3_error_mapper(store: Any, key: str) -> Callable[[int, str, str], StoreErr
     return map_error
 
 
+def _presigned_reader(
+    store: ObjectStore, key: str, config: TransferConfig
+) -> PresignedRangeReader | None:
+    presign = _presigner(store)
+    if presign is None:
+        return None
+    custom = getattr(store, "range_reader_options", None)  # HttpStore: its own TLS, auth
+    options = custom(key) if custom is not None else {"map_error": _s3_error_mapper(store, key)}
+    return PresignedRangeReader(
+        lambda: presign(key, URL_EXPIRES_S),
+        location=store.url(key),
+        connect_timeout_s=config.transfer_connect_timeout_s,
+        read_timeout_s=config.transfer_read_timeout_s,
+        throttle=getattr(store, "throttle", None),
+        **options,
+    )
+
+
 @contextlib.asynccontextmanager
 async def range_source(
     store: ObjectStore, key: str, config: TransferConfig
 ) -> AsyncIterator[RangeOpener | None]:
     """The fastest way ``store`` offers to stream ranges of ``key`` (None: use get_range)."""
-    presign = _presigner(store)
-    if presign is not None:
-        reader = PresignedRangeReader(
-            lambda: presign(key, URL_EXPIRES_S),
-            location=store.url(key),
-            connect_timeout_s=config.transfer_connect_timeout_s,
-            read_timeout_s=config.transfer_read_timeout_s,
-            map_error=_s3_error_mapper(store, key),
-            throttle=getattr(store, "throttle", None),
-        )
+    reader = _presigned_reader(store, key, config)
+    if reader is not None:
         async with reader:
             yield lambda _key, offset, length, *, if_match=None: reader.open(
                 offset, length, if_match=if_match
@@ -153,3 +164,46 @@ async def open_part_stream(
         _via_get_range(store, key, offset, length, if_match, pool)
     ) as chunks:
         yield chunks
+
+
+async def fetch_whole_object(
+    store: ObjectStore,
+    key: str,
+    *,
+    check: Callable[[ObjectInfo], None],
+    config: TransferConfig | None = None,
+) -> tuple[bytes, ObjectInfo]:
+    """A whole (small) object and its info, in one GET where the store presigns (a peer's
+    payload: no HEAD, the body received in a worker thread); ``check`` sees the info first
+    and may refuse the object by raising, before a byte of its body is read. Other stores:
+    HEAD, ``check``, then :func:`read_object` pinned to the HEAD's ETag."""
+    reader = _presigned_reader(store, key, config or TransferConfig.model_construct())
+    if reader is None:
+        info = await store.head(key)
+        check(info)
+        return await read_object(store, info, config=config), info
+    async with reader:
+        return await reader.fetch_whole_in_thread(key, check)
+
+
+async def read_object(
+    store: ObjectStore, info: ObjectInfo, *, config: TransferConfig | None = None
+) -> bytes:
+    """The whole object ``info`` describes, in one ranged GET pinned to its ETag, by the
+    fastest source the store offers (a peer's payload: a few MiB, fetched many at once).
+
+    The presigned reader receives the body straight into an uninitialised buffer, so the
+    bytes are copied once more only to become ``bytes``. ``PreconditionFailed`` if the
+    object was replaced since ``info`` was read, a typed error for anything else.
+    """
+    if not info.size:
+        return b""
+    reader = _presigned_reader(store, info.key, config or TransferConfig.model_construct())
+    with mmap.mmap(-1, info.size) as buffer:  # anonymous: no user-space zero fill
+        with memoryview(buffer) as view:
+            if reader is None:
+                await store.get_range(info.key, 0, view, if_match=info.etag)
+            else:
+                async with reader:
+                    await reader.read_into_in_thread(0, view, if_match=info.etag)
+        return buffer[:]

@@ -44,6 +44,14 @@ class TransientError(StoreError):
     retryable = True
 
 
+class MalformedResponse(StoreError):
+    """The endpoint answered something that is not a valid answer (a field missing, of the
+    wrong type or out of range, unparsable XML, a listing that goes backwards). Another
+    node's endpoint is hostile by assumption: this only ever fails that node's transfer."""
+
+    hint = "the endpoint is not S3-compatible or is misbehaving; check its URL"
+
+
 class PreconditionFailed(StoreError):
     """The object changed between HEAD and GET (``If-Match`` failed)."""
 

@@ -38,6 +38,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+from tplr.comms.diskspace import FreeSpaceProbe, free_bytes
 from tplr.comms.errors import (
     AccessDenied,
     AlreadyExists,
@@ -114,9 +115,10 @@ def multipart_etag(part_md5_hex: list[str]) -> str:
 class LocalStore:
     """A directory of objects. ``async with`` is optional (there is nothing to close)."""
 
-    def __init__(self, root: Path | str) -> None:
+    def __init__(self, root: Path | str, *, free_space_probe: FreeSpaceProbe | None = None) -> None:
         self.root = Path(root).expanduser().resolve()
         self._internal = self.root / INTERNAL_DIR
+        self._probe = free_space_probe or free_bytes
 
     def __repr__(self) -> str:
         return f"LocalStore(root={str(self.root)!r})"
@@ -150,14 +152,54 @@ class LocalStore:
         return self._internal / "meta" / f"{key}.json"
 
     async def _run(
-        self, operation: str, key: str, func: Callable[..., T], *args: Any, writing: bool = False
+        self,
+        operation: str,
+        key: str,
+        func: Callable[..., T],
+        *args: Any,
+        writing: bool = False,
+        needed_bytes: int = 0,
     ) -> T:
         try:
             return await asyncio.to_thread(func, *args)
         except OSError as exc:
-            raise self._os_error(exc, operation, key, writing=writing) from exc
+            error = self._os_error(exc, operation, key, writing=writing, needed_bytes=needed_bytes)
+            raise error from exc
 
-    def _os_error(self, exc: OSError, operation: str, key: str, *, writing: bool) -> StoreError:
+    def _no_space(self, key: str, needed_bytes: int, free: int | None = None) -> InsufficientSpace:
+        where = str(self.root / key) if key else str(self.root)
+        if free is None:  # the disk said ENOSPC: what statvfs sees now
+            free = free_bytes(self.root) if self.root.exists() else 0
+        return InsufficientSpace(
+            where,
+            needed_bytes,
+            free,
+            hint=f"free disk space under {self.root} or move the store to a larger disk",
+        )
+
+    def _preflight(self, key: str, needed_bytes: int) -> None:
+        """Refuse a write the disk cannot hold before a byte of it is written."""
+        self._internal.mkdir(parents=True, exist_ok=True)
+        if needed_bytes > 0 and (free := self._probe(self.root)) < needed_bytes:
+            raise self._no_space(key, needed_bytes, free)
+
+    def _write_tmp(self, chunks: list[Any] | bytes) -> Path:
+        """A fsynced temp file holding ``chunks``; removed again if writing it fails."""
+        tmp = self._new_tmp()
+        try:
+            with open(tmp, "wb") as fh:
+                for chunk in [chunks] if isinstance(chunks, bytes) else chunks:
+                    fh.write(chunk)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return tmp
+
+    def _os_error(
+        self, exc: OSError, operation: str, key: str, *, writing: bool, needed_bytes: int = 0
+    ) -> StoreError:
         location = self.url(key)
         where = f"{operation} {location}"
         if isinstance(exc, PermissionError):
@@ -166,9 +208,8 @@ class LocalStore:
                 location=location,
                 hint=f"check the file permissions under {self.root}",
             )
-        if exc.errno == errno.ENOSPC:
-            free = shutil.disk_usage(self.root).free if self.root.exists() else 0
-            return InsufficientSpace(str(self.root), 1, free)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return self._no_space(key, needed_bytes)
         conflict = isinstance(exc, IsADirectoryError | NotADirectoryError | FileExistsError)
         if writing and conflict:
             return InvalidRequest(
@@ -196,16 +237,27 @@ class LocalStore:
             raise
         _fsync_dir(path.parent)
         st = path.stat()
-        self._write_meta(key, etag, st)
+        self._cache_meta(key, etag, st)
         return ObjectInfo(key=key, size=st.st_size, etag=etag, last_modified=_utc(st))
+
+    def _cache_meta(self, key: str, etag: str, st: os.stat_result) -> None:
+        """Record the ETag (a cache: if the disk is full now, it is recomputed later)."""
+        try:
+            self._write_meta(key, etag, st)
+        except OSError as exc:
+            log.debug("could not cache the ETag of %s: %s", self.url(key), exc)
 
     def _write_meta(self, key: str, etag: str, st: os.stat_result) -> None:
         meta = {"etag": etag, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino}
         target = self._meta_path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = self._new_tmp()
-        tmp.write_text(json.dumps(meta), encoding="utf-8")
-        tmp.replace(target)
+        try:
+            tmp.write_text(json.dumps(meta), encoding="utf-8")
+            tmp.replace(target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     def _etag(self, key: str, st: os.stat_result, fd: int | None = None) -> str:
         """The cached ETag if it still describes this file, else the file's MD5 (cached)."""
@@ -220,10 +272,7 @@ class LocalStore:
         except (OSError, ValueError, KeyError, TypeError):
             pass  # no usable index entry: hash the file below
         etag = self._hash_file(key, fd)
-        try:
-            self._write_meta(key, etag, st)
-        except OSError as exc:
-            log.debug("could not cache the ETag of %s: %s", self.url(key), exc)
+        self._cache_meta(key, etag, st)
         return etag
 
     def _info(self, key: str, st: os.stat_result) -> ObjectInfo:
@@ -342,28 +391,26 @@ class LocalStore:
     # -- writes ---------------------------------------------------------------------------
 
     async def put(self, key: str, data: bytes) -> ObjectInfo:
-        return await self._run("PUT", key, self._put_sync, key, data, writing=True)
+        return await self._run(
+            "PUT", key, self._put_sync, key, data, writing=True, needed_bytes=len(data)
+        )
 
     def _put_sync(self, key: str, data: bytes) -> ObjectInfo:
         self._path(key)  # validate before writing anything
-        tmp = self._new_tmp()
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        self._preflight(key, len(data))
+        tmp = self._write_tmp(data)
         return self._publish(tmp, key, hashlib.md5(data).hexdigest())
 
     async def put_if_absent(self, key: str, data: bytes) -> ObjectInfo:
-        return await self._run("PUT if absent", key, self._put_if_absent_sync, key, data)
+        return await self._run(
+            "PUT if absent", key, self._put_if_absent_sync, key, data, needed_bytes=len(data)
+        )
 
     def _put_if_absent_sync(self, key: str, data: bytes) -> ObjectInfo:
         path = self._path(key)
-        tmp = self._new_tmp()
+        self._preflight(key, len(data))
+        tmp = self._write_tmp(data)
         try:
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
             path.parent.mkdir(parents=True, exist_ok=True)
             os.link(tmp, path)  # atomic: fails if the key exists
         except FileExistsError:
@@ -373,7 +420,7 @@ class LocalStore:
         _fsync_dir(path.parent)
         st = path.stat()
         etag = hashlib.md5(data).hexdigest()
-        self._write_meta(key, etag, st)
+        self._cache_meta(key, etag, st)
         return ObjectInfo(key=key, size=st.st_size, etag=etag, last_modified=_utc(st))
 
     async def delete(self, key: str) -> None:
@@ -435,16 +482,14 @@ class LocalStore:
             part_number,
             data,
             writing=True,
+            needed_bytes=len(data),
         )
 
     def _upload_part_sync(self, key: str, upload_id: str, part_number: int, data: bytes) -> str:
         folder = self._upload_dir(key, upload_id)
         etag = hashlib.md5(data).hexdigest()
-        tmp = self._new_tmp()
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        self._preflight(key, len(data))
+        tmp = self._write_tmp(data)
         final = folder / f"{part_number:05d}-{etag}.part"
         tmp.replace(final)
         for older in folder.glob(f"{part_number:05d}-*.part"):
@@ -468,13 +513,21 @@ class LocalStore:
     def _complete_sync(self, key: str, upload_id: str, parts: list[CompletedPart]) -> ObjectInfo:
         folder = self._upload_dir(key, upload_id)
         files = self._checked_part_files(key, folder, parts)
+        total = sum(f.stat().st_size for f in files)
+        self._preflight(key, total)
         tmp = self._new_tmp()
-        with open(tmp, "wb") as out:
-            for part_file in files:
-                with open(part_file, "rb") as src:
-                    shutil.copyfileobj(src, out, _HASH_CHUNK)
-            out.flush()
-            os.fsync(out.fileno())
+        try:
+            with open(tmp, "wb") as out:
+                for part_file in files:
+                    with open(part_file, "rb") as src:
+                        shutil.copyfileobj(src, out, _HASH_CHUNK)
+                out.flush()
+                os.fsync(out.fileno())
+        except BaseException as exc:
+            tmp.unlink(missing_ok=True)
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise self._no_space(key, total) from exc
+            raise
         info = self._publish(tmp, key, multipart_etag([p.etag for p in parts]))
         shutil.rmtree(folder, ignore_errors=True)
         return info

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import email.utils
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -43,12 +43,22 @@ from tplr.comms.errors import (
     AccessDenied,
     AlreadyExists,
     InvalidRequest,
+    MalformedResponse,
     NotFound,
     PreconditionFailed,
     StoreError,
     Throttled,
     TransientError,
 )
+from tplr.comms.s3_fields import (
+    ANSWER_PARSE_FAILURES,
+    answer_etag,
+    answer_size,
+    answer_text,
+    answer_time,
+    page_objects,
+)
+from tplr.comms.sigv4 import object_url, presign_url
 from tplr.comms.store import CompletedPart, ObjectInfo
 from tplr.comms.throttle import AdaptiveThrottle
 from tplr.comms.transfer_config import TransferConfig
@@ -276,11 +286,23 @@ class S3Store:
 
     @contextlib.asynccontextmanager
     async def _request(self, operation: str, key: str) -> AsyncIterator[None]:
-        """One throttled request; failures leave as typed errors (throttling slows us)."""
+        """One throttled request; failures leave as typed errors (throttling slows us).
+
+        The block holds only the client call: a ``ValueError`` or ``KeyError`` there is
+        botocore failing to parse what the endpoint sent (a bad date, a bad number,
+        broken XML), which is the endpoint's fault and becomes ``MalformedResponse``.
+        """
+        self._client  # noqa: B018  (raises if used outside ``async with``, before the try)
         async with self.throttle:
             try:
                 yield
                 self._bucket_exists = True
+            except ANSWER_PARSE_FAILURES as exc:
+                raise MalformedResponse(
+                    f"{operation} {self.url(key)} (endpoint {self.endpoint}): the answer could"
+                    f" not be parsed: {type(exc).__name__}: {str(exc)[:200]}",
+                    location=self.url(key),
+                ) from exc
             except S3_FAILURES as exc:
                 error = map_s3_error(
                     exc, location=self.url(key), endpoint=self.endpoint, operation=operation
@@ -298,11 +320,12 @@ class S3Store:
         except NotFound:
             await self._raise_if_bucket_missing(key)
             raise
+        where = f"HEAD {self.url(key)} (endpoint {self.endpoint})"
         return ObjectInfo(
             key=key,
-            size=int(response["ContentLength"]),
-            etag=_unquote(response["ETag"]),
-            last_modified=_utc(response["LastModified"]),
+            size=answer_size(response, "ContentLength", where),
+            etag=answer_etag(response, where),
+            last_modified=answer_time(response, "LastModified", where),
         )
 
     async def _raise_if_bucket_missing(self, key: str) -> None:
@@ -378,7 +401,7 @@ class S3Store:
         self, response: dict[str, Any], offset: int, length: int, where: str, key: str
     ) -> None:
         status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        declared = int(response.get("ContentLength", 0))
+        declared = answer_size(response, "ContentLength", where)
         if declared > length or (offset > 0 and status != 206):
             raise InvalidRequest(
                 f"endpoint {self.endpoint} ignored the Range header of {where}"
@@ -386,13 +409,25 @@ class S3Store:
                 location=self.url(key),
                 hint="use an S3-compatible endpoint that supports ranged GETs",
             )
+        content_range = response.get("ContentRange")
+        # the range may end early at the object's end (the short body is then an error
+        # of its own); a range that starts elsewhere would put bytes in the wrong place
+        expected = f"bytes {offset}-"
+        if status == 206 and not (
+            isinstance(content_range, str) and content_range.startswith(expected)
+        ):
+            raise MalformedResponse(
+                f"{where} answered Content-Range {str(content_range)[:80]!r}",
+                location=self.url(key),
+            )
 
     async def get(self, key: str) -> bytes:
         async with self._request("GET", key):
             response = await self._client.get_object(Bucket=self.bucket_name, Key=key)
             async with response["Body"] as body:
                 data = await body.read()
-            expected = int(response.get("ContentLength", len(data)))
+        where = f"GET {self.url(key)} (endpoint {self.endpoint})"
+        expected = answer_size(response, "ContentLength", where, default=len(data))
         if len(data) != expected:
             raise TransientError(
                 f"short read: GET {self.url(key)} returned {len(data)} of {expected} bytes",
@@ -406,15 +441,22 @@ class S3Store:
         return ObjectInfo(
             key=key,
             size=len(data),
-            etag=_unquote(response["ETag"]),
+            etag=answer_etag(response, f"PUT {self.url(key)} (endpoint {self.endpoint})"),
             last_modified=_server_time(response),
         )
 
     async def presigned_get_url(self, key: str, expires_s: int) -> str:
         """A URL that GETs ``key`` without credentials for ``expires_s`` seconds (SigV4 query
-        auth). ``Range`` and ``If-Match`` headers may be added; they are not signed."""
-        return await self._client.generate_presigned_url(
-            "get_object", Params={"Bucket": self.bucket_name, "Key": key}, ExpiresIn=expires_s
+        auth, path style, as the client would sign it: :mod:`tplr.comms.sigv4`, checked
+        against botocore's signatures). ``Range`` and ``If-Match`` headers may be added;
+        they are not signed."""
+        return presign_url(
+            "GET",
+            object_url(self.endpoint, self.bucket_name, key),
+            access_key_id=self.bucket.access_key_id,
+            secret_access_key=self.bucket.secret_access_key,
+            region=self.bucket.region,
+            expires_s=expires_s,
         )
 
     async def put_if_absent(self, key: str, data: bytes) -> ObjectInfo:
@@ -429,14 +471,15 @@ class S3Store:
         return ObjectInfo(
             key=key,
             size=len(data),
-            etag=_unquote(response["ETag"]),
+            etag=answer_etag(response, f"PUT {self.url(key)} (endpoint {self.endpoint})"),
             last_modified=_server_time(response),
         )
 
     async def create_multipart(self, key: str) -> str:
         async with self._request("CreateMultipartUpload", key):
             response = await self._client.create_multipart_upload(Bucket=self.bucket_name, Key=key)
-        return str(response["UploadId"])
+        where = f"CreateMultipartUpload {self.url(key)} (endpoint {self.endpoint})"
+        return answer_text(response, "UploadId", where)
 
     async def upload_part(self, key: str, upload_id: str, part_number: int, data: bytes) -> str:
         async with self._request(f"UploadPart {part_number}", key):
@@ -447,7 +490,7 @@ class S3Store:
                 PartNumber=part_number,
                 Body=data,
             )
-        return _unquote(response["ETag"])
+        return answer_etag(response, f"UploadPart {part_number} {self.url(key)}")
 
     async def complete_multipart(
         self, key: str, upload_id: str, parts: list[CompletedPart]
@@ -473,18 +516,31 @@ class S3Store:
                 )
 
     async def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
+        """Every object under ``prefix`` in key order. The answers are checked as they come
+        (see :func:`tplr.comms.s3_fields.page_objects`): keys under the prefix, strictly
+        ascending across pages, no repeated continuation token, so a hostile endpoint
+        cannot make a listing go round in circles."""
         token: str | None = None
+        after: str | None = None
+        seen_tokens: set[str] = set()
+        where = f"LIST {self.url(prefix)} (endpoint {self.endpoint})"
         while True:
             extra = {"ContinuationToken": token} if token else {}
             async with self._request("LIST", prefix):
                 page = await self._client.list_objects_v2(
                     Bucket=self.bucket_name, Prefix=prefix, MaxKeys=self._list_page_size, **extra
                 )
-            for info in _page_objects(page):
+            for info in page_objects(page, prefix, after, where):
+                after = info.key
                 yield info
             token = page.get("NextContinuationToken")
-            if not page.get("IsTruncated") or not token:
+            if page.get("IsTruncated") is not True or not token:
                 return
+            if not isinstance(token, str) or token in seen_tokens or len(token) > 4096:
+                raise MalformedResponse(
+                    f"{where}: the continuation token repeats or is invalid", location=where
+                )
+            seen_tokens.add(token)
 
     async def delete(self, key: str) -> None:
         async with self._request("DELETE", key):
@@ -526,13 +582,3 @@ class _BodyChunks:
             )
         self._remaining -= len(chunk)
         return chunk
-
-
-def _page_objects(page: dict[str, Any]) -> Iterator[ObjectInfo]:
-    for item in page.get("Contents", ()):
-        yield ObjectInfo(
-            key=item["Key"],
-            size=int(item["Size"]),
-            etag=_unquote(item.get("ETag", "")),
-            last_modified=_utc(item["LastModified"]),
-        )

@@ -1,4 +1,12 @@
-"""Turn ``s3://BUCKET/KEY``, ``file:///abs/path`` or a plain local path into a store and key.
+"""Turn a location into a store and key: ``s3://BUCKET/KEY``, ``https://host/path/FILE``,
+``hf://datasets/OWNER/REPO/FILE``, ``file:///abs/path`` or a plain local path.
+
+``hf://datasets/OWNER/REPO[@REVISION]/PATH`` (or ``…/PATH@REVISION``) names a file of a
+dataset on the hub: ``{HF_ENDPOINT}/datasets/OWNER/REPO/resolve/{REVISION}/PATH``
+(``HF_ENDPOINT`` defaults to ``https://huggingface.co``, revision ``main``), read with
+``HF_TOKEN`` when set and listed through the hub's tree API. ``http(s)://`` URLs are read
+as they are (:class:`~tplr.comms.http_store.HttpStore`, read-only); ``TPLR_CA_BUNDLE``
+names a CA bundle to trust for them.
 
 Credentials come from the environment, read only when :func:`open_store_for_url` is
 called (never at import):
@@ -23,13 +31,11 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from pydantic import SecretStr
 
 from tplr.comms.config import BucketConfig
-from tplr.comms.local_store import LocalStore
-from tplr.comms.s3_store import S3Store
 from tplr.comms.store import ObjectStore
 from tplr.comms.transfer_config import TransferConfig
 from tplr.errors import ConfigError
@@ -43,22 +49,77 @@ _R2_BUCKETS = {
 }
 
 
+DEFAULT_HF_ENDPOINT = "https://huggingface.co"
+_HF_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+
+
 @dataclass(frozen=True, slots=True)
 class StoreUrl:
-    """A parsed location: an S3 bucket and key, or a local root folder and key."""
+    """A parsed location: an S3 bucket and key, a local root folder and key, or an
+    HTTP(S) base URL and key (``tree_api``: the hub's listing of that base)."""
 
-    scheme: Literal["s3", "file"]
+    scheme: Literal["s3", "file", "http"]
     key: str
     bucket: str | None = None
     root: Path | None = None
+    base_url: str | None = None
+    tree_api: str | None = None
+    hub: bool = False
 
 
-def parse_store_url(url: str) -> StoreUrl:
-    """Parse ``s3://BUCKET/KEY``, ``file:///abs/path`` or a local path.
+def _split(url: str):
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  (a bad port raises here)
+    except ValueError as exc:
+        raise ConfigError(f"malformed URL {url[:200]!r}: {exc}", hint="check the URL") from None
+    return parts
+
+
+def _parse_http_url(url: str) -> StoreUrl:
+    parts = _split(url)
+    if not parts.hostname or parts.query or parts.fragment or parts.username:
+        raise ConfigError(
+            f"unsupported HTTP(S) URL {url!r}",
+            hint="write https://HOST/PATH/FILE (no user, query or fragment)",
+        )
+    folder, _, name = parts.path.rpartition("/")
+    base = f"{parts.scheme}://{parts.netloc}{folder}/"
+    return StoreUrl(scheme="http", key=unquote(name), base_url=base)
+
+
+def _parse_hf_url(url: str, endpoint: str) -> StoreUrl:
+    """``hf://datasets/OWNER/REPO[@REV][/PATH[@REV]]`` (see the module doc)."""
+    kind, _, rest = url.removeprefix("hf://").partition("/")
+    owner, _, rest = rest.partition("/")
+    repo, _, path = rest.partition("/")
+    repo, _, revision = repo.partition("@")
+    if not revision and "@" in path.rpartition("/")[2]:
+        path, _, revision = path.rpartition("@")
+    bad = kind != "datasets" or not (_HF_NAME.match(owner) and _HF_NAME.match(repo))
+    if bad or ".." in path.split("/") or path.startswith("/"):
+        raise ConfigError(
+            f"invalid hub URL {url!r}",
+            hint="write hf://datasets/OWNER/REPO/PATH, optionally with @REVISION after"
+            " REPO or PATH",
+        )
+    revision = quote(revision or "main", safe="")
+    root = endpoint.rstrip("/")
+    base = f"{root}/datasets/{owner}/{repo}/resolve/{revision}/"
+    tree = f"{root}/api/datasets/{owner}/{repo}/tree/{revision}/"
+    return StoreUrl(scheme="http", key=path, base_url=base, tree_api=tree, hub=True)
+
+
+def parse_store_url(url: str, *, hf_endpoint: str = DEFAULT_HF_ENDPOINT) -> StoreUrl:
+    """Parse ``s3://BUCKET/KEY``, ``http(s)://…``, ``hf://…``, ``file:///abs/path`` or a path.
 
     A local path ``/data/x.bin`` becomes root ``/data`` and key ``x.bin``; one that ends
     in ``/`` (a folder) becomes that folder with an empty key (a prefix for listing).
     """
+    if url.startswith(("https://", "http://")):
+        return _parse_http_url(url)
+    if url.startswith("hf://"):
+        return _parse_hf_url(url, hf_endpoint)
     if url.startswith("s3://"):
         bucket, _, key = url.removeprefix("s3://").partition("/")
         if not _BUCKET_RE.match(bucket):
@@ -69,7 +130,7 @@ def parse_store_url(url: str) -> StoreUrl:
             )
         return StoreUrl(scheme="s3", bucket=bucket, key=key)
     if url.startswith("file:"):
-        parts = urlsplit(url)
+        parts = _split(url)
         if parts.netloc not in ("", "localhost"):
             raise ConfigError(
                 f"file URL {url!r} names host {parts.netloc!r}",
@@ -79,7 +140,8 @@ def parse_store_url(url: str) -> StoreUrl:
     elif "://" in url:
         raise ConfigError(
             f"unsupported URL scheme in {url!r}",
-            hint="use s3://BUCKET/KEY, file:///absolute/path or a plain local path",
+            hint="use s3://BUCKET/KEY, https://HOST/PATH, hf://datasets/OWNER/REPO/PATH,"
+            " file:///absolute/path or a plain local path",
         )
     else:
         path_text = url
@@ -215,6 +277,107 @@ def _missing_credentials(env: Mapping[str, str], bucket: str, access: Access) ->
     return ConfigError(message, hint=f"set {generic}; or {r2}")
 
 
+def http_store_for(location: StoreUrl, env: Mapping[str, str]) -> ObjectStore:
+    """The read-only store of an ``http``/``hf`` location; ``HF_TOKEN`` (hub only) and
+    ``TPLR_CA_BUNDLE`` come from ``env``."""
+    from tplr.comms.http_store import HttpSource, HttpStore
+
+    assert location.base_url is not None
+    token = _get(env, "HF_TOKEN") if location.hub else None
+    bundle = _get(env, "TPLR_CA_BUNDLE")
+    hint = (
+        "the repository or file is private or gated: set HF_TOKEN to a token that may read it"
+        if location.hub
+        else "the server refused the request; check the URL and any access it needs"
+    )
+    source = HttpSource(
+        base_url=location.base_url,
+        token=SecretStr(token) if token else None,
+        ca_bundle=Path(bundle) if bundle else None,
+        tree_api=location.tree_api,
+        hint=hint,
+    )
+    return HttpStore(source)
+
+
+def dataset_source_store(
+    source_url: str,
+    *,
+    hf_endpoint: str = DEFAULT_HF_ENDPOINT,
+    hf_token: SecretStr | None = None,
+    ca_bundle: str | None = None,
+) -> ObjectStore:
+    """The read-only store of ``DATASET_SOURCE_URL``: an ``https://`` folder or a hub
+    dataset ``hf://datasets/OWNER/REPO[@REVISION]`` (its root; the folder goes in
+    ``DATASET_BINS_PATH``)."""
+    url = source_url if source_url.startswith("hf://") else source_url.rstrip("/") + "/"
+    location = parse_store_url(url, hf_endpoint=hf_endpoint)
+    if location.scheme != "http" or location.key:
+        raise ConfigError(
+            f"DATASET_SOURCE_URL={source_url!r} is not an https:// folder or a hub repository",
+            hint="use https://HOST/PATH/ or hf://datasets/OWNER/REPO, and put the folder"
+            " inside it in DATASET_BINS_PATH",
+        )
+    env = {
+        "HF_TOKEN": hf_token.get_secret_value() if hf_token else "",
+        "TPLR_CA_BUNDLE": ca_bundle or "",
+    }
+    return http_store_for(location, env)
+
+
+def signed_bucket_reader(
+    config: BucketConfig,
+    env: Mapping[str, str],
+    *,
+    transfer: TransferConfig | None = None,
+    max_connections: int = 16,
+) -> ObjectStore | None:
+    """A read-only store for the bucket that presigns its own requests (SigV4, no botocore:
+    the fast start of ``tplr fetch``), or None when an HTTP proxy applies to the endpoint
+    (only the S3 client honours proxies). A HEAD or GET that fails is asked again through
+    the S3 client, whose error is the precise one (and which works where a server does
+    not take presigned requests)."""
+    import urllib.request
+
+    from tplr.comms.download_http import URL_EXPIRES_S
+    from tplr.comms.http_store import HttpSource, HttpStore
+    from tplr.comms.sigv4 import presign_url
+
+    endpoint = config.resolved_endpoint().rstrip("/")
+    host = _split(endpoint).hostname or ""
+    if urllib.request.getproxies().get(_split(endpoint).scheme) and not urllib.request.proxy_bypass(
+        host
+    ):
+        return None
+
+    def sign(method: str, url: str) -> str:
+        return presign_url(
+            method,
+            url,
+            access_key_id=config.access_key_id,
+            secret_access_key=config.secret_access_key,
+            region=config.region,
+            expires_s=URL_EXPIRES_S,
+        )
+
+    bundle = _get(env, "AWS_CA_BUNDLE") or _get(env, "REQUESTS_CA_BUNDLE")
+    source = HttpSource(
+        base_url=f"{endpoint}/{config.bucket_name}/",
+        ca_bundle=Path(bundle) if bundle else None,
+        hint="check the access key id and secret for this bucket, and that the key may read it",
+        signer=sign,
+        display_base=f"s3://{config.bucket_name}/",
+    )
+
+    def s3_client_store() -> contextlib.AbstractAsyncContextManager[ObjectStore]:
+        from tplr.comms.s3_store import S3Store
+
+        return S3Store(config, transfer, max_connections=max_connections)
+
+    timeout_s = (transfer or TransferConfig.model_construct()).transfer_read_timeout_s
+    return HttpStore(source, timeout_s=timeout_s, fallback=s3_client_store)
+
+
 @contextlib.asynccontextmanager
 async def open_store_for_url(
     url: str,
@@ -224,15 +387,41 @@ async def open_store_for_url(
     max_connections: int = 16,
     env: Mapping[str, str] | None = None,
     access: Access = "read",
+    signed_reads: bool = False,
 ) -> AsyncIterator[tuple[ObjectStore, str]]:
-    """``async with open_store_for_url(url) as (store, key):`` for any supported URL."""
-    location = parse_store_url(url)
+    """``async with open_store_for_url(url) as (store, key):`` for any supported URL.
+
+    ``signed_reads``: read an ``s3://`` bucket through presigned URLs (HEAD, GET, ranged
+    GETs) without the S3 client: what ``tplr fetch`` uses to start fast."""
+    env = os.environ if env is None else env
+    location = parse_store_url(url, hf_endpoint=_get(env, "HF_ENDPOINT") or DEFAULT_HF_ENDPOINT)
     if location.scheme == "file":
+        from tplr.comms.local_store import LocalStore
+
         assert location.root is not None
         async with LocalStore(location.root) as local:
             yield local, location.key
         return
+    if location.scheme == "http":
+        if access == "write":
+            raise ConfigError(
+                f"{url} is a read-only HTTP(S) source", hint="write to s3:// or a folder"
+            )
+        async with http_store_for(location, env) as http:
+            yield http, location.key
+        return
     assert location.bucket is not None
     config = bucket_config_for(location.bucket, access=access, endpoint_url=endpoint_url, env=env)
+    reader = None
+    if signed_reads and access == "read":
+        reader = signed_bucket_reader(
+            config, env, transfer=transfer, max_connections=max_connections
+        )
+    if reader is not None:
+        async with reader:  # type: ignore[attr-defined]
+            yield reader, location.key
+        return
+    from tplr.comms.s3_store import S3Store  # botocore: imported only when S3 is used
+
     async with S3Store(config, transfer, max_connections=max_connections) as s3:
         yield s3, location.key

@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from tplr.comms.download_source import fetch_whole_object
 from tplr.comms.errors import NotFound, PreconditionFailed, StoreError
 from tplr.comms.retry import RetryPolicy, retry
 from tplr.comms.store import ObjectInfo, ObjectStore
@@ -143,21 +144,24 @@ class PayloadFetcher:
     async def fetch_object(
         self, store: ObjectStore, key: str, *, max_bytes: int, reason: RejectReason
     ) -> FetchedPayload:
-        """HEAD (size checked against ``max_bytes``), then a GET pinned to its ETag."""
+        """One GET where the store presigns (no HEAD: one version by construction), else HEAD
+        then a GET pinned to its ETag; the size checked against ``max_bytes`` from the answer's
+        head before any byte of the body is read, the body received off the event loop."""
 
         async def attempt() -> FetchedPayload:
-            info = await store.head(key)
-            if info.size > max_bytes:
-                raise PayloadRejected(reason, f"{info.size} bytes, the limit is {max_bytes}")
+            def within_limit(info: ObjectInfo) -> None:  # before any byte of the body
+                if info.size > max_bytes:
+                    raise PayloadRejected(reason, f"{info.size} bytes, the limit is {max_bytes}")
+
             started = time.monotonic()
-            buffer = bytearray(info.size)
-            if info.size:
-                await store.get_range(key, 0, memoryview(buffer), if_match=info.etag)
+            # one GET (where the store presigns: no HEAD, one version by construction), the
+            # size limit checked from the answer's head, the body received off the loop
+            data, info = await fetch_whole_object(store, key, check=within_limit)
             if self.transfer_metrics is not None:
                 self.transfer_metrics.observe_part(
                     "download", info.size, time.monotonic() - started
                 )
-            return FetchedPayload(-1, bytes(buffer), info)
+            return FetchedPayload(-1, data, info)
 
         return await retry(attempt, self.policy, describe=f"fetch {store.url(key)}")
 

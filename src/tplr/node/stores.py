@@ -1,6 +1,8 @@
 """The stores a node uses, built from settings: R2/S3 when keys are set, else embedded.
 
-- Dataset: ``R2_DATASET_READ_*`` keys set -> that bucket; else the embedded dataset store,
+- Dataset: ``DATASET_SOURCE_URL`` set -> that read-only HTTPS folder or hub dataset
+  (``hf://datasets/OWNER/REPO``, :class:`~tplr.comms.http_store.HttpStore`); else
+  ``R2_DATASET_READ_*`` keys set -> that bucket; else the embedded dataset store,
   a local folder ``{home}/dataset/`` whose ``DATASET_BINS_PATH`` prefix holds the shards.
 - Gradients: ``R2_GRADIENTS_WRITE_*`` (or ``READ_*``) keys set -> this node's bucket, peers
   from ``PEERS_FILE``; else the embedded shared store ``{home}/shared/``, where each node
@@ -26,6 +28,7 @@ from tplr.comms.config import DatasetBucketSettings, GradientsBucketSettings
 from tplr.comms.local_store import LocalStore
 from tplr.comms.s3_store import S3Store
 from tplr.comms.store import ObjectStore
+from tplr.comms.store_url import dataset_source_store
 from tplr.comms.transfer_config import TransferConfig
 from tplr.errors import ConfigError
 from tplr.node.directory import (
@@ -111,6 +114,15 @@ async def _open_dataset_store(
     transfer: TransferConfig,
     stack: contextlib.AsyncExitStack,
 ) -> tuple[ObjectStore, Path | None]:
+    if bucket.source_url:
+        source = dataset_source_store(
+            bucket.source_url,
+            hf_endpoint=bucket.hf_endpoint,
+            hf_token=bucket.hf_token,
+            ca_bundle=bucket.ca_bundle,
+        )
+        log.info("dataset: %s (read-only HTTP(S) source)", source.url())
+        return source, None
     if dataset_uses_r2(bucket):
         config = bucket.read_bucket()  # names any missing R2_DATASET_* variable
         store = await stack.enter_async_context(S3Store(config, transfer))

@@ -1,0 +1,110 @@
+"""Adaptive concurrency: how many ranged GETs of one download run at once.
+
+Requests wait in offset order; each stream takes the next one when it is free, so parts
+complete roughly in order (what a killed download has written is a prefix of the object,
+plus one part in progress per stream, not every part 75 % done). The download starts
+with a few streams and doubles them every ``interval_s`` while the aggregate throughput
+grows by at least ``min_gain`` per doubling (and quadruples them while it grows almost in
+proportion, so a per-connection-limited origin gets its streams in a few tenths of a
+second): an origin that limits each connection (one
+R2 stream across a WAN, nginx ``limit_rate``) gets many streams, a fast loopback or LAN
+keeps few (less CPU and fewer seeks for the same bytes). ``max_streams`` caps it
+(``DOWNLOAD_MAX_WORKERS``, or one per request up to 128).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+INITIAL_STREAMS = 16
+GROWTH_INTERVAL_S = 0.1
+MIN_GAIN = 1.2  # a doubling of the streams must bring >= 20 % more throughput to go on
+LINEAR_GAIN = 1.6  # a doubling that nearly doubled the throughput: grow 4x next time
+
+
+class AdaptiveStreams(Generic[T]):
+    """``await AdaptiveStreams(queue, run, ...).run()`` runs every queued item with ``run``.
+
+    ``run`` may append items to ``queue`` (a part to fetch again); the stream that did so
+    keeps going, so an item is never left without a stream. The first exception stops
+    every stream and propagates (task-group semantics).
+    """
+
+    def __init__(
+        self,
+        queue: deque[T],
+        run: Callable[[T], Awaitable[None]],
+        *,
+        max_streams: int,
+        bytes_done: Callable[[], int],
+        initial_streams: int = INITIAL_STREAMS,
+        interval_s: float = GROWTH_INTERVAL_S,
+        min_gain: float = MIN_GAIN,
+    ) -> None:
+        self.queue = queue
+        self._run = run
+        self.max_streams = max(1, max_streams)
+        self._bytes_done = bytes_done
+        self._initial = max(1, min(initial_streams, self.max_streams))
+        self._interval_s = interval_s
+        self._min_gain = min_gain
+        self.streams = 0  # started so far
+        self.peak_streams = 0
+        self._active = 0
+        self._all_done = asyncio.Event()
+
+    async def run(self) -> None:
+        if not self.queue:
+            return
+        async with asyncio.TaskGroup() as group:
+            for _ in range(min(self._initial, len(self.queue))):
+                self._start(group)
+            if self.streams < self.max_streams:
+                group.create_task(self._grow(group))
+        log.debug("download used %d streams at most", self.peak_streams)
+
+    def _start(self, group: asyncio.TaskGroup) -> None:
+        self.streams += 1
+        self._active += 1
+        self.peak_streams = max(self.peak_streams, self._active)
+        group.create_task(self._stream())
+
+    async def _stream(self) -> None:
+        try:
+            while self.queue:
+                await self._run(self.queue.popleft())
+        finally:
+            self._active -= 1
+            if self._active == 0:
+                self._all_done.set()
+
+    async def _grow(self, group: asyncio.TaskGroup) -> None:
+        """Double the streams while that pays (see the module doc)."""
+        last_rate: float | None = None
+        last_bytes, last_time = self._bytes_done(), time.monotonic()
+        while self.queue and self.streams < self.max_streams:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._interval_s):
+                    await self._all_done.wait()
+            if self._all_done.is_set() or not self.queue:
+                return
+            now, done = time.monotonic(), self._bytes_done()
+            rate = (done - last_bytes) / max(now - last_time, 1e-6)
+            last_bytes, last_time = done, now
+            if last_rate is not None and rate < last_rate * self._min_gain:
+                log.debug("streams settled at %d (%.1f MB/s)", self._active, rate / 1e6)
+                return
+            factor = 4 if last_rate is not None and rate >= last_rate * LINEAR_GAIN else 2
+            last_rate = rate
+            more = (factor - 1) * self._active
+            for _ in range(min(more, self.max_streams - self.streams, len(self.queue))):
+                self._start(group)
