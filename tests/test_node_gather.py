@@ -1,6 +1,6 @@
-"""Gathering peers' payloads: missing, oversized (refused before download), slow (deadline),
-replaced mid-fetch (never mixed), unknown peers; and the upload-time check on the store's
-LastModified."""
+"""Gathering peers' objects: payloads missing, oversized (refused before download), slow
+(deadline), replaced mid-fetch (never mixed), unknown peers, a store that fails in an
+unexpected way; the commitment snapshot and the reveal checks (in time, matching, hostile)."""
 
 from __future__ import annotations
 
@@ -14,17 +14,25 @@ from safetensors.torch import load as safetensors_load
 from tplr.comms.local_store import LocalStore
 from tplr.comms.retry import RetryPolicy
 from tplr.node.directory import UnknownPeer
-from tplr.node.gather import PayloadFetcher, validate_all
+from tplr.node.gather import PayloadFetcher, check_reveals, validate_all
 from tplr.node.prefixed_store import PrefixedStore
 from tplr.node.settings import GatherConfig
 from tplr.protocol.clock import FakeClock, WindowClock
-from tplr.protocol.payload import PayloadMeta, PayloadSchema, encode_payload, payload_key
+from tplr.protocol.commitments import commit_to, commitment_key
+from tplr.protocol.payload import (
+    PayloadExpectation,
+    PayloadMeta,
+    PayloadSchema,
+    encode_payload,
+    payload_key,
+)
 from tplr.train.compression import CompressionSettings, compress_tensor
 
 SETTINGS = CompressionSettings(chunk_size=8, topk=2)
 SCHEMA = PayloadSchema.for_model({"w": (4, 8), "b": (8,)}, SETTINGS)
 RUN, WINDOW = "gather-run", 2
 GENESIS = 1_800_000_000.0
+BASE = "xxh3_128:" + "00" * 16
 
 
 def payload_bytes(uid: int, window: int = WINDOW, scale: float = 1.0) -> bytes:
@@ -33,7 +41,15 @@ def payload_bytes(uid: int, window: int = WINDOW, scale: float = 1.0) -> bytes:
         name: compress_tensor(torch.randn(shape, generator=generator) * scale, SETTINGS)
         for name, shape in SCHEMA.param_shapes.items()
     }
-    return encode_payload(PayloadMeta(RUN, window, uid, "blake2b:x", 16), tensors)
+    return encode_payload(PayloadMeta(RUN, window, uid, BASE, "blake2b:x", 16), tensors)
+
+
+def expectations(uids, run_id=RUN, digests=None) -> dict[int, PayloadExpectation]:
+    digests = digests or {}
+    return {
+        uid: PayloadExpectation(run_id, WINDOW, uid, BASE, digests.get(uid, "blake2b:x"))
+        for uid in uids
+    }
 
 
 def same_tensors(a: bytes, b: bytes) -> bool:
@@ -108,38 +124,75 @@ async def test_each_peer_gets_its_own_outcome(peers):
     assert peers[3].gets == 0  # refused on the HEAD size, nothing downloaded
     assert same_tensors(outcome.fetched[5].data, payload_bytes(5, scale=2.0))  # new version, whole
     assert outcome.bytes == len(outcome.fetched[1].data) + len(outcome.fetched[5].data)
-    assert outcome.covers([1, 2, 3]) and not outcome.covers([1, 7])
-    assert sorted(outcome.subset([1, 3]).fetched) == [1]
 
-    validated = validate_all(outcome, SCHEMA, run_id=RUN, window_clock=None)
+    validated = validate_all(outcome.fetched, SCHEMA, expectations([1, 5]))
     assert sorted(validated.valid) == [1, 5]
-    validated = validate_all(outcome, SCHEMA, run_id="other-run", window_clock=None)
-    assert validated.rejected[1] == "wrong_run" and validated.rejected[4] == "timeout"
+    validated = validate_all(outcome.fetched, SCHEMA, expectations([1, 5], run_id="other"))
+    assert validated.rejected == {1: "wrong_run", 5: "wrong_run"}
     digests = {1: "blake2b:x", 5: "blake2b:something-else"}
-    validated = validate_all(outcome, SCHEMA, run_id=RUN, window_clock=None, digests=digests)
+    validated = validate_all(outcome.fetched, SCHEMA, expectations([1, 5], digests=digests))
     assert sorted(validated.valid) == [1] and validated.rejected[5] == "digest_mismatch"
 
 
-@pytest.mark.parametrize(
-    ("seconds_into_window", "accepted"),
-    [(10.0, True), (29.0, True), (45.0, False), (-5.0, False)],
-)
-async def test_upload_time_is_the_stores_last_modified_inside_the_window(
-    tmp_path, seconds_into_window, accepted
-):
-    store = PrefixedStore(LocalStore(tmp_path), "uids/1/")
-    await store.put(payload_key(WINDOW, 1), payload_bytes(1))
-    stamp = GENESIS + WINDOW * 60.0 + seconds_into_window  # the deadline is at 30 s
-    os.utime(tmp_path / "uids" / "1" / payload_key(WINDOW, 1), (stamp, stamp))
-    info = await store.head(payload_key(WINDOW, 1))
-    assert info.last_modified.timestamp() == pytest.approx(stamp)
-    fetcher = PayloadFetcher(MapDirectory({1: store}), GatherConfig(), RetryPolicy())
-    outcome = await fetcher.fetch(WINDOW, [1], max_bytes=SCHEMA.max_bytes)
-    clock = WindowClock(
-        genesis_s=GENESIS, window_seconds=60.0, upload_deadline_fraction=0.5, clock=FakeClock()
+class BrokenStore(RecordingStore):
+    """A store whose reads fail with an untyped error (a bug in a backend, say)."""
+
+    async def get_range(self, key, offset, into, *, if_match=None):
+        raise RuntimeError("a bug far below")
+
+
+async def test_any_failure_on_one_peer_is_that_peers_rejection(tmp_path):
+    """Issue 10: whatever goes wrong with one peer's bytes, ours included, is a rejection with
+    a reason (internal_error) and never stops the node or the other peers."""
+    shared = LocalStore(tmp_path)
+    stores = {1: RecordingStore(shared, "uids/1/"), 2: BrokenStore(shared, "uids/2/")}
+    for uid, store in stores.items():
+        await store.put(payload_key(WINDOW, uid), payload_bytes(uid))
+    fetcher = PayloadFetcher(MapDirectory(stores), GatherConfig(), RetryPolicy(max_attempts=1))
+    outcome = await fetcher.fetch(WINDOW, [1, 2], max_bytes=SCHEMA.max_bytes)
+    assert sorted(outcome.fetched) == [1] and outcome.failures == {2: "internal_error"}
+    # validation: an expectation missing for a payload (a bug of ours) is its rejection too
+    validated = validate_all(outcome.fetched, SCHEMA, {})
+    assert validated.rejected == {1: "internal_error"} and not validated.valid
+
+
+def windows_at(now_s: float) -> WindowClock:
+    return WindowClock(genesis_s=GENESIS, window_seconds=60.0, clock=FakeClock(now_s))
+
+
+def stamp(path, seconds_into_window: float) -> None:
+    when = GENESIS + WINDOW * 60.0 + seconds_into_window
+    os.utime(path, (when, when))
+
+
+async def test_commitments_and_reveals(tmp_path):
+    """Commit deadline 36 s, reveal opens 39 s, reveal deadline 45 s (the default phases)."""
+    root = tmp_path / "uids"
+    shared = LocalStore(tmp_path)
+    stores = {uid: PrefixedStore(shared, f"uids/{uid}/") for uid in range(1, 8)}
+    data = {uid: payload_bytes(uid) for uid in stores}
+    for uid, store in stores.items():
+        committed = data[uid] if uid != 4 else payload_bytes(4, scale=3.0)  # 4 reveals another
+        commitment = commit_to(committed, run_id=RUN, window=WINDOW, uid=uid)
+        body = commitment.to_json() if uid != 6 else b"[" * 4000 + b"]" * 4000  # 6: hostile
+        await store.put(commitment_key(WINDOW, uid), body)
+        stamp(root / str(uid) / commitment_key(WINDOW, uid), 20.0 if uid != 3 else 37.0)
+        if uid != 5:  # 5 never reveals
+            await store.put(payload_key(WINDOW, uid), data[uid])
+            stamp(root / str(uid) / payload_key(WINDOW, uid), 40.0 if uid != 7 else 30.0)
+    fetcher = PayloadFetcher(MapDirectory(stores), GatherConfig(), RetryPolicy())
+    in_time = windows_at(GENESIS + WINDOW * 60.0 + 37.0)  # the snapshot, before reveal opens
+    snapshot = await fetcher.snapshot_commitments(
+        WINDOW, [*stores, 9], run_id=RUN, windows=in_time, check_store_clock=True
     )
-    validated = validate_all(outcome, SCHEMA, run_id=RUN, window_clock=clock)
-    if accepted:
-        assert 1 in validated.valid
-    else:
-        assert validated.rejected == {1: "outside_window"}
+    assert sorted(snapshot.accepted) == [1, 2, 4, 5, 7]
+    assert snapshot.rejected == {3: "late_commitment", 6: "bad_commitment", 9: "unknown_peer"}
+    late = windows_at(GENESIS + WINDOW * 60.0 + 40.0)  # observed once reveals could be read
+    too_late = await fetcher.snapshot_commitments(
+        WINDOW, [1], run_id=RUN, windows=late, check_store_clock=False
+    )
+    assert too_late.rejected == {1: "late_commitment"}
+    outcome = await fetcher.fetch(WINDOW, snapshot.accepted, max_bytes=SCHEMA.max_bytes)
+    matched, rejected = check_reveals(outcome, snapshot, windows=in_time, check_store_clock=True)
+    assert sorted(matched) == [1, 2]
+    assert rejected == {4: "reveal_mismatch", 5: "not_revealed", 7: "late_reveal"}

@@ -110,17 +110,22 @@ def test_a_typed_error_exits_2_with_its_message_and_hint(capsys):
 # -- real processes ---------------------------------------------------------------------------
 # batch 8 = micro 4 x 2 ranks (torchrun miner) = micro 4 x 2 accumulation steps (plain miner)
 LEAD_FLAGS = [
-    *("--run-model", "tiny", "--run-window-seconds", "6", "--run-inner-steps", "4"),
+    *("--run-model", "tiny", "--run-window-seconds", "10", "--run-inner-steps", "4"),
     *("--run-inner-lr", "0.003", "--run-outer-lr", "1.0", "--run-micro-batch-size", "4"),
     *("--run-batch-size", "8", "--run-compression-chunk-size", "128"),
     *("--run-compression-topk", "16", "--run-checkpoint-every-windows", "2"),
-    *("--run-upload-deadline-fraction", "0.9", "--validator-retention-windows", "6"),
+    *("--run-gate-samples", "64", "--run-heldout-samples", "128"),
+    *(
+        "--validator-retention-windows",
+        "6",
+    ),
 ]
 TORCHRUN = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
 
 
-def start_node(home: Path, log: Path, *args: str) -> subprocess.Popen:
+def start_node(home: Path, log: Path, *args: str, **extra_env: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TPLR_", "R2_"))}
+    env.update(extra_env)
     env.update(
         TPLR_HOME=str(home),
         METRICS_PORT="0",
@@ -185,12 +190,14 @@ def make_home(tmp_path: Path) -> Path:
 
 
 async def test_torchrun_miner_killed_miner_rejoin_and_sigterm_exits_0(tmp_path):
-    """A lead, miner 1 under torchrun (2 gloo ranks, DDP) and a plain miner 2 hold the same
+    """A lead, miner 1 under torchrun (2 gloo ranks, FSDP2) and a plain miner 2 hold the same
     model; miner 2 killed with -9 rejoins; SIGTERM stops every node cleanly."""
     home = make_home(tmp_path)
     logs = [tmp_path / "lead.log", tmp_path / "miner1.log", tmp_path / "miner2.log"]
     lead = start_node(home, logs[0], "neurons/validator.py", "--lead", "--uid", "0", *LEAD_FLAGS)
-    miner1 = start_node(home, logs[1], *TORCHRUN, "neurons/miner.py", "--uid", "1")
+    miner1 = start_node(
+        home, logs[1], *TORCHRUN, "neurons/miner.py", "--uid", "1", TPLR_PARALLEL="fsdp"
+    )
     miner2_args = ("neurons/miner.py", "--uid", "2", "--lead-uid", "0")
     miner2 = start_node(home, logs[2], *miner2_args)
     shared = LocalStore(home / "shared")

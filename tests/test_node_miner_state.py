@@ -22,7 +22,7 @@ SCRIPT = HERE / "miner_restart.py"
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    return build_dataset(tmp_path_factory.mktemp("restart-data"), text_bytes=150_000)
+    return build_dataset(tmp_path_factory.mktemp("restart-data"), rows_per_shard=256, shards=4)
 
 
 def miner(home: Path, shards: Path, out: Path, start: int, end: int, *extra: str):

@@ -73,7 +73,7 @@ def test_every_bad_value_is_named_with_the_allowed_range():
     assert "invalid METRICS_PORT (flag --metrics-port)" in message
     assert "less than or equal to 65535" in message
     assert "invalid TPLR_RUN_WINDOW_SECONDS (flag --run-window-seconds)" in message
-    assert "greater than 0" in message
+    assert "greater than or equal to 1" in message
     with pytest.raises(ConfigError, match=r"--env-file .*no such file"):
         load_settings("miner", ["--uid", "1", "--env-file", "/nonexistent/.env"])
 

@@ -135,7 +135,7 @@ def templar_dir(tmp_path_factory) -> Path:
     """Templar shards (rows of 128 bytes-tokens + sample ids) with their manifest."""
     from node_harness import build_dataset
 
-    return build_dataset(tmp_path_factory.mktemp("templar"), text_bytes=200_000)
+    return build_dataset(tmp_path_factory.mktemp("templar"), rows_per_shard=256, shards=4)
 
 
 def test_seq_len_defaults_to_the_datasets_recorded_length(templar_dir, caplog):

@@ -153,20 +153,3 @@ def test_docs_memory_table_matches_the_estimator():
             error_feedback=True,
         )  # fmt: skip
         assert estimate(setup).total / GIB == pytest.approx(float(quoted), abs=0.051), preset
-
-
-def test_node_refuses_fsdp_until_its_digests_gather_shards(tmp_path):
-    from tplr.node.settings import NodeConfig
-    from tplr.node.worker_setup import build_worker
-    from tplr.protocol.run_spec import RunSpec
-
-    spec = RunSpec(
-        run_id="r", genesis_s=0.0, window_seconds=60.0, inner_steps=1, inner_lr=1e-3,
-        outer_lr=1.0, micro_batch_size=2, batch_size=4, sequence_length=32, model="tiny",
-        vocab_size=64, windows_per_shard=10, seed=1,
-    )  # fmt: skip
-    node = NodeConfig(uid=1, home=tmp_path, device="cpu", parallel="fsdp")
-    two_ranks = DistContext(0, 2, 0, torch.device("cpu"))
-    with pytest.raises(ConfigError, match="FSDP2 is not wired into the node") as info:
-        build_worker(spec, node, 32, registry=None, context=two_ranks)  # type: ignore[arg-type]
-    assert "TPLR_PARALLEL=ddp" in info.value.hint

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 from pathlib import Path
 from typing import Protocol
@@ -22,7 +23,7 @@ from tplr.comms.s3_store import S3Store
 from tplr.comms.store import ObjectStore
 from tplr.comms.transfer_config import TransferConfig
 from tplr.errors import TplrError
-from tplr.node.peers import PeerEntry, discover_nodes, load_peers_file
+from tplr.node.peers import PeerEntry, PeersFileError, discover_nodes, load_peers_file
 from tplr.node.prefixed_store import PrefixedStore
 
 log = logging.getLogger(__name__)
@@ -70,8 +71,22 @@ class EmbeddedDirectory:
         return PrefixedStore(self.shared, embedded_prefix(uid))
 
 
+def _peer_identity(entry: PeerEntry) -> tuple:
+    """What a client to a peer depends on, credentials included (as a digest: rotated keys
+    open a new client; the secret itself is never kept in the key)."""
+    keys = hashlib.blake2b(digest_size=16)
+    keys.update(entry.read_access_key_id.get_secret_value().encode())
+    keys.update(b"\0" + entry.read_secret_access_key.get_secret_value().encode())
+    location = (entry.bucket_name, entry.prefix, entry.endpoint_url, entry.account_id)
+    return (entry.uid, *location, keys.hexdigest())
+
+
 class PeersFileDirectory:
-    """Peers from ``PEERS_FILE``; reloaded when its modification time changes."""
+    """Peers from ``PEERS_FILE``; reloaded when its modification time changes.
+
+    A file that breaks while the node runs (a half-written edit, a typo) is logged and the
+    last good list is kept; at start-up it is an error. One S3 client per peer, replaced
+    (the old one closed) when the peer's bucket, endpoint or keys change in the file."""
 
     def __init__(
         self,
@@ -89,7 +104,8 @@ class PeersFileDirectory:
         self._stack = stack
         self._entries: dict[int, PeerEntry] = {}
         self._mtime_ns: int | None = None
-        self._stores: dict[tuple, ObjectStore] = {}
+        self._clients: dict[int, tuple[tuple, ObjectStore, contextlib.AsyncExitStack]] = {}
+        stack.push_async_callback(self._close_clients)
 
     async def refresh(self) -> None:
         """(Re)load the file if it changed since the last read."""
@@ -104,7 +120,7 @@ class PeersFileDirectory:
     async def _entries_now(self) -> dict[int, PeerEntry]:
         try:
             await self.refresh()
-        except OSError as exc:  # a file being rewritten: keep the last good list
+        except (OSError, PeersFileError) as exc:  # being rewritten, or broken: keep the last
             log.warning("cannot re-read peers file %s (%s); using the last list", self.path, exc)
         return self._entries
 
@@ -120,12 +136,22 @@ class PeersFileDirectory:
         entry = (await self._entries_now()).get(uid)
         if entry is None:
             raise UnknownPeer(f"uid {uid} is not in the peers file {self.path}")
-        identity = (uid, entry.bucket_name, entry.prefix, entry.endpoint_url, entry.account_id)
-        store = self._stores.get(identity)
-        if store is None:
-            opened = await self._stack.enter_async_context(
-                S3Store(entry.bucket_config(), self._transfer, max_connections=8)
-            )
-            store = PrefixedStore(opened, entry.prefix) if entry.prefix else opened
-            self._stores[identity] = store
+        identity = _peer_identity(entry)
+        current = self._clients.get(uid)
+        if current is not None and current[0] == identity:
+            return current[1]
+        client_stack = contextlib.AsyncExitStack()
+        opened = await client_stack.enter_async_context(
+            S3Store(entry.bucket_config(), self._transfer, max_connections=8)
+        )
+        store = PrefixedStore(opened, entry.prefix) if entry.prefix else opened
+        self._clients[uid] = (identity, store, client_stack)
+        if current is not None:  # bucket, endpoint or keys changed: the old client goes
+            log.info("peer %d changed in the peers file: using its new bucket settings", uid)
+            await current[2].aclose()
         return store
+
+    async def _close_clients(self) -> None:
+        clients, self._clients = self._clients, {}
+        for _, _, client_stack in clients.values():
+            await client_stack.aclose()
