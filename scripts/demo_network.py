@@ -7,6 +7,11 @@
    dataset store ``.tplr/demo/dataset/``.
 2. Starts ``neurons/validator.py --lead`` and two ``neurons/miner.py`` as separate
    processes on the embedded store (no keys, no network), for a few short windows.
+   Protocol v2: every window the miners commit, then reveal; the lead checks, evaluates
+   (the gate and the held-out reward) and approves. Per window it prints the approved
+   miners and each miner's verdict, gate statistic and reward. The run starts from a
+   random model, so its first ``bootstrap_windows`` approve on held-out improvement alone
+   (the gate is still measured and gates the rewards).
 3. Stops them with SIGTERM (they exit 0), then prints the validation loss per window,
    the miners' scores, the bytes moved, and where the metrics and logs are.
 
@@ -35,25 +40,29 @@ from tplr.comms.local_store import LocalStore
 from tplr.node.directory import embedded_prefix
 from tplr.node.prefixed_store import PrefixedStore
 from tplr.node.reports import WindowReport, read_report, report_windows
-from tplr.node.scoring import ScoreBoard, read_scores
+from tplr.node.scoring import ScoreBoard, read_scores, scores_key
+from tplr.protocol.approval import approval_key
+from tplr.untrusted import load_json
 
 ROOT = Path(__file__).resolve().parents[1]
 BINS_PATH = "remote/tokenized/"
 LEAD_UID = 0
 MINER_UIDS = (1, 2)
 SEQ_LEN = 128
+WARMUP_STEPS = 800
 RUN_FLAGS = {
     "--run-model": "tiny",
-    "--run-inner-steps": "8",
-    "--run-inner-lr": "0.003",
+    "--run-inner-steps": "16",
+    "--run-inner-lr": "0.01",
     "--run-outer-lr": "1.0",
     "--run-micro-batch-size": "8",
     "--run-batch-size": "8",
-    "--run-compression-chunk-size": "256",
+    "--run-compression-chunk-size": "128",
     "--run-compression-topk": "32",
-    "--run-windows-per-shard": "4",
+    "--run-windows-per-shard": "1",
     "--run-checkpoint-every-windows": "4",
-    "--run-upload-deadline-fraction": "0.9",
+    "--run-bootstrap-windows": "2",
+    "--run-heldout-samples": "256",
     "--run-seed": "1234",
 }
 
@@ -142,6 +151,58 @@ def build_dataset(home: Path) -> Path:
     return out
 
 
+def warm_model(shard: Path, out: Path, *, steps: int = WARMUP_STEPS, seed: int = 0) -> Path:
+    """A checkpoint file of the tiny model after ``steps`` steps on ``shard`` (a shard the run
+    does not train on), to start the run from: the gate needs a model past its first steps.
+    Built once; later calls reuse it."""
+    import numpy as np
+    import torch
+
+    from tplr.data.dataset import SharedShardedDataset
+    from tplr.data.loader import BatchLoader, LoaderConfig
+    from tplr.node.checkpoints import model_digest, write_checkpoint_file
+    from tplr.train.config import ModelConfig, TrainConfig
+    from tplr.train.worker import TrainWorker
+
+    if out.is_file():
+        return out
+    ids = shard.with_name(shard.name.replace("train_", "sample_ids_").replace(".npy", ".bin"))
+    dataset = SharedShardedDataset.open(shard, ids_path=ids, seq_len=SEQ_LEN, shard_index=0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = ModelConfig.preset("tiny", vocab_size=257)
+        config = TrainConfig(
+            lr=float(RUN_FLAGS["--run-inner-lr"]),
+            micro_batch_size=8,
+            global_batch_size=8,
+            seq_len=dataset.context_len,
+            device="cpu",
+            warmup_steps=0,
+            total_steps=1 << 40,
+            min_lr_ratio=1.0,
+            prefetch_batches=0,
+            seed=int(RUN_FLAGS["--run-seed"]),
+        )
+        worker = TrainWorker(model, config)
+        rows = np.random.default_rng(seed).choice(len(dataset), steps * 8)
+        with BatchLoader(dataset, rows, config=LoaderConfig(batch_size=8)) as batches:
+            worker.train_steps(batches, steps)
+        params = {name: p.detach().clone() for name, p in worker.model.named_parameters()}
+    finally:
+        torch.set_num_threads(threads)
+    write_checkpoint_file(params, out, run_id="warm-up", window=0, digest=model_digest(params))
+    return out
+
+
+def prepare_home(home: Path) -> Path:
+    """The demo's dataset and warmed-up initial model (both built once); returns the model."""
+    shards = build_dataset(home)
+    warm_shard = sorted(shards.glob("train_*.npy"))[-2]  # the last one is held out
+    print(f"model: the tiny model warmed up on {warm_shard.name} (built once)")
+    return warm_model(warm_shard, home / "init.safetensors")
+
+
 def node_env(home: Path, port: int) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("R2_", "TPLR_"))}
     env.update(
@@ -169,10 +230,12 @@ def start(node: Node, home: Path) -> None:
     )
 
 
-def plan_nodes(home: Path, window_seconds: float) -> list[Node]:
+def plan_nodes(home: Path, window_seconds: float, init_model: Path | None = None) -> list[Node]:
     logs = home / "logs"
     lead_args = ["neurons/validator.py", "--lead", "--uid", str(LEAD_UID)]
-    lead_args += ["--run-window-seconds", str(window_seconds), "--validator-eval-seed", "7"]
+    lead_args += ["--run-window-seconds", str(window_seconds)]
+    if init_model is not None:
+        lead_args += ["--validator-init-model", str(init_model)]
     for flag, value in RUN_FLAGS.items():
         lead_args += [flag, value]
     nodes = [Node("validator-0", lead_args, free_port(), logs / "validator-0.log")]
@@ -201,6 +264,27 @@ def check_alive(nodes: list[Node]) -> None:
             raise SystemExit(f"{node.name} exited with {node.process.returncode}:\n{tail}")
 
 
+async def window_lines(shared: LocalStore, report: WindowReport) -> list[str]:
+    """The lead's approval and every miner's verdict for one window, as printed lines."""
+    lead = PrefixedStore(shared, embedded_prefix(LEAD_UID))
+    what = f"window {report.window}"
+    approval = load_json(await lead.get(approval_key(report.window)), what=what, max_bytes=1 << 24)
+    scores = load_json(await lead.get(scores_key(report.window)), what=what, max_bytes=1 << 24)
+    loss = "n/a" if report.val_loss is None else f"{report.val_loss:.4f}"
+    phase = " (bootstrap: approved on held-out improvement)" if approval["bootstrap"] else ""
+    approved = sorted(int(uid) for uid in approval["approved"])
+    lines = [f"  window {report.window}: approved {approved}{phase}; validation loss {loss}"]
+    for uid, verdict in sorted(scores["verdicts"].items(), key=lambda item: int(item[0])):
+        gate = "not measured"
+        if verdict["gate_z"] is not None:
+            outcome = "passed" if verdict["gate_passed"] else "failed"
+            gate = f"{outcome} (z {verdict['gate_z']:.2f})"
+        reason = verdict["reason"] or "approved"
+        reward = verdict["window_score"]
+        lines.append(f"    miner {uid}: {reason:<14} gate {gate:<22} reward {reward:.3f}")
+    return lines
+
+
 def wait_for_windows(shared: LocalStore, nodes: list[Node], count: int, timeout_s: float):
     deadline = time.monotonic() + timeout_s
     seen = 0
@@ -208,11 +292,8 @@ def wait_for_windows(shared: LocalStore, nodes: list[Node], count: int, timeout_
         check_alive(nodes)
         reports = asyncio.run(lead_reports(shared))
         for report in reports[seen:]:
-            loss = "n/a" if report.val_loss is None else f"{report.val_loss:.4f}"
-            print(
-                f"  window {report.window}: validation loss {loss}, "
-                f"aggregated miners {list(report.aggregated_uids)}"
-            )
+            for line in asyncio.run(window_lines(shared, report)):
+                print(line)
         seen = len(reports)
         if seen >= count:
             return
@@ -294,14 +375,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--home", type=Path, default=ROOT / ".tplr" / "demo")
     parser.add_argument("--windows", type=int, default=10, help="windows to run")
-    parser.add_argument("--window-seconds", type=float, default=6.0)
+    parser.add_argument("--window-seconds", type=float, default=8.0)
     args = parser.parse_args(argv)
     started = time.monotonic()
     home = args.home.absolute()
-    build_dataset(home)
+    init_model = prepare_home(home)
     for stale in ("shared", "cache", "metrics"):
         shutil.rmtree(home / stale, ignore_errors=True)
-    nodes = plan_nodes(home, args.window_seconds)
+    nodes = plan_nodes(home, args.window_seconds, init_model)
     print(
         f"starting a lead validator and {len(MINER_UIDS)} miners ({args.windows} windows of "
         f"{args.window_seconds:g}s, tiny model, CPU); logs in {home / 'logs'}"

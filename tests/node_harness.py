@@ -11,22 +11,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 import yaml
 from conftest import TEST_ACCESS_KEY, TEST_SECRET_KEY
-from demo_network import write_text_corpus  # scripts/ is on pytest's pythonpath
-from prometheus_client import CollectorRegistry
+from demo_network import warm_model, write_text_corpus  # scripts/ is on pytest's pythonpath
 from pydantic import SecretStr
 
 from tplr.comms.config import DatasetBucketSettings, GradientsBucketSettings
 from tplr.comms.store import ObjectStore
 from tplr.comms.transfer_config import TransferConfig
-from tplr.data.dataset import SharedShardedDataset
-from tplr.data.loader import BatchLoader, LoaderConfig
 from tplr.data.manager_config import DatasetConfig
 from tplr.data.prepare import PrepareConfig, prepare_shards
-from tplr.node.checkpoints import model_digest, write_checkpoint_file
 from tplr.node.health import HealthConfig
 from tplr.node.lifecycle import Shutdown
 from tplr.node.runtime import NodeRuntime, open_runtime
@@ -38,9 +32,7 @@ from tplr.node.settings import (
     RunSettings,
     ValidatorConfig,
 )
-from tplr.node.worker_setup import build_worker
 from tplr.protocol.clock import FakeClock
-from tplr.protocol.run_spec import RunSpec
 
 PREFIX = "remote/tokenized/"
 SEQ_LEN = 128
@@ -91,31 +83,6 @@ def build_dataset(
     return out
 
 
-def warm_model(shards: Path, out: Path, *, vocab_size: int) -> Path:
-    """A checkpoint file of the tiny model after ``WARMUP_STEPS`` steps on the warm-up shard
-    (the lead's ``init_model``): the gate needs a model past its first steps."""
-    spec = RunSpec.model_validate(
-        {**TEST_RUN, "genesis_s": 0.0, "sequence_length": SEQ_LEN, "vocab_size": vocab_size}
-    )
-    dataset = SharedShardedDataset.open(
-        shards / f"train_{WARMUP_SHARD:06d}.npy",
-        ids_path=shards / f"sample_ids_{WARMUP_SHARD:06d}.bin",
-        seq_len=SEQ_LEN,
-        shard_index=WARMUP_SHARD,
-        vocab_size=vocab_size,
-    )
-    worker = build_worker(
-        spec, NodeConfig(uid=0, device="cpu"), dataset.context_len, CollectorRegistry()
-    )
-    rows = np.random.default_rng(0).choice(len(dataset), WARMUP_STEPS * spec.batch_size)
-    config = LoaderConfig(batch_size=spec.micro_batch_size)
-    with BatchLoader(dataset, rows, config=config, device=worker.device) as batches:
-        worker.train_steps(batches, WARMUP_STEPS)
-    params = {name: p.detach().clone() for name, p in worker.model.named_parameters()}
-    write_checkpoint_file(params, out, run_id="warm-up", window=0, digest=model_digest(params))
-    return out
-
-
 @dataclass(frozen=True)
 class TestData:
     shards: Path
@@ -126,12 +93,8 @@ class TestData:
 def make_test_data(root: Path) -> TestData:
     shards = build_dataset(root)
     vocab_size = 257  # the bytes tokenizer: 256 bytes + end of text
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        init_model = warm_model(shards, root / "init.safetensors", vocab_size=vocab_size)
-    finally:
-        torch.set_num_threads(before)
+    warm_shard = shards / f"train_{WARMUP_SHARD:06d}.npy"
+    init_model = warm_model(warm_shard, root / "init.safetensors", steps=WARMUP_STEPS)
     return TestData(shards, init_model, vocab_size)
 
 

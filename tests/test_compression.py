@@ -209,3 +209,28 @@ def test_offloaded_errors_live_in_pinned_host_memory_and_give_the_same_payload()
             assert torch.equal(a[name].values.cpu(), b[name].values.cpu())
     for rows, _, _ in offloaded.owned_rows().values():
         assert rows.device.type == "cpu" and rows.is_pinned()
+
+
+def test_sparse_norm_equals_the_norm_of_the_decompressed_delta():
+    """The validator's norm (reference and weights) comes from the sparse values; padding
+    entries past a tensor's end, which decompression drops, do not count."""
+    from tplr.protocol.aggregation import total_norm
+    from tplr.train.compression import CompressedTensor, sparse_norm
+
+    settings = CompressionSettings(chunk_size=64, topk=8)
+    generator = torch.Generator().manual_seed(3)
+    deltas = {
+        "w": torch.randn(10, 13, generator=generator),
+        "b": torch.randn(7, generator=generator),
+    }
+    parts = ErrorFeedbackCompressor(settings).compress(deltas)
+    dense = decompress_all(parts, settings.chunk_size)
+    assert sparse_norm(parts, settings.chunk_size) == pytest.approx(total_norm(dense), rel=1e-12)
+    # a hostile payload puts a large value at a padding position of the last chunk
+    part = parts["b"]
+    values = part.values.clone()
+    indices = part.indices.clone()
+    indices[0, 0], values[0, 0] = 60, 1e3  # "b" has 7 entries: index 60 is padding
+    hostile = {**parts, "b": CompressedTensor(indices, values, part.shape)}
+    expected = total_norm(decompress_all(hostile, settings.chunk_size))
+    assert sparse_norm(hostile, settings.chunk_size) == pytest.approx(expected, rel=1e-6)

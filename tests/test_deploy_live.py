@@ -84,8 +84,8 @@ def wait_until(condition: Callable[[], Any], timeout_s: float, what: str) -> Any
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoNetwork]:
     home = tmp_path_factory.mktemp("demo")
-    demo_network.build_dataset(home)
-    nodes = demo_network.plan_nodes(home, WINDOW_SECONDS)
+    init_model = demo_network.prepare_home(home)
+    nodes = demo_network.plan_nodes(home, WINDOW_SECONDS, init_model)
     shared = demo_network.LocalStore(home / "shared")
     try:
         for node in nodes:

@@ -62,7 +62,7 @@ async def test_metrics_endpoint_serves_the_node_metrics():
     metrics.record_gather(seconds=4.0, gathered=5)
     metrics.record_rejection(RejectReason.NON_FINITE)
     metrics.record_rejection("non_finite")
-    metrics.record_aggregation(outer_step_norm=0.75, clipped_peers=2)
+    metrics.record_aggregation(outer_step_norm=0.75, approved_peers=2)
     metrics.set_scores({3: 0.5, 4: 0.25})
     metrics.set_scores({4: 0.3})  # uid 3 left the board
     metrics.mark_checkpoint()
@@ -87,7 +87,7 @@ async def test_metrics_endpoint_serves_the_node_metrics():
     assert values[("tplr_peers_rejected_total", (("reason", "non_finite"),))] == 2
     assert values[("tplr_peers_rejected_total", (("reason", "digest_mismatch"),))] == 0
     assert values[("tplr_outer_step_norm", ())] == 0.75
-    assert values[("tplr_aggregation_clipped_peers", ())] == 2
+    assert values[("tplr_aggregation_approved_peers", ())] == 2
     assert values[("tplr_peer_score", (("uid", "4"),))] == 0.3
     assert ("tplr_peer_score", (("uid", "3"),)) not in values
     assert values[("tplr_checkpoint_age_seconds", ())] == 90
@@ -109,7 +109,7 @@ UNLABELLED_GAUGES = (
     "tplr_payload_bytes",
     "tplr_peers_gathered",
     "tplr_outer_step_norm",
-    "tplr_aggregation_clipped_peers",
+    "tplr_aggregation_approved_peers",
     "tplr_checkpoint_age_seconds",
     "tplr_last_window_progress_timestamp_seconds",
     "tplr_run_window_seconds",

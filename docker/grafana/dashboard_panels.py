@@ -134,12 +134,12 @@ def training_row() -> Row:
             Panel("MFU", (q(f"tplr_mfu_ratio{{{SEL}}}", needs=NEEDS_GPU),), unit="percentunit"),
             Panel("Inner step time", quantiles("tplr_inner_step_seconds", "step"), unit="s"),
             Panel(
-                "Outer step norm and clipped peers",
+                "Outer step norm and approved payloads",
                 (
                     q(f"tplr_outer_step_norm{{{SEL}}}", "{{instance}} norm"),
                     q(
-                        f"tplr_aggregation_clipped_peers{{{SEL}}}",
-                        "{{instance}} clipped",
+                        f"tplr_aggregation_approved_peers{{{SEL}}}",
+                        "{{instance}} approved",
                         zero_ok=True,
                     ),
                 ),

@@ -27,12 +27,11 @@ import torch
 
 from tplr.data.dataset import SharedShardedDataset
 from tplr.data.loader import Batch, BatchLoader, LoaderConfig
-from tplr.protocol.aggregation import total_norm
 from tplr.protocol.assignment import Assignment, gate_rows
 from tplr.protocol.evaluation_plan import window_rng
 from tplr.protocol.payload import GradientPayload
 from tplr.protocol.scoring import EvaluationFailed, GateResult, gate_result
-from tplr.train.compression import decompress_all
+from tplr.train.compression import decompress_all, sparse_norm
 from tplr.train.worker import TrainWorker
 
 log = logging.getLogger(__name__)
@@ -98,8 +97,10 @@ class WindowEvaluator:
         return decompress_all(payload.tensors, self.chunk_size, device=self.worker.device)
 
     def norms(self, payloads: Mapping[int, GradientPayload]) -> dict[int, float]:
-        """Total norm of every decoded Δ (blocking)."""
-        return {uid: total_norm(self._deltas(payload)) for uid, payload in payloads.items()}
+        """Total norm of every decoded Δ, from its sparse values (blocking)."""
+        return {
+            uid: sparse_norm(payload.tensors, self.chunk_size) for uid, payload in payloads.items()
+        }
 
     def prepare(
         self,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -123,10 +124,12 @@ class GlobalModel:
             )
         downloaded = 0
         if payloads is None:
+            started = time.monotonic()
             payloads = await fetch_approved(
                 rt.fetcher, rt.lead_store, approval, rt.schema, run_id=rt.spec.run_id
             )
             downloaded = sum(approval.entry(uid).bytes for uid in payloads)
+            rt.metrics.record_gather(seconds=time.monotonic() - started, gathered=len(payloads))
         stats = None
         if approval.approved:
             stats = await asyncio.to_thread(
@@ -138,7 +141,11 @@ class GlobalModel:
                 outer_lr=rt.spec.outer_lr,
                 ranks=rt.ranks,
             )
-            rt.metrics.record_aggregation(outer_step_norm=stats.outer_step_norm, clipped_peers=0)
+            rt.metrics.record_aggregation(
+                outer_step_norm=stats.outer_step_norm, approved_peers=stats.peer_count
+            )
+        else:
+            rt.metrics.record_aggregation(outer_step_norm=0.0, approved_peers=0)
         digest = await self._advance_to(window + 1)
         if digest != approval.result_digest:
             self.window = None

@@ -93,6 +93,7 @@ class WindowJudge:
         await rt.windows.sleep_until(rt.windows.reveal_deadline_s(window))
         outcome = await rt.fetcher.fetch(window, snapshot.accepted, max_bytes=rt.schema.max_bytes)
         result.downloaded_bytes = outcome.bytes
+        rt.metrics.record_gather(seconds=outcome.seconds, gathered=len(outcome.fetched))
         matched, rejected = check_reveals(
             outcome, snapshot, windows=rt.windows, check_store_clock=check_clock
         )

@@ -53,7 +53,7 @@ METRIC_NAMES = (
     "tplr_peers_gathered",
     "tplr_peers_rejected_total",
     "tplr_outer_step_norm",
-    "tplr_aggregation_clipped_peers",
+    "tplr_aggregation_approved_peers",
     "tplr_peer_score",
     "tplr_scores_published_timestamp_seconds",
     "tplr_peer_on_time",
@@ -240,9 +240,9 @@ class NodeMetrics:
         self.outer_step_norm = OptionalGauge(
             "tplr_outer_step_norm", "L2 norm of the last aggregated outer step.", registry
         )
-        self.clipped_peers = OptionalGauge(
-            "tplr_aggregation_clipped_peers",
-            "Peers clipped to the median norm in the last aggregation.",
+        self.approved_peers = OptionalGauge(
+            "tplr_aggregation_approved_peers",
+            "Payloads in the last outer step (the lead's approved set; 0 is a null round).",
             registry,
         )
         self.checkpoint_age_seconds = OptionalGauge(
@@ -343,9 +343,9 @@ class NodeMetrics:
     def record_rejection(self, reason: RejectReason | str) -> None:
         self.peers_rejected.labels(reason=str(reason)).inc()
 
-    def record_aggregation(self, *, outer_step_norm: float, clipped_peers: int) -> None:
+    def record_aggregation(self, *, outer_step_norm: float, approved_peers: int) -> None:
         self.outer_step_norm.set(outer_step_norm)
-        self.clipped_peers.set(clipped_peers)
+        self.approved_peers.set(approved_peers)
 
     def set_scores(self, scores: Mapping[int, float]) -> None:
         """Replace the per-uid scores (uids no longer scored disappear)."""

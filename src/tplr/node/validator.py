@@ -297,8 +297,10 @@ class Validator:
         log.debug(
             "window %d: approval published in %.2fs", judged.window, time.monotonic() - started
         )
-        if stats is not None:
-            rt.metrics.record_aggregation(outer_step_norm=stats.outer_step_norm, clipped_peers=0)
+        rt.metrics.record_aggregation(
+            outer_step_norm=0.0 if stats is None else stats.outer_step_norm,
+            approved_peers=len(judged.approved),
+        )
         return StepResult(
             window=judged.window,
             approved=sorted(judged.approved),

@@ -161,6 +161,23 @@ def decompress_tensor(
     return dense.view(-1)[:numel].view(compressed.shape)
 
 
+def sparse_norm(compressed: Mapping[str, CompressedTensor], chunk_size: int) -> float:
+    """The L2 norm of the dense Δ the parts decompress to, without building it (float64).
+
+    Entries that decompression drops (padding past the tensor's end) are left out, and
+    indices must be unique per chunk (validated payloads are), so this equals
+    ``total_norm(decompress_all(...))`` up to summation order."""
+    total = torch.zeros((), dtype=torch.float64)
+    for name in sorted(compressed):
+        part = compressed[name]
+        numel = math.prod(part.shape)
+        rows = torch.arange(part.indices.shape[0], dtype=torch.int64).unsqueeze(1)
+        inside = rows * chunk_size + part.indices.to(torch.int64) < numel  # (n_chunks, k)
+        values = part.values.to(torch.float64)
+        total += values.square().mul_(inside).sum()
+    return float(total.sqrt())
+
+
 def decompress_all(
     compressed: Mapping[str, CompressedTensor],
     chunk_size: int,
