@@ -191,22 +191,24 @@ def read_checkpoint_file(
     return params
 
 
+def parse_pointer(data: bytes, *, source: str) -> CheckpointPointer:
+    """``checkpoints/latest.json`` (bounded, strict); GlobalCheckpointError when invalid."""
+    try:
+        document = load_json(data, what=source, max_bytes=_MAX_POINTER_BYTES, max_depth=1)
+        return CheckpointPointer.model_validate(document)
+    except MalformedInput as exc:
+        raise GlobalCheckpointError(f"not a checkpoint pointer: {exc.message}") from None
+    except ValidationError as exc:
+        message = f"{source} is not a checkpoint pointer: {exc.errors()[0]['msg']}"
+        raise GlobalCheckpointError(message) from None
+
+
 async def read_latest_pointer(store: ObjectStore) -> CheckpointPointer:
     """The ``latest`` pointer; ``NotFound`` when no checkpoint was published yet."""
     info = await store.head(LATEST_KEY)
     if info.size > _MAX_POINTER_BYTES:
         raise GlobalCheckpointError(f"{store.url(LATEST_KEY)} is {info.size} bytes: too large")
-    try:
-        document = load_json(
-            await store.get(LATEST_KEY), what=store.url(LATEST_KEY), max_bytes=_MAX_POINTER_BYTES
-        )
-        return CheckpointPointer.model_validate(document)
-    except MalformedInput as exc:
-        raise GlobalCheckpointError(f"not a checkpoint pointer: {exc.message}") from None
-    except ValidationError as exc:
-        raise GlobalCheckpointError(
-            f"{store.url(LATEST_KEY)} is not a checkpoint pointer: {exc.errors()[0]['msg']}"
-        ) from None
+    return parse_pointer(await store.get(LATEST_KEY), source=store.url(LATEST_KEY))
 
 
 class CheckpointPublisher:

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -52,6 +54,7 @@ from tplr.protocol.reasons import RejectReason
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+VALIDATION_THREADS = min(8, os.cpu_count() or 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,17 +270,28 @@ def validate_all(
     schema: PayloadSchema,
     expectations: Mapping[int, PayloadExpectation],
 ) -> ValidatedPayloads:
-    """Every payload check (blocking: call it in a worker thread). Any failure on one
-    payload, whatever it is, is that payload's rejection."""
-    result = ValidatedPayloads(valid={}, rejected={})
-    for uid, fetched in sorted(payloads.items()):
+    """Every payload check (blocking: call it in a worker thread; the payloads are checked
+    in a few threads, torch releasing the GIL). Any failure on one payload, whatever it is,
+    is that payload's rejection."""
+
+    def one(uid: int) -> GradientPayload | RejectReason:
         try:
-            result.valid[uid] = decode_payload(fetched.data, schema, expectations[uid])
+            return decode_payload(payloads[uid].data, schema, expectations[uid])
         except PayloadRejected as exc:
-            result.rejected[uid] = exc.reason
             log.info("uid %d rejected: %s", uid, exc.message)
+            return exc.reason
         except Exception as exc:  # backstop: a bug or a gap in our checks
-            result.rejected[uid] = RejectReason.INTERNAL_ERROR
             log.warning("uid %d rejected (internal_error): %s: %s", uid, type(exc).__name__, exc)
             log.debug("validation of uid %d failed", uid, exc_info=True)
+            return RejectReason.INTERNAL_ERROR
+
+    result = ValidatedPayloads(valid={}, rejected={})
+    uids = sorted(payloads)
+    workers = max(1, min(VALIDATION_THREADS, len(uids)))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="validate") as pool:
+        for uid, outcome in zip(uids, pool.map(one, uids), strict=True):
+            if isinstance(outcome, RejectReason):
+                result.rejected[uid] = outcome
+            else:
+                result.valid[uid] = outcome
     return result

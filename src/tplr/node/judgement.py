@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -45,6 +46,9 @@ from tplr.protocol.scoring import in_bootstrap, relative_rewards
 
 log = logging.getLogger(__name__)
 
+EVALUATION_SHARE = 0.8
+"""Of the validation phase, what fetch, checks and evaluation may use (the rest: approval)."""
+
 
 @dataclass
 class Judgement:
@@ -61,6 +65,7 @@ class Judgement:
     bootstrap: bool = False
     heldout_loss: float | None = None
     downloaded_bytes: int = 0
+    phase_started: float = 0.0  # time.monotonic() at the reveal deadline
 
 
 class WindowJudge:
@@ -91,6 +96,7 @@ class WindowJudge:
             window, peers, run_id=rt.spec.run_id, windows=rt.windows, check_store_clock=check_clock
         )
         await rt.windows.sleep_until(rt.windows.reveal_deadline_s(window))
+        result.phase_started = time.monotonic()  # the phase's budget counts from here
         outcome = await rt.fetcher.fetch(window, snapshot.accepted, max_bytes=rt.schema.max_bytes)
         result.downloaded_bytes = outcome.bytes
         rt.metrics.record_gather(seconds=outcome.seconds, gathered=len(outcome.fetched))
@@ -202,6 +208,8 @@ class WindowJudge:
         phase_s = spec.window_seconds * (
             spec.approval_deadline_fraction - spec.reveal_deadline_fraction
         )
+        spent_s = time.monotonic() - result.phase_started  # fetch, checks, duplicates
+        budget_s = max(1.0, EVALUATION_SHARE * phase_s - spent_s)
         measurements = await measure_all(
             evaluator,
             dataset,
@@ -211,7 +219,7 @@ class WindowJudge:
             valid,
             norms,
             recent,
-            budget_s=max(1.0, 0.7 * phase_s),
+            budget_s=budget_s,
         )
         return measurements, norms
 

@@ -31,6 +31,7 @@ from tplr.comms.config import BucketConfig
 from tplr.comms.errors import NotFound
 from tplr.comms.store import ObjectStore
 from tplr.errors import ConfigError
+from tplr.untrusted import MalformedInput, load_json
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,9 @@ Role = Literal["miner", "validator"]
 NODES_PREFIX = "nodes/"
 PEER_LISTS_PREFIX = "peers/"
 _PEER_LIST_KEY = re.compile(r"^peers/(\d+)\.json$")
+MAX_ANNOUNCEMENT_BYTES = 4096
+MAX_PEER_LIST_BYTES = 1 << 20
+MAX_PEERS = 1 << 16
 
 
 class PeersFileError(ConfigError):
@@ -181,13 +185,24 @@ async def load_peers_file_async(path: Path | str) -> list[PeerEntry]:
 class NodeAnnouncement(BaseModel):
     """``nodes/{uid}.json`` in the embedded store: a node says who it is and where it writes."""
 
-    model_config = ConfigDict(frozen=True, extra="ignore")
+    model_config = ConfigDict(frozen=True, extra="ignore", allow_inf_nan=False)
 
     uid: int = Field(ge=0, lt=1 << 31)
     role: Role
-    prefix: str = ""
-    code_version: str = ""
+    prefix: str = Field(default="", max_length=256)
+    code_version: str = Field(default="", max_length=64)
     announced_at_s: float = Field(ge=0)
+
+
+def parse_announcement(data: bytes, *, source: str) -> NodeAnnouncement:
+    """An announcement (outside data); ``ValueError`` subclasses only via ConfigError."""
+    try:
+        document = load_json(data, what=source, max_bytes=MAX_ANNOUNCEMENT_BYTES, max_depth=2)
+        return NodeAnnouncement.model_validate(document)
+    except MalformedInput as exc:
+        raise ConfigError(exc.message) from None
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {exc.errors()[0]['msg']}") from None
 
 
 def node_key(uid: int) -> str:
@@ -203,11 +218,15 @@ async def discover_nodes(store: ObjectStore) -> list[NodeAnnouncement]:
     node must not hide the others."""
     found: list[NodeAnnouncement] = []
     async for info in store.list(NODES_PREFIX):
+        if info.size > MAX_ANNOUNCEMENT_BYTES:
+            log.warning("ignoring %s: %d bytes is no announcement", store.url(info.key), info.size)
+            continue
         try:
-            announcement = NodeAnnouncement.model_validate_json(await store.get(info.key))
+            data = await store.get(info.key)
+            announcement = parse_announcement(data, source=store.url(info.key))
         except NotFound:
             continue  # deleted between list and get
-        except ValidationError as exc:
+        except ConfigError as exc:
             log.warning("ignoring invalid node announcement %s: %s", store.url(info.key), exc)
             continue
         if info.key != node_key(announcement.uid):
@@ -222,9 +241,9 @@ class PeerList(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    window: int = Field(ge=0)
-    uids: tuple[int, ...]
-    published_by: int = Field(ge=0)
+    window: int = Field(ge=0, lt=1 << 40)
+    uids: tuple[int, ...] = Field(max_length=MAX_PEERS)
+    published_by: int = Field(ge=0, lt=1 << 31)
 
     @field_validator("uids")
     @classmethod
@@ -242,16 +261,26 @@ async def publish_peer_list(store: ObjectStore, peer_list: PeerList) -> None:
     await store.put(peer_list_key(peer_list.window), peer_list.model_dump_json().encode())
 
 
+def parse_peer_list(data: bytes, *, source: str) -> PeerList:
+    """A published peer list (outside data: bounded, strict); ConfigError when invalid."""
+    hint = "the validator that published it is faulty; ask its operator"
+    try:
+        document = load_json(data, what=source, max_bytes=MAX_PEER_LIST_BYTES, max_depth=2)
+        return PeerList.model_validate(document)
+    except MalformedInput as exc:
+        raise ConfigError(f"invalid peer list: {exc.message}", hint=hint) from None
+    except ValidationError as exc:
+        message = f"invalid peer list at {source}: {exc.errors()[0]['msg']}"
+        raise ConfigError(message, hint=hint) from None
+
+
 async def read_peer_list(store: ObjectStore, window: int) -> PeerList:
     """The peer list for ``window``; ``NotFound`` if the validator has not published it."""
-    data = await store.get(peer_list_key(window))
-    try:
-        return PeerList.model_validate_json(data)
-    except ValidationError as exc:
-        raise ConfigError(
-            f"invalid peer list at {store.url(peer_list_key(window))}: {exc.errors()[0]['msg']}",
-            hint="the validator that published it is faulty; ask its operator",
-        ) from exc
+    key = peer_list_key(window)
+    info = await store.head(key)
+    if info.size > MAX_PEER_LIST_BYTES:
+        raise ConfigError(f"{store.url(key)} is {info.size} bytes: too large for a peer list")
+    return parse_peer_list(await store.get(key), source=store.url(key))
 
 
 async def read_latest_peer_list(store: ObjectStore, *, at_or_before: int) -> PeerList:

@@ -14,8 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tplr.comms.store import ObjectStore
 from tplr.errors import TplrError
+from tplr.untrusted import MalformedInput, load_json
 
 REPORTS_PREFIX = "reports/"
+MAX_REPORT_BYTES = 1 << 20
 _REPORT_KEY = re.compile(r"^reports/(\d+)\.json$")
 
 
@@ -24,7 +26,7 @@ class ReportError(TplrError):
 
 
 class WindowReport(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="ignore")
+    model_config = ConfigDict(frozen=True, extra="ignore", allow_inf_nan=False)
 
     format: str = "tplr-window-report"
     run_id: str
@@ -50,15 +52,24 @@ async def publish_report(store: ObjectStore, report: WindowReport) -> None:
     await store.put(report_key(report.window), report.model_dump_json().encode())
 
 
+def parse_report(data: bytes, *, source: str) -> WindowReport:
+    """A node's report (outside data: bounded, strict); ReportError when it is not one."""
+    try:
+        document = load_json(data, what=source, max_bytes=MAX_REPORT_BYTES, max_depth=3)
+        return WindowReport.model_validate(document)
+    except MalformedInput as exc:
+        raise ReportError(exc.message) from None
+    except ValidationError as exc:
+        raise ReportError(f"{source} is not a window report: {exc.errors()[0]['msg']}") from None
+
+
 async def read_report(store: ObjectStore, window: int) -> WindowReport:
     """The report for ``window``; ``NotFound`` if the node has not written it (yet)."""
-    data = await store.get(report_key(window))
-    try:
-        return WindowReport.model_validate_json(data)
-    except ValidationError as exc:
-        raise ReportError(
-            f"{store.url(report_key(window))} is not a window report: {exc.errors()[0]['msg']}"
-        ) from None
+    key = report_key(window)
+    info = await store.head(key)
+    if info.size > MAX_REPORT_BYTES:
+        raise ReportError(f"{store.url(key)} is {info.size} bytes: too large for a report")
+    return parse_report(await store.get(key), source=store.url(key))
 
 
 async def report_windows(store: ObjectStore) -> list[int]:

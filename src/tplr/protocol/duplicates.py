@@ -74,8 +74,8 @@ def sketch(payload: GradientPayload, offsets: Mapping[str, int], chunk_size: int
         values = part.values.to(torch.float64).numpy().ravel()
         hashed = _hash64(positions)
         buckets = (hashed % np.uint64(SKETCH_DIM)).astype(np.int64)
-        signs = np.where((hashed >> np.uint64(63)) & np.uint64(1), -1.0, 1.0)
-        np.add.at(result, buckets, signs * values)
+        signs = 1.0 - 2.0 * (hashed >> np.uint64(63)).astype(np.float64)
+        result += np.bincount(buckets, weights=signs * values, minlength=SKETCH_DIM)
     return result
 
 
@@ -96,6 +96,16 @@ def aggregate_fingerprint(parts: Mapping[int, Fingerprint], weights: Mapping[int
     return Fingerprint(digest="aggregate", sketch=np.asarray(total, dtype=np.float64))
 
 
+def _pairwise_cosines(sketches: list[np.ndarray]) -> np.ndarray:
+    """Every pair's cosine at once (a zero sketch has cosine 0 with everything)."""
+    if not sketches:
+        return np.zeros((0, 0))
+    matrix = np.stack(sketches)
+    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+    unit = np.divide(matrix, norms, out=np.zeros_like(matrix), where=norms > 0)
+    return unit @ unit.T
+
+
 def find_duplicates(
     current: Mapping[int, Fingerprint],
     history: Mapping[str, Fingerprint],
@@ -113,10 +123,11 @@ def find_duplicates(
                 break
     uids = sorted(current)
     neighbours: dict[int, set[int]] = {uid: set() for uid in uids}
+    close = _pairwise_cosines([current[uid].sketch for uid in uids]) >= threshold
     for i, first in enumerate(uids):
-        for second in uids[i + 1 :]:
-            a, b = current[first], current[second]
-            if a.digest == b.digest or a.cosine(b) >= threshold:
+        for j in range(i + 1, len(uids)):
+            second = uids[j]
+            if close[i, j] or current[first].digest == current[second].digest:
                 neighbours[first].add(second)
                 neighbours[second].add(first)
     seen: set[int] = set()
