@@ -3,9 +3,11 @@ and per-test isolation of the AWS_* / R2_* / tplr environment variables."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -164,3 +166,44 @@ def node_test_data(tmp_path_factory):
     from node_harness import make_test_data
 
     return make_test_data(tmp_path_factory.mktemp("node-data"))
+
+
+@pytest.fixture(scope="session")
+def s3_auth_server() -> Iterator[tuple[str, dict[str, str]]]:
+    """A second, separate moto server that enforces IAM auth (its own process, so the
+    shared server stays open). The first 4 requests set up a user allowed on 'good' only."""
+    code = (
+        "import sys\nfrom moto.server import ThreadedMotoServer\n"
+        "s = ThreadedMotoServer(ip_address='127.0.0.1', port=0, verbose=False)\n"
+        "s.start()\nprint(s.get_host_and_port()[1], flush=True)\nsys.stdin.read()\n"
+    )
+    env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="4")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
+    try:
+        endpoint = f"http://127.0.0.1:{int(proc.stdout.readline())}"
+        admin = dict(endpoint_url=endpoint, aws_access_key_id="x", aws_secret_access_key="y")
+        iam = boto3.client("iam", region_name="us-east-1", **admin)
+        iam.create_user(UserName="miner")
+        key = iam.create_access_key(UserName="miner")["AccessKey"]
+        policy = {
+            "Version": "2012-10-17",
+            "Statement": [
+                {
+                    "Effect": "Allow",
+                    "Action": "s3:*",
+                    "Resource": ["arn:aws:s3:::good", "arn:aws:s3:::good/*"],
+                }
+            ],
+        }
+        iam.put_user_policy(UserName="miner", PolicyName="p", PolicyDocument=json.dumps(policy))
+        boto3.client("s3", region_name="us-east-1", **admin).create_bucket(Bucket="good")
+        yield endpoint, {"key": key["AccessKeyId"], "secret": key["SecretAccessKey"]}
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=10)

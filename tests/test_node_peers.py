@@ -1,12 +1,20 @@
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import time
 
 import pytest
+import yaml
+from conftest import moto_bucket_config
 
-from tplr.comms.errors import NotFound
+from tplr.comms.errors import AccessDenied, NotFound
 from tplr.comms.local_store import LocalStore
+from tplr.comms.s3_store import S3Store
+from tplr.comms.transfer_config import TransferConfig
+from tplr.node.directory import PeersFileDirectory
 from tplr.node.peers import (
     NodeAnnouncement,
     PeerList,
@@ -176,3 +184,49 @@ async def test_peer_lists_publish_and_latest(tmp_path):
         await read_peer_list(store, 4)
     with pytest.raises(ValueError, match="unique"):
         PeerList(window=1, uids=(1, 1), published_by=0)
+
+
+def write_peer(path, endpoint: str, *, key: str, secret: str, bucket: str = "good") -> None:
+    entry = {
+        "uid": 5,
+        "role": "miner",
+        "bucket_name": bucket,
+        "endpoint_url": endpoint,
+        "read_access_key_id": key,
+        "read_secret_access_key": secret,
+    }
+    path.write_text(yaml.safe_dump({"peers": [entry]}))
+
+
+async def test_rotated_keys_are_used_and_a_broken_file_keeps_the_last_good_list(
+    s3_auth_server, tmp_path
+):
+    """Issue 10, item 7: a peers file broken mid-run crashed the node, and a peer's rotated
+    keys were never used (the client cache ignored credentials). A real moto server that
+    checks signatures tells the old keys from the new."""
+    endpoint, creds = s3_auth_server
+    async with S3Store(
+        moto_bucket_config(endpoint, "good", key=creds["key"], secret=creds["secret"])
+    ) as writer:
+        await writer.put("gradients/1/5.safetensors", b"payload")
+    path = tmp_path / "peers.yaml"
+    write_peer(path, endpoint, key=creds["key"], secret="an-old-secret")
+    async with contextlib.AsyncExitStack() as stack:
+        directory = PeersFileDirectory(
+            path,
+            own_uid=0,
+            own_store=LocalStore(tmp_path / "own"),
+            transfer=TransferConfig(),
+            stack=stack,
+        )
+        await directory.refresh()
+        with pytest.raises(AccessDenied):
+            await (await directory.store_for(5)).get("gradients/1/5.safetensors")
+        write_peer(path, endpoint, key=creds["key"], secret=creds["secret"])
+        os.utime(path, ns=(time.time_ns(), time.time_ns() + 1_000_000))
+        store = await directory.store_for(5)
+        assert await store.get("gradients/1/5.safetensors") == b"payload"
+        path.write_text("peers: [ {uid: 5, role: miner, bucket_name")  # a half-written edit
+        os.utime(path, ns=(time.time_ns(), time.time_ns() + 2_000_000))
+        assert await directory.miners() == [5]
+        assert await (await directory.store_for(5)).get("gradients/1/5.safetensors") == b"payload"

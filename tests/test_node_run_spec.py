@@ -2,14 +2,16 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import uuid
 from pathlib import Path
 
 import pytest
 from conftest import moto_bucket_config
 
-from tplr.comms.errors import AlreadyExists
+from tplr.comms.errors import AlreadyExists, NotFound
 from tplr.comms.local_store import LocalStore
 from tplr.comms.s3_store import S3Store
+from tplr.data.dataset_check import DatasetCheckError
 from tplr.errors import ConfigError
 from tplr.node.run_spec import publish_run_spec, read_run_spec
 from tplr.protocol.clock import FakeClock
@@ -159,3 +161,53 @@ async def test_an_oversized_run_json_is_not_read(store):
     await store.put(RUN_SPEC_KEY, b" " * (70 * 1024))
     with pytest.raises(RunSpecInvalid, match="at most"):
         await read_run_spec(store)
+
+
+@pytest.fixture(scope="module")
+def small_shards(tmp_path_factory) -> Path:
+    from node_harness import build_dataset
+
+    return build_dataset(tmp_path_factory.mktemp("lead-data"), rows_per_shard=256, shards=4)
+
+
+@pytest.mark.parametrize(
+    ("problem", "error", "match"),
+    [
+        ("dataset bucket misspelled", NotFound, "does not exist|not found|NoSuchBucket"),
+        ("sequence length", DatasetCheckError, "sequence_length 64"),
+        ("model preset", ConfigError, "the run's model is invalid"),
+    ],
+)
+async def test_the_lead_checks_the_run_before_it_creates_run_json(
+    problem, error, match, s3_server, s3_client, small_shards, tmp_path
+):
+    """Issues 10 and 14: a lead with a misspelled dataset bucket (or a run that contradicts
+    the dataset or names no model) wrote run.json first and failed after — and the broken
+    run.json stuck. Now nothing is written until every check passed."""
+    from node_harness import PREFIX, NetworkLayout, publish_folder, s3_settings
+
+    from tplr.node.lifecycle import Shutdown
+    from tplr.node.runtime import open_runtime
+
+    tag = uuid.uuid4().hex[:8]
+    layout = NetworkLayout(
+        s3_server, f"data-{tag}", {0: f"lead-{tag}"}, {0: "validator"}, tmp_path / "p.yaml"
+    )
+    layout.write_peers_file()
+    s3_client.create_bucket(Bucket=layout.buckets[0])
+    if problem != "dataset bucket misspelled":
+        s3_client.create_bucket(Bucket=layout.dataset_bucket)
+        async with S3Store(moto_bucket_config(s3_server, layout.dataset_bucket)) as data:
+            await publish_folder(data, small_shards, PREFIX)
+    run = {"run_id": "lead-check", "window_seconds": 60.0, "model": "tiny"}
+    if problem == "sequence length":
+        run["sequence_length"] = 64
+    if problem == "model preset":
+        run["model"] = "gpt-9000"
+    settings = s3_settings(layout, 0, tmp_path / "home", lead=True, run=run)
+    with pytest.raises(error, match=match):
+        async with open_runtime(settings, shutdown=Shutdown(), serve_health=False):
+            pass
+    async with S3Store(moto_bucket_config(s3_server, layout.buckets[0])) as lead:
+        with pytest.raises(NotFound):
+            await read_run_spec(lead)

@@ -7,14 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
-import os
-import subprocess
-import sys
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
-import boto3
 import pytest
 from aiohttp import web
 from conftest import TEST_ACCESS_KEY, TEST_SECRET_KEY, moto_bucket_config
@@ -221,47 +216,6 @@ async def test_open_range_streams_chunks_and_leaves_caller_errors_alone(s3_serve
         assert await s3.get("k") == data  # an abandoned body did not poison the pool
         async with s3.open_range("k", 7, 0) as chunks:
             assert [chunk async for chunk in chunks] == []
-
-
-@pytest.fixture(scope="module")
-def s3_auth_server() -> Iterator[tuple[str, dict[str, str]]]:
-    """A second, separate moto server that enforces IAM auth (its own process, so the
-    shared server stays open). The first 4 requests set up a user allowed on 'good' only."""
-    code = (
-        "import sys\nfrom moto.server import ThreadedMotoServer\n"
-        "s = ThreadedMotoServer(ip_address='127.0.0.1', port=0, verbose=False)\n"
-        "s.start()\nprint(s.get_host_and_port()[1], flush=True)\nsys.stdin.read()\n"
-    )
-    env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="4")
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        env=env,
-        text=True,
-    )
-    try:
-        endpoint = f"http://127.0.0.1:{int(proc.stdout.readline())}"
-        admin = dict(endpoint_url=endpoint, aws_access_key_id="x", aws_secret_access_key="y")
-        iam = boto3.client("iam", region_name="us-east-1", **admin)
-        iam.create_user(UserName="miner")
-        key = iam.create_access_key(UserName="miner")["AccessKey"]
-        policy = {
-            "Version": "2012-10-17",
-            "Statement": [
-                {
-                    "Effect": "Allow",
-                    "Action": "s3:*",
-                    "Resource": ["arn:aws:s3:::good", "arn:aws:s3:::good/*"],
-                }
-            ],
-        }
-        iam.put_user_policy(UserName="miner", PolicyName="p", PolicyDocument=json.dumps(policy))
-        boto3.client("s3", region_name="us-east-1", **admin).create_bucket(Bucket="good")
-        yield endpoint, {"key": key["AccessKeyId"], "secret": key["SecretAccessKey"]}
-    finally:
-        proc.stdin.close()
-        proc.wait(timeout=10)
 
 
 @pytest.mark.parametrize(

@@ -142,8 +142,16 @@ async def dataset_defaults(store: ObjectStore, prefix: str) -> dict[str, Any]:
 
 
 async def check_run_before_publishing(spec: RunSpec, stores: NodeStores, prefix: str) -> None:
-    """The lead checks the model preset, the sequence length and the dataset *before* it
-    creates run.json: a run.json, once written, cannot be changed."""
+    """The lead checks the dataset, the model preset and the sequence length *before* it
+    creates run.json: a run.json, once written, cannot be changed. The dataset first: a
+    misspelled bucket or prefix is named as such (the store's NotFound and its hint)."""
+    summary = await check_dataset_for_run(
+        stores.dataset,
+        prefix,
+        sequence_length=spec.sequence_length,
+        vocab_size=spec.vocab_size,
+    )
+    log.info("dataset %s: %s", stores.dataset.url(prefix), summary.describe())
     try:
         model = ModelConfig.preset(spec.model, vocab_size=spec.vocab_size)
     except TrainConfigError as exc:
@@ -159,13 +167,6 @@ async def check_run_before_publishing(spec: RunSpec, stores: NodeStores, prefix:
             f"{model.max_seq_len}",
             hint="prepare shards with a shorter --seq-len or pick a model with a longer context",
         )
-    summary = await check_dataset_for_run(
-        stores.dataset,
-        prefix,
-        sequence_length=spec.sequence_length,
-        vocab_size=spec.vocab_size,
-    )
-    log.info("dataset %s: %s", stores.dataset.url(prefix), summary.describe())
 
 
 async def check_dataset_present(stores: NodeStores, config: DatasetConfig) -> None:

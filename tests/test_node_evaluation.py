@@ -1,0 +1,88 @@
+"""The validator's measurements on a real worker: a scaled Δ earns exactly what Δ earns."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from node_harness import SEQ_LEN, TEST_RUN
+from prometheus_client import CollectorRegistry
+
+from tplr.data.dataset import SharedShardedDataset
+from tplr.node.checkpoints import load_init_model
+from tplr.node.evaluation import WindowEvaluator
+from tplr.node.miner import train_window
+from tplr.node.settings import NodeConfig
+from tplr.node.worker_setup import build_worker
+from tplr.protocol.assignment import assignment_for
+from tplr.protocol.payload import GradientPayload, PayloadMeta
+from tplr.protocol.run_spec import RunSpec
+from tplr.train.compression import ErrorFeedbackCompressor, sparse_norm
+
+
+def shard(shards, index: int) -> SharedShardedDataset:
+    return SharedShardedDataset.open(
+        shards / f"train_{index:06d}.npy",
+        ids_path=shards / f"sample_ids_{index:06d}.bin",
+        seq_len=SEQ_LEN,
+        shard_index=index,
+    )
+
+
+@pytest.fixture
+def one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_scaling_a_delta_changes_neither_its_gate_nor_its_reward(node_test_data, one_torch_thread):
+    spec = RunSpec.model_validate(
+        {**TEST_RUN, "genesis_s": 0.0, "sequence_length": SEQ_LEN, "vocab_size": 257}
+    )
+    dataset, heldout = shard(node_test_data.shards, 0), shard(node_test_data.shards, 11)
+    worker = build_worker(
+        spec,
+        NodeConfig(uid=0, device="cpu"),
+        dataset.context_len,
+        CollectorRegistry(),
+        warm_up=False,
+    )
+    shapes = {n: tuple(p.shape) for n, p in worker.model.named_parameters()}
+    worker.restore(load_init_model(node_test_data.init_model, shapes))
+    assignment = assignment_for(spec, dataset, 1, 0)
+    _, delta = train_window(worker, spec, dataset, assignment.indices)
+    parts = ErrorFeedbackCompressor(spec.compression_settings()).compress(delta)
+    honest = GradientPayload(PayloadMeta(spec.run_id, 0, 1, "", "", 0), parts)
+    evaluator = WindowEvaluator(
+        worker,
+        outer_lr=spec.outer_lr,
+        chunk_size=spec.compression_chunk_size,
+        micro_batch_size=spec.micro_batch_size,
+        gate_samples=spec.gate_samples,
+        gate_alpha=spec.gate_alpha,
+        heldout_samples=spec.heldout_samples,
+        seed=42,
+    )
+    taken = np.zeros(len(dataset), dtype=bool)
+    taken[assignment.indices] = True
+    recent = np.zeros(len(dataset), dtype=bool)
+    norm = sparse_norm(parts, spec.compression_chunk_size)
+    context = evaluator.prepare(
+        dataset, heldout, reference_norm=norm, candidates=4, taken=taken, recent=recent
+    )
+    base = evaluator.measure(dataset, context, assignment, honest, norm, recent)
+    assert base.gate is not None and base.gate.passed and base.raw_reward > 0
+    for k in (4.0, 0.25, 1024.0):  # powers of two: bf16 scales them exactly
+        scaled_parts = {
+            name: dataclasses.replace(part, values=part.values * k) for name, part in parts.items()
+        }
+        scaled = dataclasses.replace(honest, tensors=scaled_parts)
+        scaled_norm = sparse_norm(scaled_parts, spec.compression_chunk_size)
+        assert scaled_norm == pytest.approx(k * norm)
+        again = evaluator.measure(dataset, context, assignment, scaled, scaled_norm, recent)
+        assert again.gate.z == pytest.approx(base.gate.z, abs=1e-6)
+        assert again.raw_reward == pytest.approx(base.raw_reward, rel=1e-5)
