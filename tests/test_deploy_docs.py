@@ -192,7 +192,7 @@ def test_health_and_hint_quotes_come_from_the_code():
 def test_node_log_lines_quoted_in_the_readme_exist_in_the_code():
     sources = "\n".join(p.read_text() for p in (REPO / "src/tplr/node").glob("*.py"))
     for fragment in (
-        "s after the upload deadline",
+        "s after the commit deadline",
         "a validator to announce itself",
         "start the lead validator (neurons/validator.py --lead) or set TPLR_LEAD_UID",
     ):
