@@ -27,15 +27,12 @@ import statistics
 import time
 
 import torch
-from bench_scale import Directory, start_moto, synthetic_parts
+from bench_scale import Directory, create_bucket, start_moto, synthetic_parts
 
 MINERS = 8
 
 
 async def measure(endpoint: str, shapes, settings, label: str, rounds: int) -> dict[str, float]:
-    import boto3
-
-    from tplr.comms.config import BucketConfig
     from tplr.comms.retry import RetryPolicy
     from tplr.comms.s3_store import S3Store
     from tplr.comms.transfer_config import TransferConfig
@@ -48,17 +45,7 @@ async def measure(endpoint: str, shapes, settings, label: str, rounds: int) -> d
     from tplr.protocol.commitments import commit_to, commitment_key, payload_sha256
     from tplr.protocol.payload import PayloadMeta, PayloadSchema, encode_payload, payload_key
 
-    bucket = f"protocol-{label}"
-    boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        aws_access_key_id="k",
-        aws_secret_access_key="s",
-        region_name="us-east-1",
-    ).create_bucket(Bucket=bucket)
-    config = BucketConfig(
-        bucket_name=bucket, access_key_id="k", secret_access_key="s", endpoint_url=endpoint
-    )
+    config = create_bucket(endpoint, f"protocol-{label}")
     schema = PayloadSchema.for_model(shapes, settings)
     transfer = TransferConfig()
     generator = torch.Generator().manual_seed(0)

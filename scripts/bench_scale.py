@@ -70,6 +70,21 @@ def start_moto() -> tuple[subprocess.Popen, str]:
     raise SystemExit("moto server did not start")
 
 
+def create_bucket(endpoint: str, name: str):
+    """A bucket on the moto server, and the BucketConfig to reach it."""
+    import boto3
+
+    from tplr.comms.config import BucketConfig
+
+    keys = {"aws_access_key_id": "k", "aws_secret_access_key": "s"}
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **keys).create_bucket(
+        Bucket=name
+    )
+    return BucketConfig(
+        bucket_name=name, access_key_id="k", secret_access_key="s", endpoint_url=endpoint
+    )
+
+
 def synthetic_parts(shapes, settings, generator):
     """Valid compressed tensors: k distinct indices per chunk, random bf16 values."""
     from tplr.train.compression import CompressedTensor
@@ -118,7 +133,6 @@ class Directory:
 
 
 async def one_scale(endpoint: str, miners: int, shapes, settings) -> Row:
-    from tplr.comms.config import BucketConfig
     from tplr.comms.retry import RetryPolicy
     from tplr.comms.s3_store import S3Store
     from tplr.comms.transfer_config import TransferConfig
@@ -144,18 +158,7 @@ async def one_scale(endpoint: str, miners: int, shapes, settings) -> Row:
     from tplr.train.compression import sparse_norm
 
     bucket = f"scale-{miners}-{os.getpid()}"
-    config = BucketConfig(
-        bucket_name=bucket, access_key_id="k", secret_access_key="s", endpoint_url=endpoint
-    )
-    import boto3
-
-    boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        aws_access_key_id="k",
-        aws_secret_access_key="s",
-        region_name="us-east-1",
-    ).create_bucket(Bucket=bucket)
+    config = create_bucket(endpoint, bucket)
     schema = PayloadSchema.for_model(shapes, settings)
     run_id, window, base = "scale", 3, "xxh3_128:" + "0" * 32
     genesis = time.time() - 3 * 120 - 80  # now: past window 3's reveal deadline

@@ -57,16 +57,7 @@ def test_scaling_a_delta_changes_neither_its_gate_nor_its_reward(node_test_data,
     _, delta = train_window(worker, spec, dataset, assignment.indices)
     parts = ErrorFeedbackCompressor(spec.compression_settings()).compress(delta)
     honest = GradientPayload(PayloadMeta(spec.run_id, 0, 1, "", "", 0), parts)
-    evaluator = WindowEvaluator(
-        worker,
-        outer_lr=spec.outer_lr,
-        chunk_size=spec.compression_chunk_size,
-        micro_batch_size=spec.micro_batch_size,
-        gate_samples=spec.gate_samples,
-        gate_alpha=spec.gate_alpha,
-        heldout_samples=spec.heldout_samples,
-        seed=42,
-    )
+    evaluator = WindowEvaluator.for_run(worker, spec, seed=42)
     taken = np.zeros(len(dataset), dtype=bool)
     taken[assignment.indices] = True
     recent = np.zeros(len(dataset), dtype=bool)

@@ -14,6 +14,8 @@ error (``PayloadRejected``, ``ManifestError``, ...) with the context they know.
   ``.`` or ``..`` segments, backslashes, NUL or control characters; a path that, resolved
   through any symlinks, stays under its root.
 - :func:`open_no_follow`: ``os.open`` that refuses a symlink as the last component.
+- :func:`load_model`: :func:`load_json`, then a strict pydantic model; the first problem named
+  by its field path.
 
 Nothing here does I/O except :func:`resolve_under` (``Path.resolve``) and
 :func:`open_no_follow`; call those from a worker thread when on the event loop.
@@ -26,9 +28,13 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
 
 from tplr.errors import TplrError
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 MAX_KEY_BYTES = 1024
 DEFAULT_MAX_JSON_DEPTH = 32
@@ -200,3 +206,22 @@ def resolve_under(root: Path, key: str, *, what: str = "key") -> Path:
 def open_no_follow(path: Path | str, flags: int, mode: int = 0o644) -> int:
     """``os.open`` that fails (``OSError`` ELOOP) when ``path`` itself is a symlink."""
     return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+
+
+def load_model(
+    data: bytes | str,
+    model: type[ModelT],
+    *,
+    what: str,
+    max_bytes: int,
+    max_depth: int = DEFAULT_MAX_JSON_DEPTH,
+) -> ModelT:
+    """Untrusted JSON as a validated ``model``; :class:`MalformedInput` naming ``what`` and
+    the first offending field otherwise."""
+    document = load_json(data, what=what, max_bytes=max_bytes, max_depth=max_depth)
+    try:
+        return model.model_validate(document)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"]) or "(document)"
+        raise MalformedInput(f"{what}: {where}: {error['msg']}") from None

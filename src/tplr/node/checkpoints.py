@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 import xxhash
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -38,7 +38,7 @@ from tplr.comms.transfer_config import TransferConfig
 from tplr.comms.transfer_metrics import TransferMetrics
 from tplr.comms.upload import upload_file
 from tplr.errors import ConfigError, TplrError
-from tplr.untrusted import MalformedInput, load_json
+from tplr.untrusted import MalformedInput, load_model
 
 log = logging.getLogger(__name__)
 
@@ -194,13 +194,11 @@ def read_checkpoint_file(
 def parse_pointer(data: bytes, *, source: str) -> CheckpointPointer:
     """``checkpoints/latest.json`` (bounded, strict); GlobalCheckpointError when invalid."""
     try:
-        document = load_json(data, what=source, max_bytes=_MAX_POINTER_BYTES, max_depth=1)
-        return CheckpointPointer.model_validate(document)
+        return load_model(
+            data, CheckpointPointer, what=source, max_bytes=_MAX_POINTER_BYTES, max_depth=1
+        )
     except MalformedInput as exc:
         raise GlobalCheckpointError(f"not a checkpoint pointer: {exc.message}") from None
-    except ValidationError as exc:
-        message = f"{source} is not a checkpoint pointer: {exc.errors()[0]['msg']}"
-        raise GlobalCheckpointError(message) from None
 
 
 async def read_latest_pointer(store: ObjectStore) -> CheckpointPointer:

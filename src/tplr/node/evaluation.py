@@ -30,6 +30,7 @@ from tplr.data.loader import Batch, BatchLoader, LoaderConfig
 from tplr.protocol.assignment import Assignment, gate_rows
 from tplr.protocol.evaluation_plan import window_rng
 from tplr.protocol.payload import GradientPayload
+from tplr.protocol.run_spec import RunSpec
 from tplr.protocol.scoring import EvaluationFailed, GateResult, gate_result
 from tplr.train.compression import decompress_all, sparse_norm
 from tplr.train.worker import TrainWorker
@@ -88,6 +89,20 @@ class WindowEvaluator:
         self.gate_alpha = gate_alpha
         self.heldout_samples = heldout_samples
         self.seed = seed
+
+    @classmethod
+    def for_run(cls, worker: TrainWorker, spec: RunSpec, *, seed: int) -> WindowEvaluator:
+        """The evaluator with the run's outer step, compression and scoring settings."""
+        return cls(
+            worker,
+            outer_lr=spec.outer_lr,
+            chunk_size=spec.compression_chunk_size,
+            micro_batch_size=spec.micro_batch_size,
+            gate_samples=spec.gate_samples,
+            gate_alpha=spec.gate_alpha,
+            heldout_samples=spec.heldout_samples,
+            seed=seed,
+        )
 
     def _losses(self, dataset: SharedShardedDataset, rows: np.ndarray) -> np.ndarray:
         batches = load_batches(dataset, rows, batch_size=self.batch_size, device=self.worker.device)

@@ -100,8 +100,8 @@ class WindowJudge:
         outcome = await rt.fetcher.fetch(window, snapshot.accepted, max_bytes=rt.schema.max_bytes)
         result.downloaded_bytes = outcome.bytes
         rt.metrics.record_gather(seconds=outcome.seconds, gathered=len(outcome.fetched))
-        matched, rejected = check_reveals(
-            outcome, snapshot, windows=rt.windows, check_store_clock=check_clock
+        matched, rejected = await asyncio.to_thread(  # hashes every payload: off the loop
+            check_reveals, outcome, snapshot, windows=rt.windows, check_store_clock=check_clock
         )
         rejected.update(snapshot.rejected)
         dataset = await rt.manager.dataset_for(window)
@@ -145,8 +145,8 @@ class WindowJudge:
             }
 
         result.fingerprints = await asyncio.to_thread(fingerprints)
-        duplicates = find_duplicates(
-            result.fingerprints, history, threshold=self.scoring.duplicate_cosine
+        duplicates = await asyncio.to_thread(
+            find_duplicates, result.fingerprints, history, threshold=self.scoring.duplicate_cosine
         )
         for uid, why in sorted(duplicates.items()):
             log.info("window %d: uid %d left out as a duplicate: %s", result.window, uid, why)
@@ -165,16 +165,7 @@ class WindowJudge:
         result: Judgement,
     ) -> tuple[dict[int, Measurement], dict[int, float]]:
         rt, spec = self.rt, self.rt.spec
-        evaluator = WindowEvaluator(
-            rt.worker,
-            outer_lr=spec.outer_lr,
-            chunk_size=spec.compression_chunk_size,
-            micro_batch_size=spec.micro_batch_size,
-            gate_samples=spec.gate_samples,
-            gate_alpha=spec.gate_alpha,
-            heldout_samples=spec.heldout_samples,
-            seed=seed,
-        )
+        evaluator = WindowEvaluator.for_run(rt.worker, spec, seed=seed)
         norms = await asyncio.to_thread(evaluator.norms, valid)
         result.reference_norm = reference_norm(norms)
         if not valid or heldout is None or result.reference_norm <= 0:

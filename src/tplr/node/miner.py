@@ -144,7 +144,9 @@ class Miner:
         if late_s > 0:
             log.warning("window %d: finished %.1fs after the commit deadline", window, late_s)
             return work
-        commitment = commit_to(data, run_id=rt.spec.run_id, window=window, uid=rt.uid)
+        commitment = await asyncio.to_thread(  # SHA-256 of megabytes: off the loop
+            commit_to, data, run_id=rt.spec.run_id, window=window, uid=rt.uid
+        )
         work.committed = await self.commit(window, commitment)
         if not work.committed:
             return work

@@ -31,7 +31,7 @@ from tplr.comms.config import BucketConfig
 from tplr.comms.errors import NotFound
 from tplr.comms.store import ObjectStore
 from tplr.errors import ConfigError
-from tplr.untrusted import MalformedInput, load_json
+from tplr.untrusted import MalformedInput, load_model
 
 log = logging.getLogger(__name__)
 
@@ -197,12 +197,11 @@ class NodeAnnouncement(BaseModel):
 def parse_announcement(data: bytes, *, source: str) -> NodeAnnouncement:
     """An announcement (outside data); ``ValueError`` subclasses only via ConfigError."""
     try:
-        document = load_json(data, what=source, max_bytes=MAX_ANNOUNCEMENT_BYTES, max_depth=2)
-        return NodeAnnouncement.model_validate(document)
+        return load_model(
+            data, NodeAnnouncement, what=source, max_bytes=MAX_ANNOUNCEMENT_BYTES, max_depth=2
+        )
     except MalformedInput as exc:
-        raise ConfigError(exc.message) from None
-    except ValidationError as exc:
-        raise ConfigError(f"{source}: {exc.errors()[0]['msg']}") from None
+        raise ConfigError(f"not a node announcement: {exc.message}") from None
 
 
 def node_key(uid: int) -> str:
@@ -265,13 +264,9 @@ def parse_peer_list(data: bytes, *, source: str) -> PeerList:
     """A published peer list (outside data: bounded, strict); ConfigError when invalid."""
     hint = "the validator that published it is faulty; ask its operator"
     try:
-        document = load_json(data, what=source, max_bytes=MAX_PEER_LIST_BYTES, max_depth=2)
-        return PeerList.model_validate(document)
+        return load_model(data, PeerList, what=source, max_bytes=MAX_PEER_LIST_BYTES, max_depth=2)
     except MalformedInput as exc:
         raise ConfigError(f"invalid peer list: {exc.message}", hint=hint) from None
-    except ValidationError as exc:
-        message = f"invalid peer list at {source}: {exc.errors()[0]['msg']}"
-        raise ConfigError(message, hint=hint) from None
 
 
 async def read_peer_list(store: ObjectStore, window: int) -> PeerList:

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import re
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from tplr.comms.store import ObjectStore
 from tplr.errors import TplrError
-from tplr.untrusted import MalformedInput, load_json
+from tplr.untrusted import MalformedInput, load_model
 
 REPORTS_PREFIX = "reports/"
 MAX_REPORT_BYTES = 1 << 20
@@ -55,12 +55,9 @@ async def publish_report(store: ObjectStore, report: WindowReport) -> None:
 def parse_report(data: bytes, *, source: str) -> WindowReport:
     """A node's report (outside data: bounded, strict); ReportError when it is not one."""
     try:
-        document = load_json(data, what=source, max_bytes=MAX_REPORT_BYTES, max_depth=3)
-        return WindowReport.model_validate(document)
+        return load_model(data, WindowReport, what=source, max_bytes=MAX_REPORT_BYTES, max_depth=3)
     except MalformedInput as exc:
-        raise ReportError(exc.message) from None
-    except ValidationError as exc:
-        raise ReportError(f"{source} is not a window report: {exc.errors()[0]['msg']}") from None
+        raise ReportError(f"not a window report: {exc.message}") from None
 
 
 async def read_report(store: ObjectStore, window: int) -> WindowReport:

@@ -16,7 +16,7 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from tplr.comms.store import ObjectStore
 from tplr.protocol.reasons import RejectReason
@@ -29,7 +29,7 @@ from tplr.protocol.scoring import (
     ema,
     evidence_of,
 )
-from tplr.untrusted import MalformedInput, load_json
+from tplr.untrusted import MalformedInput, load_model
 
 SCORES_FORMAT = "tplr-scores"
 SCORES_VERSION = 2
@@ -179,17 +179,12 @@ class ScoreBoard:
         """Parse a scores file; anything wrong with it is a :class:`ScoringError`."""
         hint = "start scoring afresh (the file is ignored) or fix the file"
         try:
-            raw = load_json(data, what=source, max_bytes=MAX_SCORES_BYTES, max_depth=4)
-            document = _ScoresDocument.model_validate(raw)
+            document = load_model(
+                data, _ScoresDocument, what=source, max_bytes=MAX_SCORES_BYTES, max_depth=4
+            )
         except MalformedInput as exc:
-            message = f"{source} is not a valid scores file: {exc.message}"
+            message = f"not a valid scores file: {exc.message}"
             raise ScoringError(message, hint=hint) from None
-        except ValidationError as exc:
-            error = exc.errors()[0]
-            where = ".".join(str(part) for part in error["loc"]) or "(document)"
-            raise ScoringError(
-                f"{source} is not a valid scores file: {where}: {error['msg']}", hint=hint
-            ) from None
         if (document.format, document.version) != (SCORES_FORMAT, SCORES_VERSION):
             raise ScoringError(
                 f"{source} is format {document.format[:40]!r} version {document.version}, "

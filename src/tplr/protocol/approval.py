@@ -21,12 +21,12 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tplr.errors import TplrError
 from tplr.protocol.reasons import RejectReason
 from tplr.protocol.scoring import GateResult
-from tplr.untrusted import MalformedInput, load_json
+from tplr.untrusted import MalformedInput, load_model
 
 APPROVAL_FORMAT = "tplr-approval"
 APPROVAL_VERSION = 2
@@ -99,14 +99,11 @@ def mirror_key(window: int, uid: int) -> str:
 
 def parse_approval(data: bytes, *, run_id: str, window: int, source: str) -> Approval:
     try:
-        document = load_json(data, what=source, max_bytes=MAX_APPROVAL_BYTES, max_depth=3)
-        approval = Approval.model_validate(document)
+        approval = load_model(
+            data, Approval, what=source, max_bytes=MAX_APPROVAL_BYTES, max_depth=3
+        )
     except MalformedInput as exc:
         raise ApprovalInvalid(exc.message) from None
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        where = ".".join(str(part) for part in error["loc"]) or "(document)"
-        raise ApprovalInvalid(f"{source}: {where}: {error['msg']}") from None
     if (approval.format, approval.version) != (APPROVAL_FORMAT, APPROVAL_VERSION):
         raise ApprovalInvalid(f"{source} is format {approval.format!r} v{approval.version}")
     if (approval.run_id, approval.window) != (run_id, window):

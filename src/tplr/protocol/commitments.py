@@ -21,10 +21,10 @@ import re
 from dataclasses import dataclass
 from datetime import datetime
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from tplr.errors import TplrError
-from tplr.untrusted import MalformedInput, load_json
+from tplr.untrusted import MalformedInput, load_model
 
 COMMITMENT_FORMAT = "tplr-commitment"
 COMMITMENT_VERSION = 2
@@ -80,14 +80,11 @@ def commit_to(data: bytes, *, run_id: str, window: int, uid: int) -> Commitment:
 def parse_commitment(data: bytes, *, run_id: str, window: int, uid: int) -> Commitment:
     """Validate a peer's commitment for ``(run_id, window, uid)``; CommitmentInvalid else."""
     try:
-        document = load_json(data, what="commitment", max_bytes=MAX_COMMITMENT_BYTES, max_depth=1)
-        commitment = Commitment.model_validate(document)
+        commitment = load_model(
+            data, Commitment, what="commitment", max_bytes=MAX_COMMITMENT_BYTES, max_depth=1
+        )
     except MalformedInput as exc:
         raise CommitmentInvalid(exc.message) from None
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        where = ".".join(str(part) for part in error["loc"]) or "(document)"
-        raise CommitmentInvalid(f"commitment {where}: {error['msg']}") from None
     if (commitment.format, commitment.version) != (COMMITMENT_FORMAT, COMMITMENT_VERSION):
         raise CommitmentInvalid(
             f"format {commitment.format[:40]!r} version {commitment.version}, expected "

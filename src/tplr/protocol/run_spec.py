@@ -18,6 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from tplr.errors import ConfigError, TplrError
+from tplr.protocol import scoring
 from tplr.protocol.clock import Clock, Phases, WindowClock
 from tplr.protocol.scoring import ScoringConfig
 from tplr.train.compression import VALUE_DTYPES, CompressionSettings
@@ -27,6 +28,7 @@ RUN_SPEC_KEY = "run.json"
 RUN_SPEC_FORMAT = "tplr-run"
 PROTOCOL_VERSION = 2
 MAX_RUN_SPEC_BYTES = 64 * 1024
+_SCORING = ScoringConfig()  # the defaults of the scoring fields
 UPGRADE_HINT = (
     "a run keeps its protocol version for life: finish it with nodes of that version, or "
     "start a new run (a fresh run.json, e.g. a new bucket or prefix) and seed it with the old "
@@ -91,17 +93,17 @@ class RunSpec(BaseModel):
     windows_per_shard: int = Field(ge=1, le=1 << 20)
     seed: int = Field(ge=0, lt=1 << 63)
     checkpoint_every_windows: int = Field(default=10, ge=1, le=1 << 20)
-    peers_top_n: int = Field(default=32, ge=1, le=1 << 16)
-    score_ema_alpha: float = Field(default=0.2, gt=0, le=1)
-    score_missing_decay: float = Field(default=0.9, ge=0, le=1)
-    gate_alpha: float = Field(default=0.001, gt=0, lt=0.5)
-    gate_samples: int = Field(default=128, ge=8, le=1 << 16)
-    heldout_samples: int = Field(default=512, ge=8, le=1 << 20)
-    reward_cap: float = Field(default=3.0, ge=1, le=1000)
-    admission_passes: int = Field(default=2, ge=1, le=1000)
-    admission_windows: int = Field(default=4, ge=1, le=1000)
-    bootstrap_windows: int = Field(default=10, ge=0, le=1 << 20)
-    duplicate_cosine: float = Field(default=0.9, gt=0, le=1)
+    peers_top_n: scoring.TopN = _SCORING.top_n
+    score_ema_alpha: scoring.EmaAlpha = _SCORING.ema_alpha
+    score_missing_decay: scoring.Decay = _SCORING.missing_decay
+    gate_alpha: scoring.GateAlpha = _SCORING.gate_alpha
+    gate_samples: scoring.GateSamples = _SCORING.gate_samples
+    heldout_samples: scoring.HeldoutSamples = _SCORING.heldout_samples
+    reward_cap: scoring.RewardCap = _SCORING.reward_cap
+    admission_passes: scoring.AdmissionCount = _SCORING.admission_passes
+    admission_windows: scoring.AdmissionCount = _SCORING.admission_windows
+    bootstrap_windows: scoring.BootstrapWindows = _SCORING.bootstrap_windows
+    duplicate_cosine: scoring.Cosine = _SCORING.duplicate_cosine
 
     @model_validator(mode="after")
     def _check_relations(self) -> RunSpec:

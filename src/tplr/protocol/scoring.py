@@ -31,6 +31,7 @@ import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Annotated
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -48,22 +49,35 @@ class EvaluationFailed(ScoringError):
     reason = "non_finite_loss"
 
 
+GateAlpha = Annotated[float, Field(gt=0, lt=0.5)]
+GateSamples = Annotated[int, Field(ge=8, le=1 << 16)]
+HeldoutSamples = Annotated[int, Field(ge=8, le=1 << 20)]
+RewardCap = Annotated[float, Field(ge=1, le=1000)]
+AdmissionCount = Annotated[int, Field(ge=1, le=1000)]
+BootstrapWindows = Annotated[int, Field(ge=0, le=1 << 20)]
+EmaAlpha = Annotated[float, Field(gt=0, le=1)]
+Decay = Annotated[float, Field(ge=0, le=1)]
+TopN = Annotated[int, Field(ge=1, le=1 << 16)]
+Cosine = Annotated[float, Field(gt=0, le=1)]
+"""The bounds of each setting, shared with run.json's fields (:mod:`tplr.protocol.run_spec`)."""
+
+
 class ScoringConfig(BaseModel):
     """Scoring and admission settings; a run carries them in run.json."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
-    gate_alpha: float = Field(default=0.001, gt=0, lt=0.5)
-    gate_samples: int = Field(default=128, ge=8, le=1 << 16)
-    heldout_samples: int = Field(default=512, ge=8, le=1 << 20)
-    reward_cap: float = Field(default=3.0, ge=1, le=1000)
-    admission_passes: int = Field(default=2, ge=1, le=1000)
-    admission_windows: int = Field(default=4, ge=1, le=1000)
-    bootstrap_windows: int = Field(default=10, ge=0, le=1 << 20)
-    ema_alpha: float = Field(default=0.2, gt=0, le=1)
-    missing_decay: float = Field(default=0.9, ge=0, le=1)
-    top_n: int = Field(default=32, ge=1, le=1 << 16)
-    duplicate_cosine: float = Field(default=0.9, gt=0, le=1)
+    gate_alpha: GateAlpha = 0.001
+    gate_samples: GateSamples = 128
+    heldout_samples: HeldoutSamples = 512
+    reward_cap: RewardCap = 3.0
+    admission_passes: AdmissionCount = 2
+    admission_windows: AdmissionCount = 4
+    bootstrap_windows: BootstrapWindows = 10
+    ema_alpha: EmaAlpha = 0.2
+    missing_decay: Decay = 0.9
+    top_n: TopN = 32
+    duplicate_cosine: Cosine = 0.9
 
     @model_validator(mode="after")
     def _check_admission(self) -> ScoringConfig:
