@@ -92,6 +92,15 @@ class WindowJudge:
         result = Judgement(window, peers)
         check_clock = rt.gather.check_upload_time
         await rt.windows.sleep_until(rt.windows.commit_deadline_s(window))
+        late_s = -rt.windows.seconds_until(rt.windows.reveal_open_s(window))
+        if late_s > 0:  # a commitment seen after reveals were readable proves nothing
+            log.warning(
+                "window %d: this validator is %.1fs late for the commitment snapshot: every "
+                "commitment counts as late (give it more time: a later approval deadline, "
+                "fewer evaluated miners, a faster host)",
+                window,
+                late_s,
+            )
         snapshot = await rt.fetcher.snapshot_commitments(
             window, peers, run_id=rt.spec.run_id, windows=rt.windows, check_store_clock=check_clock
         )
