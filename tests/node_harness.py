@@ -204,6 +204,7 @@ class FakeNetwork:
     clock: FakeClock
     window_seconds: float
     nodes: dict[int, RunningNode] = field(default_factory=dict)
+    _windows: Any = None
 
     def start(self, uid: int, settings: NodeSettings, factory: NodeFactory) -> RunningNode:
         shutdown = Shutdown()
@@ -235,9 +236,22 @@ class FakeNetwork:
                 await asyncio.sleep(0.02)
 
     def windows(self):
-        lead = self.nodes[0].runtime
-        assert lead is not None
-        return lead.windows
+        """The run's window clock (kept once known: the lead may be killed meanwhile)."""
+        if self._windows is None:
+            lead = self.nodes[0].runtime
+            assert lead is not None
+            self._windows = lead.windows
+        return self._windows
+
+    async def step_to(self, fraction: float) -> None:
+        """Within the current window, to ``start + fraction × window``, phase by phase."""
+        windows = self.windows()
+        window = windows.current_window()
+        target = windows.window_start_s(window) + fraction * windows.window_seconds
+        for boundary in (*windows.phase_boundaries_s(window)[:-1], target):
+            if self.clock.now() < boundary <= target:
+                self.clock.set(boundary)
+                await self.settle()
 
     async def next_window(self) -> None:
         """From anywhere in window ``w`` to the start of ``w + 1``, phase by phase."""

@@ -11,8 +11,9 @@ Per window ``w`` (protocol v2; the phases are in :mod:`tplr.protocol.clock`):
    reason), the admitted peer list for ``w + 1`` and its report; the lead publishes a
    checkpoint every ``checkpoint_every_windows`` windows.
 
-A lead that restarts resumes from its checkpoint, replays its own approvals, and publishes
-an empty approval for every window it missed (nobody applied anything then).
+A lead that restarts resumes from its checkpoint, replays its own approvals (one it already
+published for the current window stands: miners may have applied it), and publishes an
+empty approval for every past window it missed (nobody applied anything then).
 """
 
 from __future__ import annotations
@@ -164,15 +165,16 @@ class Validator:
             await self.publish_initial_model(window)
             return window
         await self.model.load_latest_checkpoint()
-        assert self.model.window is not None
-        while self.model.window < rt.windows.current_window():
-            past = self.model.window
+        while True:  # every approval already published stands, this window's included
+            window = self.model.window
+            assert window is not None
             try:
-                approval = await read_approval(rt.stores.own, run_id=rt.spec.run_id, window=past)
+                approval = await read_approval(rt.stores.own, run_id=rt.spec.run_id, window=window)
             except NotFound:
-                approval = await self.publish_null_approval(past)
+                if window >= rt.windows.current_window():
+                    return window  # not judged yet: judge it now
+                approval = await self.publish_null_approval(window)
             await self.model.apply(approval)
-        return self.model.window
 
     async def publish_initial_model(self, window: int) -> None:
         """The first checkpoint: the seeded init, or ``init_model`` (e.g. an old run's)."""
