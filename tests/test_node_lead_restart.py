@@ -64,9 +64,12 @@ async def test_a_restarted_lead_keeps_its_approvals_and_fills_missed_windows(
             settings = make_settings(layout, uid, tmp_path / str(uid))
             network.start(uid, settings, lambda rt, s: Miner(rt, s.miner))
         await network.settle()
-        for _ in range(3):
+        for _ in range(4):
             await network.next_window()
         window = network.windows().current_window()
+        # the newest checkpoint is of this window's start (checkpoints every 2 windows): a
+        # restarted lead resumes *in* the window it has already approved
+        assert (window + 1) % TEST_RUN["checkpoint_every_windows"]
         await network.step_to(0.97)  # past the approval deadline of ``window``
         async with S3Store(moto_bucket_config(s3_server, buckets[0])) as lead_store:
             before = await read_approval(lead_store, run_id="it-run", window=window)
