@@ -1,6 +1,6 @@
 """The lead validator restarts: once in the middle of a window it already approved (the
 approval stands), once after being down for whole windows (empty approvals for the missed
-ones). Miners keep the lead's model throughout."""
+ones). Miners and a second (non-lead) validator keep the lead's model throughout."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from tplr.node.validator import Validator
 from tplr.protocol.clock import FakeClock
 
 MINERS = (1, 2)
+OTHER_VALIDATOR = 5
 
 
 @pytest.fixture
@@ -40,8 +41,8 @@ async def test_a_restarted_lead_keeps_its_approvals_and_fills_missed_windows(
     from conftest import moto_bucket_config
 
     tag = uuid.uuid4().hex[:8]
-    buckets = {uid: f"lr-{uid}-{tag}" for uid in (0, *MINERS)}
-    roles = {uid: "validator" if uid == 0 else "miner" for uid in buckets}
+    buckets = {uid: f"lr-{uid}-{tag}" for uid in (0, *MINERS, OTHER_VALIDATOR)}
+    roles = {uid: "validator" if uid in (0, OTHER_VALIDATOR) else "miner" for uid in buckets}
     layout = NetworkLayout(s3_server, f"lr-data-{tag}", buckets, roles, tmp_path / "peers.yaml")
     for name in (*buckets.values(), layout.dataset_bucket):
         s3_client.create_bucket(Bucket=name)
@@ -63,6 +64,8 @@ async def test_a_restarted_lead_keeps_its_approvals_and_fills_missed_windows(
         for uid in MINERS:
             settings = make_settings(layout, uid, tmp_path / str(uid))
             network.start(uid, settings, lambda rt, s: Miner(rt, s.miner))
+        other = make_settings(layout, OTHER_VALIDATOR, tmp_path / "other")  # not the lead
+        network.start(OTHER_VALIDATOR, other, lambda rt, s: Validator(rt, s.validator))
         await network.settle()
         for _ in range(4):
             await network.next_window()
@@ -96,6 +99,10 @@ async def test_a_restarted_lead_keeps_its_approvals_and_fills_missed_windows(
             assert in_consensus(network, now), {
                 uid: node.node.model.digests.get(now) for uid, node in network.nodes.items()
             }
+        # the other validator judged on its own, and published its scores
+        async with S3Store(moto_bucket_config(s3_server, buckets[OTHER_VALIDATOR])) as own:
+            scores = [info.key async for info in own.list("scores/")]
+        assert len(scores) >= 4, scores
         await network.stop()
     finally:
         await network.cancel_all()

@@ -327,9 +327,11 @@ class Validator:
         of the next windows (a sketch is linear: the aggregate's is the weighted sum)."""
         window = judged.window
         entries = {f"uid {uid} of window {window}": fp for uid, fp in judged.fingerprints.items()}
-        if step.approved:
+        applied = {} if step.stats is None else step.stats.weights  # the lead's weights
+        parts = {uid: judged.fingerprints[uid] for uid in applied if uid in judged.fingerprints}
+        if parts:  # (another validator may not have fetched all the lead approved)
             entries[f"the aggregate of window {window}"] = aggregate_fingerprint(
-                {uid: judged.fingerprints[uid] for uid in step.approved}, judged.weights
+                parts, {uid: applied[uid] for uid in parts}
             )
         self.history[window] = entries
         for old in [w for w in self.history if w <= window - HISTORY_WINDOWS]:
