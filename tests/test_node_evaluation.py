@@ -77,3 +77,38 @@ def test_scaling_a_delta_changes_neither_its_gate_nor_its_reward(node_test_data,
         again = evaluator.measure(dataset, context, assignment, scaled, scaled_norm, recent)
         assert again.gate.z == pytest.approx(base.gate.z, abs=1e-6)
         assert again.raw_reward == pytest.approx(base.raw_reward, rel=1e-5)
+
+
+async def test_evaluation_stops_at_its_budget(node_test_data, one_torch_thread):
+    """Miners beyond the phase's budget are left unevaluated (``not_evaluated``)."""
+    from tplr.node.evaluation import measure_all
+
+    spec = RunSpec.model_validate(
+        {**TEST_RUN, "genesis_s": 0.0, "sequence_length": SEQ_LEN, "vocab_size": 257}
+    )
+    dataset, heldout = shard(node_test_data.shards, 0), shard(node_test_data.shards, 11)
+    worker = build_worker(
+        spec,
+        NodeConfig(uid=0, device="cpu"),
+        dataset.context_len,
+        CollectorRegistry(),
+        warm_up=False,
+    )
+    evaluator = WindowEvaluator.for_run(worker, spec, seed=7)
+    generator = torch.Generator().manual_seed(0)
+    deltas = {
+        n: torch.randn(p.shape, generator=generator) for n, p in worker.model.named_parameters()
+    }
+    parts = ErrorFeedbackCompressor(spec.compression_settings()).compress(deltas)
+    payloads = {
+        uid: GradientPayload(PayloadMeta(spec.run_id, 0, uid, "", "", 0), parts) for uid in (1, 2)
+    }
+    assignments = {uid: assignment_for(spec, dataset, uid, 0) for uid in (1, 2)}
+    norms = {uid: sparse_norm(parts, spec.compression_chunk_size) for uid in (1, 2)}
+    none = np.zeros(len(dataset), dtype=bool)
+    context = evaluator.prepare(
+        dataset, heldout, reference_norm=norms[1], candidates=2, taken=none, recent=none
+    )
+    args = (evaluator, dataset, context, [1, 2], assignments, payloads, norms, none)
+    assert await measure_all(*args, budget_s=0.0) == {}
+    assert sorted(await measure_all(*args, budget_s=600.0)) == [1, 2]
