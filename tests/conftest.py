@@ -160,6 +160,17 @@ def small_disk(tmp_path: Path) -> Iterator[SmallDisk]:
             subprocess.run(["umount", str(folder)], check=True)
 
 
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """Torch on one thread, so timings and reductions don't depend on the machine's cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def node_test_data(tmp_path_factory):
     """The node tests' dataset and warmed-up initial model, built once per session."""

@@ -31,26 +31,19 @@ def shard(shards, index: int) -> SharedShardedDataset:
     )
 
 
-@pytest.fixture
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def test_scaling_a_delta_changes_neither_its_gate_nor_its_reward(node_test_data, one_torch_thread):
+def setting(data):
+    """The test run, its first shard, a held-out shard and a CPU worker for them."""
     spec = RunSpec.model_validate(
         {**TEST_RUN, "genesis_s": 0.0, "sequence_length": SEQ_LEN, "vocab_size": 257}
     )
-    dataset, heldout = shard(node_test_data.shards, 0), shard(node_test_data.shards, 11)
-    worker = build_worker(
-        spec,
-        NodeConfig(uid=0, device="cpu"),
-        dataset.context_len,
-        CollectorRegistry(),
-        warm_up=False,
-    )
+    dataset, heldout = shard(data.shards, 0), shard(data.shards, 11)
+    config = NodeConfig(uid=0, device="cpu")
+    worker = build_worker(spec, config, dataset.context_len, CollectorRegistry(), warm_up=False)
+    return spec, dataset, heldout, worker
+
+
+def test_scaling_a_delta_changes_neither_its_gate_nor_its_reward(node_test_data, one_torch_thread):
+    spec, dataset, heldout, worker = setting(node_test_data)
     shapes = {n: tuple(p.shape) for n, p in worker.model.named_parameters()}
     worker.restore(load_init_model(node_test_data.init_model, shapes))
     assignment = assignment_for(spec, dataset, 1, 0)
@@ -83,17 +76,7 @@ async def test_evaluation_stops_at_its_budget(node_test_data, one_torch_thread):
     """Miners beyond the phase's budget are left unevaluated (``not_evaluated``)."""
     from tplr.node.evaluation import measure_all
 
-    spec = RunSpec.model_validate(
-        {**TEST_RUN, "genesis_s": 0.0, "sequence_length": SEQ_LEN, "vocab_size": 257}
-    )
-    dataset, heldout = shard(node_test_data.shards, 0), shard(node_test_data.shards, 11)
-    worker = build_worker(
-        spec,
-        NodeConfig(uid=0, device="cpu"),
-        dataset.context_len,
-        CollectorRegistry(),
-        warm_up=False,
-    )
+    spec, dataset, heldout, worker = setting(node_test_data)
     evaluator = WindowEvaluator.for_run(worker, spec, seed=7)
     generator = torch.Generator().manual_seed(0)
     deltas = {

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
-import torch
 from adversaries import (
     MALFORMED_CLASSES,
     BadCommitment,
@@ -78,14 +77,6 @@ ADVERSARIES = {
 }
 SCALED = 30  # honest work sent x3: approved like any honest miner
 GATE_ADVERSARIES = (16, 17, 18, 19, 20)  # the scoring issue's list (zero, noise, ...)
-
-
-@pytest.fixture
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 async def make_layout(tmp_path, s3_server, s3_client, node_test_data, uids) -> NetworkLayout:

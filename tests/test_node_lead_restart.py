@@ -7,8 +7,6 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-import pytest
-import torch
 from node_harness import PREFIX, TEST_RUN, FakeNetwork, NetworkLayout, publish_folder
 from node_harness import s3_settings as make_settings
 
@@ -20,14 +18,6 @@ from tplr.protocol.clock import FakeClock
 
 MINERS = (1, 2)
 OTHER_VALIDATOR = 5
-
-
-@pytest.fixture
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def in_consensus(network: FakeNetwork, window: int) -> bool:
