@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -23,7 +24,7 @@ from tplr.comms.buffers import BufferPool, TransferSlots
 from tplr.comms.download_etag import Md5Etag, file_matches_etag, multipart_etag_of
 from tplr.comms.download_plan import DownloadPlan, MiB, Part
 from tplr.comms.download_sidecar import Resumed, ResumedPrefix, Sidecar, new_hashers
-from tplr.comms.download_source import RangeOpener, open_part_stream
+from tplr.comms.download_source import RangeSource, open_part_stream
 from tplr.comms.errors import IntegrityError, PreconditionFailed, StoreError, TransientError
 from tplr.comms.journal import PartRecord, PrefixRecord, Record, SpanRecord
 from tplr.comms.progress import Progress
@@ -158,7 +159,7 @@ class PartFetcher:
         progress: Progress,
         slots: TransferSlots,
         pool: BufferPool,
-        opener: RangeOpener | None,
+        source: RangeSource,
         on_retry: RetryHook,
         piece_size: int,
     ) -> None:
@@ -172,11 +173,12 @@ class PartFetcher:
         self.progress = progress
         self.slots = slots
         self.pool = pool
-        self.opener = opener
+        self.source = source
         self.on_retry = on_retry
         self.piece_size = piece_size
         self.completed: dict[int, PartRecord] = {}
         self.written_bytes = 0  # by this run (what adaptive concurrency measures)
+        self._counting = threading.Lock()  # receiving threads write concurrently
         self._pieces_left: dict[int, int] = {}
         self._mismatches: dict[int, int] = {}
 
@@ -242,7 +244,8 @@ class PartFetcher:
         count = self._mismatches[part.index] = self._mismatches.get(part.index, 0) + 1
         if count >= INTEGRITY_ATTEMPTS:
             raise self._gave_up(exc, count) from exc
-        self.progress.advance(-part.length)  # these bytes will come again
+        with self._counting:
+            self.progress.advance(-part.length)  # these bytes will come again
         self.on_retry(exc, count, 0.0)
         fresh = Resumed()
         again = self.requests([part], fresh)
@@ -278,9 +281,35 @@ class PartFetcher:
         self.metrics.observe_part("download", request.end - first, time.monotonic() - started)
 
     async def _stream(self, request: Request) -> None:
+        length = request.end - request.position
+        if self.source.reader is not None:  # received and written by a worker thread
+            await self.source.reader.stream(
+                request.position, length, if_match=self.etag, sink=self._sink(request)
+            )
+        else:
+            await self._stream_chunks(request, length)
+        if request.position != request.end:
+            raise TransientError(
+                f"short read: bytes {request.position}-{request.end - 1} of {self.location}"
+                f" did not arrive",
+                location=self.location,
+            )
+
+    def _sink(self, request: Request) -> Callable[[memoryview], None]:
+        """Hash, write and journal each batch of ``request`` (in the receiving thread)."""
+
+        def write(batch: memoryview) -> None:
+            after, note = self._advance(request, len(batch))
+            self.sidecar.write((batch,), request.position, request.hashers, note)
+            self._written(request, after)
+
+        return write
+
+    async def _stream_chunks(self, request: Request, length: int) -> None:
+        """A store's own streamed range (or ``get_range`` pieces), written by the
+        sidecar's writer threads."""
         pending: list[Any] = []
         pending_bytes = 0
-        length = request.end - request.position
         async with open_part_stream(
             self.store,
             self.key,
@@ -288,7 +317,7 @@ class PartFetcher:
             length,
             if_match=self.etag,
             pool=self.pool,
-            opener=self.opener,
+            opener=self.source.opener,
         ) as chunks:
             async for chunk in chunks:
                 pending.append(chunk)
@@ -300,23 +329,27 @@ class PartFetcher:
                 pending, pending_bytes = [], 0
             if pending:
                 await self._write(request, pending, pending_bytes)
-        if request.position != request.end:
-            raise TransientError(
-                f"short read: bytes {request.position}-{request.end - 1} of {self.location}"
-                f" did not arrive",
-                location=self.location,
-            )
 
     async def _write(self, request: Request, chunks: list[Any], num_bytes: int) -> None:
-        after = request.position + num_bytes
-        note = None
-        if after - request.noted >= PROGRESS_RECORD_BYTES and after < request.end:
-            note = self._progress_note(request, after)
-            request.noted = after
+        after, note = self._advance(request, num_bytes)
         await self.sidecar.write_async(chunks, request.position, request.hashers, note)
+        self._written(request, after)
+
+    def _advance(self, request: Request, num_bytes: int) -> tuple[int, Callable[[], Record] | None]:
+        """Where ``request`` ends after ``num_bytes`` more, and the progress record to
+        journal with them (at least every :data:`PROGRESS_RECORD_BYTES`), if due."""
+        after = request.position + num_bytes
+        if after - request.noted < PROGRESS_RECORD_BYTES or after >= request.end:
+            return after, None
+        request.noted = after
+        return after, self._progress_note(request, after)
+
+    def _written(self, request: Request, after: int) -> None:
+        num_bytes = after - request.position
         request.position = after
-        self.written_bytes += num_bytes
-        self.progress.advance(num_bytes)
+        with self._counting:
+            self.written_bytes += num_bytes
+            self.progress.advance(num_bytes)
 
     @staticmethod
     def _progress_note(request: Request, after: int) -> Callable[[], Record]:

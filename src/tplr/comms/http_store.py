@@ -39,7 +39,6 @@ from urllib.parse import quote, urljoin, urlsplit
 
 from pydantic import SecretStr
 
-from tplr.comms.download_http import content_length, parse_http_date, strong_etag
 from tplr.comms.errors import (
     AccessDenied,
     InvalidRequest,
@@ -50,6 +49,7 @@ from tplr.comms.errors import (
     Throttled,
     TransientError,
 )
+from tplr.comms.http_blocking import content_length, parse_http_date, strong_etag
 from tplr.comms.store import CompletedPart, ObjectInfo
 from tplr.untrusted import MalformedInput, check_key, check_prefix, load_json
 
@@ -362,11 +362,8 @@ class HttpStore:
             read_timeout_s=self._timeout_s,
             **self.range_reader_options(key),
         )
-        received = 0
-        async with reader, reader.open(offset, len(into), if_match=if_match) as chunks:
-            async for chunk in chunks:
-                into[received : received + len(chunk)] = chunk
-                received += len(chunk)
+        async with reader:
+            await reader.read_into(offset, into, if_match=if_match)
 
     async def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
         try:
