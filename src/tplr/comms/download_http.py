@@ -107,6 +107,7 @@ class PresignedRangeReader:
         self._ssl: ssl.SSLContext | None = ssl_context
         self._extra_headers = extra_headers
         self._executor = executor
+        self._addresses: dict[tuple[str, int], list[tuple[Any, ...]]] = {}
 
     async def __aenter__(self) -> PresignedRangeReader:
         await self._refresh_url()
@@ -218,7 +219,10 @@ class PresignedRangeReader:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self._connect_timeout_s):
-                addresses = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+                addresses = self._addresses.get((host, port))
+                if addresses is None:  # once per reader: a download opens many connections
+                    addresses = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+                    self._addresses[(host, port)] = addresses
                 sock = await _first_connected(loop, addresses)
         except (OSError, TimeoutError) as exc:
             raise TransientError(
@@ -226,8 +230,12 @@ class PresignedRangeReader:
                 f" {type(exc).__name__}: {exc}",
                 location=self.location,
             ) from exc
-        sock.settimeout(self._read_timeout_s)  # blocking, each receive bounded
-        return Link(sock, tls=self.ssl_context if secure else None, server_hostname=host)
+        return Link(
+            sock,
+            timeout_s=self._read_timeout_s,
+            tls=self.ssl_context if secure else None,
+            server_hostname=host,
+        )
 
     # -- requests and answers (used by the receiving threads) --------------------------
 
@@ -299,7 +307,7 @@ class PresignedRangeReader:
 async def _first_connected(
     loop: asyncio.AbstractEventLoop, addresses: list[tuple[Any, ...]]
 ) -> socket.socket:
-    """A socket connected to the first address that accepts, as a blocking socket."""
+    """A socket connected to the first address that accepts."""
     failure: OSError = OSError("no address to connect to")
     for family, kind, proto, _, address in addresses:
         sock = socket.socket(family, kind, proto)
@@ -313,6 +321,5 @@ async def _first_connected(
         except BaseException:
             sock.close()
             raise
-        sock.setblocking(True)
         return sock
     raise failure
