@@ -321,7 +321,8 @@ class _Download:
             queue = fetcher.requests(missing, resumed)
             streams = AdaptiveStreams(
                 queue,
-                lambda request: fetcher.fetch(request, queue),
+                lambda run: fetcher.fetch(run, queue),
+                take=fetcher.take,
                 max_streams=plan.workers,
                 bytes_done=lambda: fetcher.written_bytes,
             )

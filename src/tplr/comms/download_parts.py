@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 WRITE_BATCH_BYTES = 1 * MiB  # socket chunks are gathered up to this before one pwritev
 INTEGRITY_ATTEMPTS = 3  # fetches of one part whose hash mismatches before giving up
 PROGRESS_RECORD_BYTES = 256 * 1024  # a stream journals its progress at least this often
+MAX_RUN_BYTES = 32 * MiB  # what one GET may cover once the streams have settled
 MIN_INLINE_MD5_PART_BYTES = 1 * MiB
 MAX_INLINE_MD5_PART_BYTES = 5 * 1024 * MiB
 
@@ -141,6 +142,38 @@ class Request:
     noted: int = 0  # the position last journaled
 
 
+@dataclass
+class Run:
+    """Consecutive requests fetched by one ranged GET (most often just one): the GET
+    starts at the first unfinished request's position and ends with the last request."""
+
+    requests: list[Request]
+    _current: int = 0
+
+    def current(self) -> Request | None:
+        """The first request not yet complete, if any."""
+        while self._current < len(self.requests):
+            request = self.requests[self._current]
+            if request.position < request.end:
+                return request
+            self._current += 1
+        return None
+
+    @property
+    def position(self) -> int:
+        current = self.current()
+        return current.position if current is not None else self.end
+
+    @property
+    def end(self) -> int:
+        return self.requests[-1].end
+
+    def describe(self) -> str:
+        first, last = self.requests[0].part.index, self.requests[-1].part.index
+        parts = f"part {first}" if first == last else f"parts {first}-{last}"
+        return f"{parts} bytes {self.position}-{self.end - 1}"
+
+
 class PartFetcher:
     """Fetches requests into the sidecar: slot, ranged GET, hash, positioned writes,
     progress records, retries (see the module doc)."""
@@ -216,13 +249,65 @@ class PartFetcher:
         position = end if empty else offset + written
         return Request(part, position, end, piece_offset=offset, noted=position)
 
+    def take(self, queue: deque[Request], share: int) -> Run:
+        """The next GET's worth of work: the queue's first request, or (``share`` > 1, the
+        streams have settled) up to ``share`` times as much of what follows it, at most
+        :data:`MAX_RUN_BYTES`. A part whose untouched pieces all fit is taken whole, so it
+        is hashed as it streams instead of read back once complete."""
+        if share <= 1 or self.source.reader is None:
+            return Run([queue.popleft()])
+        first = self._next_unit(queue, MAX_RUN_BYTES) or queue.popleft()
+        run = [first]
+        budget = min(MAX_RUN_BYTES, share * (first.end - first.position))
+        budget -= first.end - first.position
+        while queue and queue[0].position == run[-1].end:
+            unit = self._next_unit(queue, budget)
+            if unit is None:
+                break
+            run.append(unit)
+            budget -= unit.end - unit.position
+        return Run(run)
+
+    def _next_unit(self, queue: deque[Request], budget: int) -> Request | None:
+        """Pop the queue's first request if it fits ``budget`` bytes; the first piece of
+        a part whose pieces are all queued, untouched, comes out as the whole part (or
+        not at all: the part is left whole for the next stream)."""
+        head = queue[0]
+        if self._whole_part_queued(head, queue):
+            if head.part.length > budget:
+                return None
+            for _ in range(self._pieces_left.pop(head.part.index)):
+                queue.popleft()
+            return self._whole(head.part, None)
+        if head.end - head.position > budget:
+            return None
+        return queue.popleft()
+
+    def _whole_part_queued(self, head: Request, queue: deque[Request]) -> bool:
+        """``head`` is the first of its part's pieces and all of them wait, untouched, at
+        the front of ``queue``."""
+        part = head.part
+        if head.piece_offset != part.offset:
+            return False
+        count = len(self._piece_offsets(part))
+        if count < 2 or len(queue) < count or self._pieces_left.get(part.index) != count:
+            return False
+        pieces = [queue[i] for i in range(count)]
+        return all(p.part.index == part.index and p.position == p.piece_offset for p in pieces)
+
     # -- fetching ---------------------------------------------------------------------
 
-    async def fetch(self, request: Request, queue: deque[Request]) -> None:
-        """Fetch ``request`` (retried from where it stopped); complete its part if it was
-        the part's last request. A part that fails its hash is queued again from scratch."""
-        if request.position < request.end:
-            await self._fetch_with_retries(request)
+    async def fetch(self, run: Run, queue: deque[Request]) -> None:
+        """Fetch ``run`` (retried from where it stopped), then complete its requests'
+        parts; a part that fails its hash is queued again from scratch."""
+        if run.position < run.end:
+            await self._fetch_with_retries(run)
+        for request in run.requests:
+            await self._complete(request, queue)
+
+    async def _complete(self, request: Request, queue: deque[Request]) -> None:
+        """Record ``request``'s part if it was the part's last request (a piece: once all
+        are written, hashed from the page cache)."""
         if request.piece_offset is not None:
             self._pieces_left[request.part.index] -= 1
             if self._pieces_left[request.part.index] > 0:
@@ -251,57 +336,62 @@ class PartFetcher:
         again = self.requests([part], fresh)
         queue.extendleft(reversed(again))
 
-    async def _fetch_with_retries(self, request: Request) -> None:
-        """One ranged GET for the rest of ``request``; a failure is retried (sleeping
-        outside the slot) from the last byte written."""
+    async def _fetch_with_retries(self, run: Run) -> None:
+        """One ranged GET for the rest of ``run``; a failure is retried (sleeping outside
+        the slot) from the last byte written."""
 
         async def attempt() -> None:
             async with self.slots:
-                await self._fetch_range(request)
+                await self._fetch_range(run)
 
         await retry(
             attempt,
             self.policy,
-            describe=f"part {request.part.index} bytes {request.position}-{request.end - 1}"
-            f" of {self.location}",
+            describe=f"{run.describe()} of {self.location}",
             on_retry=self.on_retry,
         )
 
-    async def _fetch_range(self, request: Request) -> None:
+    async def _fetch_range(self, run: Run) -> None:
         """One ranged GET into the sidecar, with progress, metrics and typed errors."""
-        started, first = time.monotonic(), request.position
+        started, first = time.monotonic(), run.position
         try:
-            await self._stream(request)
+            await self._stream(run)
         except BaseException as exc:
             if not isinstance(exc, asyncio.CancelledError):
                 self.metrics.observe_request("download")
             if isinstance(exc, PreconditionFailed):
                 raise ObjectReplaced(exc.message, location=self.location) from exc
             raise
-        self.metrics.observe_part("download", request.end - first, time.monotonic() - started)
+        self.metrics.observe_part("download", run.end - first, time.monotonic() - started)
 
-    async def _stream(self, request: Request) -> None:
-        length = request.end - request.position
+    async def _stream(self, run: Run) -> None:
+        position, end = run.position, run.end
         if self.source.reader is not None:  # received and written by a worker thread
             await self.source.reader.stream(
-                request.position, length, if_match=self.etag, sink=self._sink(request)
+                position, end - position, if_match=self.etag, sink=self._sink(run)
             )
-        else:
-            await self._stream_chunks(request, length)
-        if request.position != request.end:
+        else:  # (runs of one request: see take)
+            await self._stream_chunks(run.requests[-1], end - position)
+        if run.position != end:
             raise TransientError(
-                f"short read: bytes {request.position}-{request.end - 1} of {self.location}"
-                f" did not arrive",
+                f"short read: bytes {run.position}-{end - 1} of {self.location} did not arrive",
                 location=self.location,
             )
 
-    def _sink(self, request: Request) -> Callable[[memoryview], None]:
-        """Hash, write and journal each batch of ``request`` (in the receiving thread)."""
+    def _sink(self, run: Run) -> Callable[[memoryview], None]:
+        """Hash, write and journal each batch of ``run``'s requests, in order (in the
+        receiving thread); a batch that ends one request and starts the next is split."""
 
         def write(batch: memoryview) -> None:
-            after, note = self._advance(request, len(batch))
-            self.sidecar.write((batch,), request.position, request.hashers, note)
-            self._written(request, after)
+            while batch:
+                request = run.current()
+                if request is None:
+                    raise AssertionError("more bytes than the run asked for")
+                num_bytes = min(len(batch), request.end - request.position)
+                after, note = self._advance(request, num_bytes)
+                self.sidecar.write((batch[:num_bytes],), request.position, request.hashers, note)
+                self._written(request, after)
+                batch = batch[num_bytes:]
 
         return write
 

@@ -330,12 +330,15 @@ def _stream_into(
     while done < length:
         want = min(len(view), length - done)
         filled = 0
-        while filled < want:
-            got = link.receive_into(view[filled:want])
-            if not got:
-                raise _short(reader, where, done + filled, length)
-            filled += got
-        sink(view[:filled])
+        try:
+            while filled < want:
+                got = link.receive_into(view[filled:want])
+                if not got:
+                    raise _short(reader, where, done + filled, length)
+                filled += got
+        finally:
+            if filled:  # what came is kept (a retry continues after it), even on a failure
+                sink(view[:filled])
         done += filled
 
 
