@@ -140,6 +140,8 @@ class Request:
     hashers: list[Any] = field(default_factory=list)
     piece_offset: int | None = None
     noted: int = 0  # the position last journaled
+    finished: bool = False  # its part's completion was handled (see PartFetcher.finish)
+    mismatch: PartHashMismatch | None = None  # its part failed the manifest's hash
 
 
 @dataclass
@@ -298,32 +300,38 @@ class PartFetcher:
     # -- fetching ---------------------------------------------------------------------
 
     async def fetch(self, run: Run, queue: deque[Request]) -> None:
-        """Fetch ``run`` (retried from where it stopped), then complete its requests'
-        parts; a part that fails its hash is queued again from scratch."""
+        """Fetch ``run`` (retried from where it stopped); a part that failed its hash is
+        queued again from scratch. Each request's part is completed by the thread that
+        wrote its last byte (:meth:`finish`); what no thread did is done here."""
         if run.position < run.end:
             await self._fetch_with_retries(run)
         for request in run.requests:
-            await self._complete(request, queue)
+            if not request.finished:
+                await self.sidecar.run_blocking(self.finish, request)
+            if request.mismatch is not None:
+                self._refetch(request.part, request.mismatch, queue)
 
-    async def _complete(self, request: Request, queue: deque[Request]) -> None:
+    def finish(self, request: Request) -> None:
         """Record ``request``'s part if it was the part's last request (a piece: once all
-        are written, hashed from the page cache)."""
+        are written, hashed from the page cache), or note its mismatch. Blocking: it runs
+        in the thread that wrote the request's last byte, right after it."""
+        request.finished = True
+        part = request.part
         if request.piece_offset is not None:
-            self._pieces_left[request.part.index] -= 1
-            if self._pieces_left[request.part.index] > 0:
-                return
-            digests = await self.sidecar.hash_range_async(
-                request.part.offset, request.part.length, md5=self.part_md5
-            )
+            with self._counting:
+                self._pieces_left[part.index] -= 1
+                if self._pieces_left[part.index] > 0:
+                    return
+            digests = self.sidecar.hash_range(part.offset, part.length, self.part_md5)
         else:
             digests = tuple(h.hexdigest() for h in request.hashers)
         try:
-            record = self._record(request.part, *digests)
+            record = self._record(part, *digests)
         except PartHashMismatch as exc:
-            self._refetch(request.part, exc, queue)
+            request.mismatch = exc
             return
         self.completed[record.index] = record
-        await self.sidecar.record_async(record)
+        self.sidecar.record(record)
 
     def _refetch(self, part: Part, exc: PartHashMismatch, queue: deque[Request]) -> None:
         count = self._mismatches[part.index] = self._mismatches.get(part.index, 0) + 1
@@ -366,6 +374,8 @@ class PartFetcher:
 
     async def _stream(self, run: Run) -> None:
         position, end = run.position, run.end
+        if position == end:  # (a retry after the last byte was written)
+            return
         if self.source.reader is not None:  # received and written by a worker thread
             await self.source.reader.stream(
                 position, end - position, if_match=self.etag, sink=self._sink(run)
@@ -391,6 +401,8 @@ class PartFetcher:
                 after, note = self._advance(request, num_bytes)
                 self.sidecar.write((batch[:num_bytes],), request.position, request.hashers, note)
                 self._written(request, after)
+                if after == request.end:
+                    self.finish(request)
                 batch = batch[num_bytes:]
 
         return write

@@ -35,11 +35,12 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 U = TypeVar("U")
-INITIAL_STREAMS = 16
+INITIAL_STREAMS = 8
 GROWTH_INTERVAL_S = 0.1
 MIN_GAIN = 1.2  # a doubling of the streams must bring >= 20 % more throughput to go on
 LINEAR_GAIN = 1.6  # a doubling that nearly doubled the throughput: grow 4x next time
 BUSY_CPU_FRACTION = 0.6  # of the usable cores: more streams would only add contention
+IDLE_CPU_FRACTION = 0.3  # the first streams left the cores this idle: grow 4x at once
 
 
 def usable_cores() -> int:
@@ -146,7 +147,10 @@ class AdaptiveStreams(Generic[T, U]):
                 )
                 self.settled = True
                 return
-            factor = 4 if last_rate is not None and rate >= last_rate * LINEAR_GAIN else 2
+            if last_rate is None:  # no doubling measured yet: the cores say how far to go
+                factor = 4 if busy < IDLE_CPU_FRACTION else 2
+            else:
+                factor = 4 if rate >= last_rate * LINEAR_GAIN else 2
             last_rate = rate
             more = (factor - 1) * self._active
             for _ in range(min(more, self.max_streams - self.streams, len(self.queue))):
