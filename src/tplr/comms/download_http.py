@@ -91,6 +91,7 @@ class PresignedRangeReader:
         throttle: Any = None,
         url_ttl_s: float = URL_TTL_S,
         ssl_context: ssl.SSLContext | None = None,
+        ssl_factory: Callable[[], ssl.SSLContext] | None = None,
         extra_headers: Callable[[str], list[tuple[str, str]]] | None = None,
         executor: Executor | None = None,
     ) -> None:
@@ -105,6 +106,7 @@ class PresignedRangeReader:
         self._throttle = throttle
         self._idle: list[Link] = []
         self._ssl: ssl.SSLContext | None = ssl_context
+        self._ssl_factory = ssl_factory  # made only for an https:// connection
         self._extra_headers = extra_headers
         self._executor = executor
         self._addresses: dict[tuple[str, int], list[tuple[Any, ...]]] = {}
@@ -137,6 +139,8 @@ class PresignedRangeReader:
 
     @property
     def ssl_context(self) -> ssl.SSLContext:
+        if self._ssl is None and self._ssl_factory is not None:
+            self._ssl = self._ssl_factory()
         if self._ssl is None:
             # the CA bundle botocore would use for the store's requests, if one is set
             bundle = os.environ.get("AWS_CA_BUNDLE") or os.environ.get("REQUESTS_CA_BUNDLE")

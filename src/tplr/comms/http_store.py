@@ -136,13 +136,19 @@ class HttpStore:
         self._fallback_factory = fallback
         self._fallback: Any = None
         self._stack = contextlib.AsyncExitStack()
-        self.ssl_context: ssl.SSLContext | None = None
-        if parts.scheme == "https" or source.ca_bundle is not None:
-            cafile = str(source.ca_bundle) if source.ca_bundle is not None else None
-            self.ssl_context = ssl.create_default_context(cafile=cafile)
+        self._ssl_context: ssl.SSLContext | None = None
 
     def __repr__(self) -> str:
         return f"HttpStore(base_url={self.source.base_url!r})"
+
+    @property
+    def ssl_context(self) -> ssl.SSLContext:
+        """The TLS settings (the source's CA bundle, if any), made on first use: loading a
+        CA bundle costs ~20 ms, which a plain ``http://`` endpoint never needs."""
+        if self._ssl_context is None:
+            cafile = str(self.source.ca_bundle) if self.source.ca_bundle is not None else None
+            self._ssl_context = ssl.create_default_context(cafile=cafile)
+        return self._ssl_context
 
     def url(self, key: str = "") -> str:
         """A printable location (``https://…``, or ``s3://bucket/key`` when signed)."""
@@ -320,7 +326,7 @@ class HttpStore:
 
         return {
             "map_error": map_error,
-            "ssl_context": self.ssl_context,
+            "ssl_factory": lambda: self.ssl_context,
             "extra_headers": self.auth_headers,
         }
 
