@@ -34,9 +34,14 @@ class Origin:
     """Work items that take ``seconds`` each and count their bytes when done; ``busy``
     is the CPU the process reports per second of wall time, per core."""
 
-    def __init__(self, *, seconds: float, busy: float = 0.0) -> None:
+    def __init__(
+        self, *, seconds: float, busy: float = 0.0, warmup_s: float = 0.0, prompt: int = 0
+    ) -> None:
         self.seconds = seconds
         self.busy = busy
+        self.warmup_s = warmup_s  # a stream's first item waits this long (connecting) ...
+        self.prompt = prompt  # ... except for the first ``prompt`` streams
+        self.warm: set[object] = set()
         self.done_bytes = 0
         self.taken: list[list[int]] = []
         self.cpu = 0.0
@@ -49,6 +54,11 @@ class Origin:
         return unit
 
     async def run(self, unit: list[int]) -> None:
+        stream = asyncio.current_task()
+        if stream not in self.warm:
+            self.warm.add(stream)
+            if len(self.warm) > self.prompt:
+                await asyncio.sleep(self.warmup_s)
         await asyncio.sleep(self.seconds * len(unit))
         self.done_bytes += len(unit) * MiB  # a per-connection-limited origin: linear
 
@@ -73,6 +83,25 @@ async def test_a_per_connection_limit_gets_every_stream_one_request_each():
     await streams.run()
     assert streams.peak_streams == 64 and not streams.settled
     assert all(len(unit) == 1 for unit in origin.taken)  # capped, not settled: no runs
+
+
+async def test_streams_slow_to_start_get_one_more_interval_to_show_their_gain():
+    # the first streams are connected at once, later ones take 1.5 intervals: the
+    # interval right after a growth shows no gain, the next one the whole of it
+    origin = Origin(seconds=0.01, warmup_s=0.15, prompt=4)
+    streams = AdaptiveStreams(
+        deque(range(2500)),
+        origin.run,
+        take=origin.take,
+        max_streams=64,
+        bytes_done=lambda: origin.done_bytes,
+        initial_streams=4,
+        interval_s=0.1,
+        cpu_seconds=origin.cpu_seconds,
+        cores=2,
+    )
+    await streams.run()
+    assert streams.peak_streams == 64 and not streams.settled
 
 
 async def test_busy_cores_stop_the_growth_and_streams_then_take_more_at_once():

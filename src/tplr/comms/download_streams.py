@@ -124,8 +124,11 @@ class AdaptiveStreams(Generic[T, U]):
     async def _grow(self, group: asyncio.TaskGroup) -> None:
         """Double the streams while that pays (see the module doc); when it stops paying
         (not when the cap is reached: a per-connection limit wants every request it can
-        get), the streams are settled."""
-        last_rate: float | None = None
+        get), the streams are settled. Streams just started may need a moment to connect
+        and get going (many at once, on a busy machine): a growth that shows no gain yet
+        gets one more interval before the streams settle."""
+        before: float | None = None  # the rate before the last growth
+        patience = 1
         last_bytes, last_time, last_cpu = self._bytes_done(), time.monotonic(), self._cpu_seconds()
         while self.queue and self.streams < self.max_streams:
             with contextlib.suppress(TimeoutError):
@@ -137,21 +140,24 @@ class AdaptiveStreams(Generic[T, U]):
             elapsed = max(now - last_time, 1e-6)
             rate, busy = (done - last_bytes) / elapsed, (cpu - last_cpu) / elapsed / self._cores
             last_bytes, last_time, last_cpu = done, now, cpu
-            if last_rate is not None and rate < last_rate * self._min_gain:
-                log.debug("streams settled at %d (%.1f MB/s)", self._active, rate / 1e6)
-                self.settled = True
-                return
             if busy >= BUSY_CPU_FRACTION:
                 log.debug(
                     "streams settled at %d: %.0f%% of the cores busy", self._active, 100 * busy
                 )
                 self.settled = True
                 return
-            if last_rate is None:  # no doubling measured yet: the cores say how far to go
+            if before is not None and rate < before * self._min_gain:
+                if patience:
+                    patience -= 1
+                    continue
+                log.debug("streams settled at %d (%.1f MB/s)", self._active, rate / 1e6)
+                self.settled = True
+                return
+            if before is None:  # no growth measured yet: the cores say how far to go
                 factor = 4 if busy < IDLE_CPU_FRACTION else 2
             else:
-                factor = 4 if rate >= last_rate * LINEAR_GAIN else 2
-            last_rate = rate
+                factor = 4 if rate >= before * LINEAR_GAIN else 2
+            before, patience = rate, 1
             more = (factor - 1) * self._active
             for _ in range(min(more, self.max_streams - self.streams, len(self.queue))):
                 self._start(group)
