@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from bench_download import BUCKET, child_env, nginx
+from bench_download import BUCKET, child_env, compile_bytecode, nginx
 
 from tplr.units import format_size, parse_size
 
@@ -140,6 +140,7 @@ def main() -> int:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     env = child_env()
+    compile_bytecode()
     total = args.peers * args.size
     origin = f"limit_rate {format_size(args.rate)}" if args.rate else "unthrottled"
     print(f"{args.peers} x {format_size(args.size)} = {format_size(total)}; origin {origin}")

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -215,8 +217,8 @@ async def test_presigned_url_is_renewed_before_it_expires(proxy, bucket, data):
         )  # fmt: skip
         async with reader:
             for offset in (0, PART):
-                async with reader.open(offset, 100) as chunks:
-                    got = b"".join([bytes(c) async for c in chunks])
+                got = bytearray(100)
+                await reader.read_into(offset, memoryview(got))
                 assert got == data[offset : offset + 100]
     assert len(made) == 3  # entering, then once per request with a zero time-to-live
 
@@ -226,6 +228,26 @@ async def test_refused_request_is_not_retried(proxy, bucket, data, tmp_path):
     with pytest.raises(AccessDenied, match=f"s3://{bucket}/{KEY}"):
         await fetch(proxy, bucket, tmp_path / "o.bin")
     assert len(proxy.stats.requests) == 1
+
+
+async def test_cancel_stops_a_stalled_receive_at_once(proxy, bucket, data, tmp_path):
+    """Parts are received by worker threads on blocking sockets; cancelling the download
+    wakes a thread stuck in a receive (the server stalls, the read timeout is far) and
+    waits for it, so no thread outlives the download or writes after it returned."""
+    proxy.add(Fault("stall", range_start=PART, after_bytes=1000, stall_s=60))
+    patient = config(transfer_read_timeout_s=60, download_max_workers=2)
+    task = asyncio.create_task(fetch(proxy, bucket, tmp_path / "o.bin", config=patient))
+    async with asyncio.timeout(20):
+        while not any(start == PART for _, _, start in proxy.stats.gets()):
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.3)  # the stalled stream is now waiting in recv_into
+    started = time.monotonic()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert time.monotonic() - started < 5
+    assert not [t for t in threading.enumerate() if t.name.startswith("tplr-stream")]
+    assert not (tmp_path / "o.bin").exists()
 
 
 async def test_cancel_leaves_no_final_file_and_a_valid_journal(proxy, bucket, data, tmp_path):

@@ -30,9 +30,10 @@ from fault_proxy import Fault, FaultProxy, Response
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from tplr.comms.download_http import PresignedRangeReader, content_length, parse_response_head
+from tplr.comms.download_http import PresignedRangeReader
 from tplr.comms.download_sidecar import Sidecar, sidecar_paths
 from tplr.comms.errors import MalformedResponse, StoreError
+from tplr.comms.http_blocking import content_length, parse_response_head
 from tplr.comms.journal import (
     JournalHeader,
     PartRecord,
@@ -255,19 +256,19 @@ def reader_for(url: str) -> PresignedRangeReader:
 
 
 @FUZZ
-@given(head=heads, body=st.binary(max_size=200), how=st.sampled_from(["open", "thread"]))
+@given(head=heads, body=st.binary(max_size=200), how=st.sampled_from(["stream", "into", "whole"]))
 def test_the_raw_reader_raises_only_store_errors(loop, raw_server, head, body, how):
     raw_server.answer = head + b"\r\n\r\n" + body
 
     async def fetch() -> None:
         reader = reader_for(raw_server.url)
         async with reader:
-            if how == "thread":  # the blocking twin, as the gather path uses it
-                await reader.read_into_in_thread(0, memoryview(bytearray(100)), if_match="abc")
-                return
-            async with reader.open(0, 100, if_match="abc") as chunks:
-                async for _ in chunks:
-                    pass
+            if how == "into":  # a store's get_range
+                await reader.read_into(0, memoryview(bytearray(100)), if_match="abc")
+            elif how == "whole":  # a peer's payload
+                await reader.fetch_whole("k", lambda info: None)
+            else:  # a download's part
+                await reader.stream(0, 100, if_match="abc", sink=lambda batch: None)
 
     try:
         loop.run(fetch())

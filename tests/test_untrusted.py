@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 
 from tplr.untrusted import (
     MalformedInput,
+    bracket_depth_numpy,
+    bracket_depth_python,
     check_key,
     check_prefix,
     finite_float,
@@ -136,6 +138,11 @@ def test_load_json_round_trips_valid_documents(value):
     text = json.dumps(value)
     depth = json_depth(text.encode())
     assert load_json(text, what="fuzz", max_bytes=1 << 20, max_depth=max(depth, 1)) == value
+
+
+@given(st.lists(st.sampled_from(b"[]{}"), max_size=200).map(bytes))
+def test_json_depth_counts_alike_in_python_and_numpy(brackets):
+    assert bracket_depth_python(brackets) == bracket_depth_numpy(brackets)
 
 
 @given(st.text(max_size=64))

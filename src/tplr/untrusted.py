@@ -40,6 +40,9 @@ MAX_KEY_BYTES = 1024
 DEFAULT_MAX_JSON_DEPTH = 32
 _ASCII_INT = re.compile(r"[0-9]{1,19}")
 _JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_OPENERS = b"[{"
+_NOT_BRACKETS = bytes(code for code in range(256) if code not in b"[]{}")
+_PYTHON_BRACKETS = 1 << 16  # below this, a Python loop beats importing numpy
 
 
 class MalformedInput(TplrError):
@@ -87,16 +90,31 @@ def finite_float(
 def json_depth(data: bytes) -> int:
     """The deepest nesting of ``[``/``{`` in JSON text ``data`` (strings are skipped).
 
-    Linear time, no recursion: hostile input cannot exhaust the stack here.
+    Linear time, no recursion: hostile input cannot exhaust the stack here. A few
+    brackets (every manifest, run spec and journal) are counted in Python; many are
+    counted with numpy, imported only then (``tplr fetch`` starts without it).
     """
-    import numpy as np  # here, not at import: `tplr fetch` starts without numpy
+    brackets = _JSON_STRING.sub(b"", data).translate(None, _NOT_BRACKETS)
+    if len(brackets) <= _PYTHON_BRACKETS:
+        return bracket_depth_python(brackets)
+    return bracket_depth_numpy(brackets)
 
-    outside_strings = _JSON_STRING.sub(b"", data)
-    codes = np.frombuffer(outside_strings, dtype=np.uint8)
-    openers, closers = np.frombuffer(b"[{", np.uint8), np.frombuffer(b"]}", np.uint8)
-    steps = np.isin(codes, openers).astype(np.int64) - np.isin(codes, closers)
-    if not steps.size:
+
+def bracket_depth_python(brackets: bytes) -> int:
+    depth = deepest = 0
+    for code in brackets:
+        depth += 1 if code in _OPENERS else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def bracket_depth_numpy(brackets: bytes) -> int:
+    import numpy as np
+
+    if not brackets:
         return 0
+    codes = np.frombuffer(brackets, dtype=np.uint8)
+    steps = np.isin(codes, np.frombuffer(_OPENERS, np.uint8)).astype(np.int64) * 2 - 1
     return int(max(np.cumsum(steps).max(), 0))
 
 

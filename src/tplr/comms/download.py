@@ -299,7 +299,8 @@ class _Download:
     ) -> tuple[str, str, int]:
         """Fetch the missing parts, verify the object and publish it."""
         slots = self.shared_slots or TransferSlots(plan.workers)
-        async with range_source(self.store, self.key, self.config) as opener:
+        streams = min(slots.limit, plan.workers)
+        async with range_source(self.store, self.key, self.config, streams=streams) as source:
             fetcher = PartFetcher(
                 store=self.store,
                 key=self.key,
@@ -312,7 +313,7 @@ class _Download:
                 progress=self.progress,
                 slots=slots,
                 pool=BufferPool(slots.limit, min(plan.piece_size, STREAM_FALLBACK_BUFFER_BYTES)),
-                opener=opener,
+                source=source,
                 on_retry=self.on_retry,
                 piece_size=plan.piece_size or plan.part_size,
             )
@@ -320,7 +321,8 @@ class _Download:
             queue = fetcher.requests(missing, resumed)
             streams = AdaptiveStreams(
                 queue,
-                lambda request: fetcher.fetch(request, queue),
+                lambda run: fetcher.fetch(run, queue),
+                take=fetcher.take,
                 max_streams=plan.workers,
                 bytes_done=lambda: fetcher.written_bytes,
             )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -23,7 +24,7 @@ from tplr.comms.buffers import BufferPool, TransferSlots
 from tplr.comms.download_etag import Md5Etag, file_matches_etag, multipart_etag_of
 from tplr.comms.download_plan import DownloadPlan, MiB, Part
 from tplr.comms.download_sidecar import Resumed, ResumedPrefix, Sidecar, new_hashers
-from tplr.comms.download_source import RangeOpener, open_part_stream
+from tplr.comms.download_source import RangeSource, open_part_stream
 from tplr.comms.errors import IntegrityError, PreconditionFailed, StoreError, TransientError
 from tplr.comms.journal import PartRecord, PrefixRecord, Record, SpanRecord
 from tplr.comms.progress import Progress
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 WRITE_BATCH_BYTES = 1 * MiB  # socket chunks are gathered up to this before one pwritev
 INTEGRITY_ATTEMPTS = 3  # fetches of one part whose hash mismatches before giving up
 PROGRESS_RECORD_BYTES = 256 * 1024  # a stream journals its progress at least this often
+MAX_RUN_BYTES = 32 * MiB  # what one GET may cover once the streams have settled
 MIN_INLINE_MD5_PART_BYTES = 1 * MiB
 MAX_INLINE_MD5_PART_BYTES = 5 * 1024 * MiB
 
@@ -138,6 +140,40 @@ class Request:
     hashers: list[Any] = field(default_factory=list)
     piece_offset: int | None = None
     noted: int = 0  # the position last journaled
+    finished: bool = False  # its part's completion was handled (see PartFetcher.finish)
+    mismatch: PartHashMismatch | None = None  # its part failed the manifest's hash
+
+
+@dataclass
+class Run:
+    """Consecutive requests fetched by one ranged GET (most often just one): the GET
+    starts at the first unfinished request's position and ends with the last request."""
+
+    requests: list[Request]
+    _current: int = 0
+
+    def current(self) -> Request | None:
+        """The first request not yet complete, if any."""
+        while self._current < len(self.requests):
+            request = self.requests[self._current]
+            if request.position < request.end:
+                return request
+            self._current += 1
+        return None
+
+    @property
+    def position(self) -> int:
+        current = self.current()
+        return current.position if current is not None else self.end
+
+    @property
+    def end(self) -> int:
+        return self.requests[-1].end
+
+    def describe(self) -> str:
+        first, last = self.requests[0].part.index, self.requests[-1].part.index
+        parts = f"part {first}" if first == last else f"parts {first}-{last}"
+        return f"{parts} bytes {self.position}-{self.end - 1}"
 
 
 class PartFetcher:
@@ -158,7 +194,7 @@ class PartFetcher:
         progress: Progress,
         slots: TransferSlots,
         pool: BufferPool,
-        opener: RangeOpener | None,
+        source: RangeSource,
         on_retry: RetryHook,
         piece_size: int,
     ) -> None:
@@ -172,11 +208,12 @@ class PartFetcher:
         self.progress = progress
         self.slots = slots
         self.pool = pool
-        self.opener = opener
+        self.source = source
         self.on_retry = on_retry
         self.piece_size = piece_size
         self.completed: dict[int, PartRecord] = {}
         self.written_bytes = 0  # by this run (what adaptive concurrency measures)
+        self._counting = threading.Lock()  # receiving threads write concurrently
         self._pieces_left: dict[int, int] = {}
         self._mismatches: dict[int, int] = {}
 
@@ -214,73 +251,167 @@ class PartFetcher:
         position = end if empty else offset + written
         return Request(part, position, end, piece_offset=offset, noted=position)
 
+    def take(self, queue: deque[Request], share: int) -> Run:
+        """The next GET's worth of work: the queue's first request, or (``share`` > 1, the
+        streams have settled) up to ``share`` times as much of what follows it, at most
+        :data:`MAX_RUN_BYTES`. A part whose untouched pieces all fit is taken whole, so it
+        is hashed as it streams instead of read back once complete."""
+        if share <= 1 or self.source.reader is None:
+            return Run([queue.popleft()])
+        first = self._next_unit(queue, MAX_RUN_BYTES) or queue.popleft()
+        run = [first]
+        budget = min(MAX_RUN_BYTES, share * (first.end - first.position))
+        budget -= first.end - first.position
+        while queue and queue[0].position == run[-1].end:
+            unit = self._next_unit(queue, budget)
+            if unit is None:
+                break
+            run.append(unit)
+            budget -= unit.end - unit.position
+        return Run(run)
+
+    def _next_unit(self, queue: deque[Request], budget: int) -> Request | None:
+        """Pop the queue's first request if it fits ``budget`` bytes; the first piece of
+        a part whose pieces are all queued, untouched, comes out as the whole part (or
+        not at all: the part is left whole for the next stream)."""
+        head = queue[0]
+        if self._whole_part_queued(head, queue):
+            if head.part.length > budget:
+                return None
+            for _ in range(self._pieces_left.pop(head.part.index)):
+                queue.popleft()
+            return self._whole(head.part, None)
+        if head.end - head.position > budget:
+            return None
+        return queue.popleft()
+
+    def _whole_part_queued(self, head: Request, queue: deque[Request]) -> bool:
+        """``head`` is the first of its part's pieces and all of them wait, untouched, at
+        the front of ``queue``."""
+        part = head.part
+        if head.piece_offset != part.offset:
+            return False
+        count = len(self._piece_offsets(part))
+        if count < 2 or len(queue) < count or self._pieces_left.get(part.index) != count:
+            return False
+        pieces = [queue[i] for i in range(count)]
+        return all(p.part.index == part.index and p.position == p.piece_offset for p in pieces)
+
     # -- fetching ---------------------------------------------------------------------
 
-    async def fetch(self, request: Request, queue: deque[Request]) -> None:
-        """Fetch ``request`` (retried from where it stopped); complete its part if it was
-        the part's last request. A part that fails its hash is queued again from scratch."""
-        if request.position < request.end:
-            await self._fetch_with_retries(request)
+    async def fetch(self, run: Run, queue: deque[Request]) -> None:
+        """Fetch ``run`` (retried from where it stopped); a part that failed its hash is
+        queued again from scratch. Each request's part is completed by the thread that
+        wrote its last byte (:meth:`finish`); what no thread did is done here."""
+        if run.position < run.end:
+            await self._fetch_with_retries(run)
+        for request in run.requests:
+            if not request.finished:
+                await self.sidecar.run_blocking(self.finish, request)
+            if request.mismatch is not None:
+                self._refetch(request.part, request.mismatch, queue)
+
+    def finish(self, request: Request) -> None:
+        """Record ``request``'s part if it was the part's last request (a piece: once all
+        are written, hashed from the page cache), or note its mismatch. Blocking: it runs
+        in the thread that wrote the request's last byte, right after it."""
+        request.finished = True
+        part = request.part
         if request.piece_offset is not None:
-            self._pieces_left[request.part.index] -= 1
-            if self._pieces_left[request.part.index] > 0:
-                return
-            digests = await self.sidecar.hash_range_async(
-                request.part.offset, request.part.length, md5=self.part_md5
-            )
+            with self._counting:
+                self._pieces_left[part.index] -= 1
+                if self._pieces_left[part.index] > 0:
+                    return
+            digests = self.sidecar.hash_range(part.offset, part.length, self.part_md5)
         else:
             digests = tuple(h.hexdigest() for h in request.hashers)
         try:
-            record = self._record(request.part, *digests)
+            record = self._record(part, *digests)
         except PartHashMismatch as exc:
-            self._refetch(request.part, exc, queue)
+            request.mismatch = exc
             return
         self.completed[record.index] = record
-        await self.sidecar.record_async(record)
+        self.sidecar.record(record)
 
     def _refetch(self, part: Part, exc: PartHashMismatch, queue: deque[Request]) -> None:
         count = self._mismatches[part.index] = self._mismatches.get(part.index, 0) + 1
         if count >= INTEGRITY_ATTEMPTS:
             raise self._gave_up(exc, count) from exc
-        self.progress.advance(-part.length)  # these bytes will come again
+        with self._counting:
+            self.progress.advance(-part.length)  # these bytes will come again
         self.on_retry(exc, count, 0.0)
         fresh = Resumed()
         again = self.requests([part], fresh)
         queue.extendleft(reversed(again))
 
-    async def _fetch_with_retries(self, request: Request) -> None:
-        """One ranged GET for the rest of ``request``; a failure is retried (sleeping
-        outside the slot) from the last byte written."""
+    async def _fetch_with_retries(self, run: Run) -> None:
+        """One ranged GET for the rest of ``run``; a failure is retried (sleeping outside
+        the slot) from the last byte written."""
 
         async def attempt() -> None:
             async with self.slots:
-                await self._fetch_range(request)
+                await self._fetch_range(run)
 
         await retry(
             attempt,
             self.policy,
-            describe=f"part {request.part.index} bytes {request.position}-{request.end - 1}"
-            f" of {self.location}",
+            describe=f"{run.describe()} of {self.location}",
             on_retry=self.on_retry,
         )
 
-    async def _fetch_range(self, request: Request) -> None:
+    async def _fetch_range(self, run: Run) -> None:
         """One ranged GET into the sidecar, with progress, metrics and typed errors."""
-        started, first = time.monotonic(), request.position
+        started, first = time.monotonic(), run.position
         try:
-            await self._stream(request)
+            await self._stream(run)
         except BaseException as exc:
             if not isinstance(exc, asyncio.CancelledError):
                 self.metrics.observe_request("download")
             if isinstance(exc, PreconditionFailed):
                 raise ObjectReplaced(exc.message, location=self.location) from exc
             raise
-        self.metrics.observe_part("download", request.end - first, time.monotonic() - started)
+        self.metrics.observe_part("download", run.end - first, time.monotonic() - started)
 
-    async def _stream(self, request: Request) -> None:
+    async def _stream(self, run: Run) -> None:
+        position, end = run.position, run.end
+        if position == end:  # (a retry after the last byte was written)
+            return
+        if self.source.reader is not None:  # received and written by a worker thread
+            await self.source.reader.stream(
+                position, end - position, if_match=self.etag, sink=self._sink(run)
+            )
+        else:  # (runs of one request: see take)
+            await self._stream_chunks(run.requests[-1], end - position)
+        if run.position != end:
+            raise TransientError(
+                f"short read: bytes {run.position}-{end - 1} of {self.location} did not arrive",
+                location=self.location,
+            )
+
+    def _sink(self, run: Run) -> Callable[[memoryview], None]:
+        """Hash, write and journal each batch of ``run``'s requests, in order (in the
+        receiving thread); a batch that ends one request and starts the next is split."""
+
+        def write(batch: memoryview) -> None:
+            while batch:
+                request = run.current()
+                if request is None:
+                    raise AssertionError("more bytes than the run asked for")
+                num_bytes = min(len(batch), request.end - request.position)
+                after, note = self._advance(request, num_bytes)
+                self.sidecar.write((batch[:num_bytes],), request.position, request.hashers, note)
+                self._written(request, after)
+                if after == request.end:
+                    self.finish(request)
+                batch = batch[num_bytes:]
+
+        return write
+
+    async def _stream_chunks(self, request: Request, length: int) -> None:
+        """A store's own streamed range (or ``get_range`` pieces), written by the
+        sidecar's writer threads."""
         pending: list[Any] = []
         pending_bytes = 0
-        length = request.end - request.position
         async with open_part_stream(
             self.store,
             self.key,
@@ -288,7 +419,7 @@ class PartFetcher:
             length,
             if_match=self.etag,
             pool=self.pool,
-            opener=self.opener,
+            opener=self.source.opener,
         ) as chunks:
             async for chunk in chunks:
                 pending.append(chunk)
@@ -300,23 +431,27 @@ class PartFetcher:
                 pending, pending_bytes = [], 0
             if pending:
                 await self._write(request, pending, pending_bytes)
-        if request.position != request.end:
-            raise TransientError(
-                f"short read: bytes {request.position}-{request.end - 1} of {self.location}"
-                f" did not arrive",
-                location=self.location,
-            )
 
     async def _write(self, request: Request, chunks: list[Any], num_bytes: int) -> None:
-        after = request.position + num_bytes
-        note = None
-        if after - request.noted >= PROGRESS_RECORD_BYTES and after < request.end:
-            note = self._progress_note(request, after)
-            request.noted = after
+        after, note = self._advance(request, num_bytes)
         await self.sidecar.write_async(chunks, request.position, request.hashers, note)
+        self._written(request, after)
+
+    def _advance(self, request: Request, num_bytes: int) -> tuple[int, Callable[[], Record] | None]:
+        """Where ``request`` ends after ``num_bytes`` more, and the progress record to
+        journal with them (at least every :data:`PROGRESS_RECORD_BYTES`), if due."""
+        after = request.position + num_bytes
+        if after - request.noted < PROGRESS_RECORD_BYTES or after >= request.end:
+            return after, None
+        request.noted = after
+        return after, self._progress_note(request, after)
+
+    def _written(self, request: Request, after: int) -> None:
+        num_bytes = after - request.position
         request.position = after
-        self.written_bytes += num_bytes
-        self.progress.advance(num_bytes)
+        with self._counting:
+            self.written_bytes += num_bytes
+            self.progress.advance(num_bytes)
 
     @staticmethod
     def _progress_note(request: Request, after: int) -> Callable[[], Record]:

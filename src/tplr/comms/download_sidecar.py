@@ -264,10 +264,10 @@ class Sidecar:
         except OSError as exc:
             raise self.write_error(exc, "write") from exc
 
-    async def record_async(self, record: Record) -> None:
-        """Journal ``record`` (its bytes are written) on a writer thread."""
+    async def run_blocking(self, work: Callable[..., Any], *args: Any) -> Any:
+        """``work(*args)`` (something that writes or reads the sidecar) on a writer thread."""
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._writers, self.record, record)
+        return await loop.run_in_executor(self._writers, work, *args)
 
     def record(self, record: Record) -> None:
         if self._journal is None:
@@ -276,13 +276,6 @@ class Sidecar:
             self._journal.append([record])
         except OSError as exc:
             raise self.write_error(exc, "journal") from exc
-
-    async def hash_range_async(
-        self, offset: int, length: int, *, md5: bool
-    ) -> tuple[str, str | None]:
-        """:meth:`hash_range` on the writer thread(s)."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._writers, self.hash_range, offset, length, md5)
 
     def hash_range(self, offset: int, length: int, md5: bool) -> tuple[str, str | None]:
         """xxh3-128 (and MD5) of ``[offset, offset + length)`` as written (page cache)."""

@@ -1,8 +1,8 @@
 """Where a part's bytes come from, fastest first.
 
-1. A store that can presign a GET URL (``S3Store``): ranged GETs of that one URL on
-   keep-alive connections that receive straight into reusable buffers
-   (:mod:`tplr.comms.download_http`): one request per part, no copy in user space.
+1. A store that can presign a GET URL (``S3Store``, ``HttpStore``): ranged GETs of that
+   one URL on kept-alive connections, each received by a worker thread that also writes
+   it (:mod:`tplr.comms.download_http`): one request per part, no copy in user space.
    Not used when ``HTTP(S)_PROXY`` routes the endpoint through a proxy.
 2. A store that streams a range (:class:`RangeStreamingStore`, ``open_range``): one
    request per part, its body in the chunks the socket delivers.
@@ -14,14 +14,15 @@
 from __future__ import annotations
 
 import contextlib
-import mmap
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
-from tplr.comms.buffers import BufferPool
+from tplr.comms.buffers import BufferPool, FreshBytes
 from tplr.comms.download_http import URL_EXPIRES_S, PresignedRangeReader
 from tplr.comms.errors import StoreError, Throttled
 from tplr.comms.store import ObjectInfo, ObjectStore
@@ -97,7 +98,7 @@ def _s3_error_mapper(store: Any, key: str) -> Callable[[int, str, str], StoreErr
 
 
 def _presigned_reader(
-    store: ObjectStore, key: str, config: TransferConfig
+    store: ObjectStore, key: str, config: TransferConfig, executor: Executor | None = None
 ) -> PresignedRangeReader | None:
     presign = _presigner(store)
     if presign is None:
@@ -110,26 +111,37 @@ def _presigned_reader(
         connect_timeout_s=config.transfer_connect_timeout_s,
         read_timeout_s=config.transfer_read_timeout_s,
         throttle=getattr(store, "throttle", None),
+        executor=executor,
         **options,
     )
 
 
+@dataclass(frozen=True, slots=True)
+class RangeSource:
+    """How a download gets its parts: ``reader`` (presigned GETs received and written by
+    worker threads), else ``opener`` (a store's streamed ranges), else neither
+    (``get_range`` into pooled buffers)."""
+
+    reader: PresignedRangeReader | None = None
+    opener: RangeOpener | None = None
+
+
 @contextlib.asynccontextmanager
 async def range_source(
-    store: ObjectStore, key: str, config: TransferConfig
-) -> AsyncIterator[RangeOpener | None]:
-    """The fastest way ``store`` offers to stream ranges of ``key`` (None: use get_range)."""
-    reader = _presigned_reader(store, key, config)
-    if reader is not None:
-        async with reader:
-            yield lambda _key, offset, length, *, if_match=None: reader.open(
-                offset, length, if_match=if_match
-            )
-        return
+    store: ObjectStore, key: str, config: TransferConfig, *, streams: int
+) -> AsyncIterator[RangeSource]:
+    """The fastest way ``store`` offers to fetch ranges of ``key``, for up to ``streams``
+    concurrent requests."""
+    with ThreadPoolExecutor(streams, thread_name_prefix="tplr-stream") as threads:
+        reader = _presigned_reader(store, key, config, threads)
+        if reader is not None:
+            async with reader:
+                yield RangeSource(reader=reader)
+            return
     if isinstance(store, RangeStreamingStore):
-        yield store.open_range
+        yield RangeSource(opener=store.open_range)
         return
-    yield None
+    yield RangeSource()
 
 
 async def _via_get_range(
@@ -183,7 +195,7 @@ async def fetch_whole_object(
         check(info)
         return await read_object(store, info, config=config), info
     async with reader:
-        return await reader.fetch_whole_in_thread(key, check)
+        return await reader.fetch_whole(key, check)
 
 
 async def read_object(
@@ -192,18 +204,18 @@ async def read_object(
     """The whole object ``info`` describes, in one ranged GET pinned to its ETag, by the
     fastest source the store offers (a peer's payload: a few MiB, fetched many at once).
 
-    The presigned reader receives the body straight into an uninitialised buffer, so the
-    bytes are copied once more only to become ``bytes``. ``PreconditionFailed`` if the
-    object was replaced since ``info`` was read, a typed error for anything else.
+    The body is received straight into the ``bytes`` returned (no copy,
+    :class:`~tplr.comms.buffers.FreshBytes`). ``PreconditionFailed`` if the object was
+    replaced since ``info`` was read, a typed error for anything else.
     """
     if not info.size:
         return b""
     reader = _presigned_reader(store, info.key, config or TransferConfig.model_construct())
-    with mmap.mmap(-1, info.size) as buffer:  # anonymous: no user-space zero fill
-        with memoryview(buffer) as view:
-            if reader is None:
-                await store.get_range(info.key, 0, view, if_match=info.etag)
-            else:
-                async with reader:
-                    await reader.read_into_in_thread(0, view, if_match=info.etag)
-        return buffer[:]
+    fresh = FreshBytes(info.size)
+    with fresh.view:
+        if reader is None:
+            await store.get_range(info.key, 0, fresh.view, if_match=info.etag)
+        else:
+            async with reader:
+                await reader.read_into(0, fresh.view, if_match=info.etag)
+    return fresh.take()

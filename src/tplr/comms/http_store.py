@@ -39,7 +39,6 @@ from urllib.parse import quote, urljoin, urlsplit
 
 from pydantic import SecretStr
 
-from tplr.comms.download_http import content_length, parse_http_date, strong_etag
 from tplr.comms.errors import (
     AccessDenied,
     InvalidRequest,
@@ -50,6 +49,7 @@ from tplr.comms.errors import (
     Throttled,
     TransientError,
 )
+from tplr.comms.http_blocking import content_length, parse_http_date, strong_etag
 from tplr.comms.store import CompletedPart, ObjectInfo
 from tplr.untrusted import MalformedInput, check_key, check_prefix, load_json
 
@@ -136,13 +136,19 @@ class HttpStore:
         self._fallback_factory = fallback
         self._fallback: Any = None
         self._stack = contextlib.AsyncExitStack()
-        self.ssl_context: ssl.SSLContext | None = None
-        if parts.scheme == "https" or source.ca_bundle is not None:
-            cafile = str(source.ca_bundle) if source.ca_bundle is not None else None
-            self.ssl_context = ssl.create_default_context(cafile=cafile)
+        self._ssl_context: ssl.SSLContext | None = None
 
     def __repr__(self) -> str:
         return f"HttpStore(base_url={self.source.base_url!r})"
+
+    @property
+    def ssl_context(self) -> ssl.SSLContext:
+        """The TLS settings (the source's CA bundle, if any), made on first use: loading a
+        CA bundle costs ~20 ms, which a plain ``http://`` endpoint never needs."""
+        if self._ssl_context is None:
+            cafile = str(self.source.ca_bundle) if self.source.ca_bundle is not None else None
+            self._ssl_context = ssl.create_default_context(cafile=cafile)
+        return self._ssl_context
 
     def url(self, key: str = "") -> str:
         """A printable location (``https://…``, or ``s3://bucket/key`` when signed)."""
@@ -320,7 +326,7 @@ class HttpStore:
 
         return {
             "map_error": map_error,
-            "ssl_context": self.ssl_context,
+            "ssl_factory": lambda: self.ssl_context,
             "extra_headers": self.auth_headers,
         }
 
@@ -362,11 +368,8 @@ class HttpStore:
             read_timeout_s=self._timeout_s,
             **self.range_reader_options(key),
         )
-        received = 0
-        async with reader, reader.open(offset, len(into), if_match=if_match) as chunks:
-            async for chunk in chunks:
-                into[received : received + len(chunk)] = chunk
-                received += len(chunk)
+        async with reader:
+            await reader.read_into(offset, into, if_match=if_match)
 
     async def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
         try:
