@@ -48,7 +48,7 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
-from tplr.comms.download_plan import plan_download
+from tplr.comms.download.plan import plan_download
 from tplr.comms.manifest import (
     DEFAULT_PART_SIZE,
     build_manifest,

@@ -45,7 +45,7 @@ import asyncio, sys, time
 from pydantic import SecretStr
 from tplr.comms.config import BucketConfig
 from tplr.comms.retry import RetryPolicy
-from tplr.comms.s3_store import S3Store
+from tplr.comms.stores.s3 import S3Store
 from tplr.node.gather import PayloadFetcher
 from tplr.node.settings import GatherConfig
 

@@ -38,7 +38,7 @@ from pydantic import SecretStr
 
 from tplr.comms.config import BucketConfig
 from tplr.comms.retry import RetryPolicy
-from tplr.comms.s3_store import S3Store
+from tplr.comms.stores.s3 import S3Store
 from tplr.node.gather import PayloadFetcher
 from tplr.node.health import HealthServer, ProgressTracker
 from tplr.node.prefixed_store import PrefixedStore

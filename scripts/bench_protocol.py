@@ -34,7 +34,7 @@ MINERS = 8
 
 async def measure(endpoint: str, shapes, settings, label: str, rounds: int) -> dict[str, float]:
     from tplr.comms.retry import RetryPolicy
-    from tplr.comms.s3_store import S3Store
+    from tplr.comms.stores.s3 import S3Store
     from tplr.comms.transfer_config import TransferConfig
     from tplr.comms.upload import upload_bytes
     from tplr.node.approvals import fetch_approved, publish_approval, read_approval

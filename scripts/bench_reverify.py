@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
-from tplr.comms.download_sidecar import Sidecar, sidecar_paths
-from tplr.comms.journal import JournalHeader, JournalWriter, PartRecord
+from tplr.comms.download.journal import JournalHeader, JournalWriter, PartRecord
+from tplr.comms.download.sidecar import Sidecar, sidecar_paths
 from tplr.units import parse_size
 
 

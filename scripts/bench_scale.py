@@ -134,7 +134,7 @@ class Directory:
 
 async def one_scale(endpoint: str, miners: int, shapes, settings) -> Row:
     from tplr.comms.retry import RetryPolicy
-    from tplr.comms.s3_store import S3Store
+    from tplr.comms.stores.s3 import S3Store
     from tplr.comms.transfer_config import TransferConfig
     from tplr.comms.upload import upload_bytes
     from tplr.node.gather import PayloadFetcher, check_reveals, validate_all

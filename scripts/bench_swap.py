@@ -33,9 +33,9 @@ from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
 from tplr.comms.config import BucketConfig
-from tplr.comms.download_plan import auto_part_size
+from tplr.comms.download.plan import auto_part_size
 from tplr.comms.manifest import MANIFEST_NAME, build_manifest, write_manifest_atomic
-from tplr.comms.s3_store import S3Store
+from tplr.comms.stores.s3 import S3Store
 from tplr.comms.transfer_config import TransferConfig
 from tplr.comms.upload import upload_file
 from tplr.data.formats import TokenFormat

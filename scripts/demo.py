@@ -18,9 +18,9 @@ import os
 from pathlib import Path
 
 from tplr.comms.buffers import TransferSlots
-from tplr.comms.download import download
-from tplr.comms.local_store import LocalStore
+from tplr.comms.download.engine import download
 from tplr.comms.manifest import MANIFEST_NAME, Manifest, build_manifest
+from tplr.comms.stores.local import LocalStore
 from tplr.comms.transfer_config import TransferConfig
 from tplr.comms.upload import upload_file
 from tplr.units import format_size, parse_size

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tplr.comms.errors import NotFound
-from tplr.comms.local_store import LocalStore
+from tplr.comms.stores.local import LocalStore
 from tplr.node.directory import embedded_prefix
 from tplr.node.prefixed_store import PrefixedStore
 from tplr.node.reports import WindowReport, read_report, report_windows

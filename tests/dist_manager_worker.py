@@ -15,7 +15,7 @@ import numpy as np
 import torch.distributed as dist
 from prometheus_client import CollectorRegistry
 
-from tplr.comms.local_store import LocalStore
+from tplr.comms.stores.local import LocalStore
 from tplr.comms.transfer_config import TransferConfig
 from tplr.data.manager import ShardUnavailable, SharedShardedDatasetManager, dataset_opener
 from tplr.data.manager_catalog import TorchDistChannel

@@ -17,7 +17,7 @@ from demo_network import warm_model, write_text_corpus  # scripts/ is on pytest'
 from pydantic import SecretStr
 
 from tplr.comms.config import DatasetBucketSettings, GradientsBucketSettings
-from tplr.comms.store import ObjectStore
+from tplr.comms.stores.base import ObjectStore
 from tplr.comms.transfer_config import TransferConfig
 from tplr.data.manager_config import DatasetConfig
 from tplr.data.prepare import PrepareConfig, prepare_shards

@@ -9,7 +9,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry
 
 from tplr.comms.manifest import MANIFEST_NAME, build_manifest, write_manifest_atomic
-from tplr.comms.store import ObjectInfo, ObjectStore
+from tplr.comms.stores.base import ObjectInfo, ObjectStore
 from tplr.comms.transfer_config import TransferConfig
 from tplr.data.formats import TokenFormat
 from tplr.data.manager import SharedShardedDatasetManager, dataset_opener

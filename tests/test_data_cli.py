@@ -14,7 +14,7 @@ from conftest import TEST_ACCESS_KEY, TEST_SECRET_KEY
 from test_data_helpers import ramp, write_llmc
 
 from tplr.comms.manifest import MANIFEST_NAME, read_manifest
-from tplr.comms.store_url import open_store_for_url
+from tplr.comms.stores.url import open_store_for_url
 from tplr.comms.transfer_config import TransferConfig
 from tplr.data.convert import convert_llmc_to_templar
 from tplr.data.formats import open_shard

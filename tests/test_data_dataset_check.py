@@ -12,7 +12,7 @@ from shard_fixtures import publish_folder, write_llmc_dataset
 
 from tplr.comms.errors import NotFound
 from tplr.comms.manifest import MANIFEST_NAME
-from tplr.comms.s3_store import S3Store
+from tplr.comms.stores.s3 import S3Store
 from tplr.data.dataset_check import DatasetCheckError, check_dataset_for_run
 from tplr.data.layout import DatasetLayoutError
 from tplr.data.prepare import PrepareConfig, prepare_shards

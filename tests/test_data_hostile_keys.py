@@ -18,9 +18,9 @@ from conftest import moto_bucket_config
 from shard_fixtures import publish_folder, small_manager, write_llmc_dataset
 
 from tplr.comms.errors import MalformedResponse
-from tplr.comms.local_store import LocalStore
 from tplr.comms.manifest import MANIFEST_NAME, ManifestError, build_manifest, write_manifest_atomic
-from tplr.comms.s3_store import S3Store
+from tplr.comms.stores.local import LocalStore
+from tplr.comms.stores.s3 import S3Store
 from tplr.data.layout import DatasetLayoutError
 from tplr.data.shard_state import ShardState
 from tplr.data.upload_shards import upload_dataset

@@ -15,9 +15,9 @@ from conftest import moto_bucket_config
 from shard_fixtures import CountingStore, publish_folder, small_manager, write_llmc_dataset
 from test_data_helpers import ramp
 
-from tplr.comms.local_store import LocalStore
 from tplr.comms.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, ManifestError
-from tplr.comms.s3_store import S3Store
+from tplr.comms.stores.local import LocalStore
+from tplr.comms.stores.s3 import S3Store
 from tplr.data import manager_markers as markers
 from tplr.data.dataset_manifest import dataset_info, fetch_manifest
 from tplr.data.formats import ShardFormatError, open_shard

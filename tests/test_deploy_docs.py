@@ -184,7 +184,7 @@ def test_health_and_hint_quotes_come_from_the_code():
     detail = " ".join(f"HTTP 503: unhealthy: {tracker.status().detail}".split())
     assert detail in " ".join(README.split())
     assert f"`hint: {Throttled.hint}`" in README
-    s3_store = (REPO / "src/tplr/comms/s3_store.py").read_text()
+    s3_store = (REPO / "src/tplr/comms/stores/s3.py").read_text()
     assert '"this machine\'s clock is wrong; enable NTP time sync"' in s3_store
     assert "`hint: this machine's clock is wrong; enable NTP time sync`" in README
 

@@ -17,7 +17,7 @@ from node_harness import PREFIX, TEST_RUN, NetworkLayout, build_dataset, publish
 from pydantic import SecretStr
 from s3_rewrite_proxy import S3RewriteProxy
 
-from tplr.comms.s3_store import S3Store
+from tplr.comms.stores.s3 import S3Store
 from tplr.comms.transfer_config import TransferConfig
 from tplr.doctor.report import CheckResult
 from tplr.doctor.run import DoctorOptions, run_doctor

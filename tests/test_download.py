@@ -14,14 +14,14 @@ from conftest import moto_bucket_config as bucket_config
 from prometheus_client import CollectorRegistry
 
 from tplr.comms.buffers import TransferSlots
-from tplr.comms.download import download
-from tplr.comms.download_sidecar import sidecar_paths
+from tplr.comms.download.engine import download
+from tplr.comms.download.journal import JournalHeader, JournalWriter, PartRecord
+from tplr.comms.download.sidecar import sidecar_paths
 from tplr.comms.errors import InsufficientSpace, IntegrityError, PreconditionFailed
-from tplr.comms.journal import JournalHeader, JournalWriter, PartRecord
-from tplr.comms.local_store import LocalStore
 from tplr.comms.manifest import Manifest, build_manifest
-from tplr.comms.s3_store import S3Store
-from tplr.comms.store import ObjectInfo, ObjectStore
+from tplr.comms.stores.base import ObjectInfo, ObjectStore
+from tplr.comms.stores.local import LocalStore
+from tplr.comms.stores.s3 import S3Store
 from tplr.comms.transfer_config import TransferConfig
 from tplr.comms.transfer_metrics import TransferMetrics
 from tplr.errors import ConfigError

@@ -16,13 +16,13 @@ from fault_proxy import Fault, FaultProxy
 from prometheus_client import CollectorRegistry
 from test_download import PART, bucket_config, payload, sample
 
-from tplr.comms.download import download
-from tplr.comms.download_http import PresignedRangeReader
-from tplr.comms.download_sidecar import sidecar_paths
+from tplr.comms.download.engine import download
+from tplr.comms.download.http import PresignedRangeReader
+from tplr.comms.download.journal import JournalHeader, read_journal
+from tplr.comms.download.sidecar import sidecar_paths
 from tplr.comms.errors import AccessDenied, IntegrityError, NotFound, TransientError
-from tplr.comms.journal import JournalHeader, read_journal
 from tplr.comms.manifest import build_manifest
-from tplr.comms.s3_store import S3Store
+from tplr.comms.stores.s3 import S3Store
 from tplr.comms.transfer_config import TransferConfig
 from tplr.comms.transfer_metrics import TransferMetrics
 

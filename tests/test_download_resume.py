@@ -18,19 +18,19 @@ from conftest import TEST_ACCESS_KEY, TEST_SECRET_KEY
 from fault_proxy import Fault, FaultProxy
 from test_download import PART, bucket_config, payload
 
-from tplr.comms.download import download
-from tplr.comms.download_sidecar import DestinationError, sidecar_paths
-from tplr.comms.errors import AccessDenied
-from tplr.comms.journal import (
+from tplr.comms.download.engine import download
+from tplr.comms.download.journal import (
     JournalHeader,
     JournalWriter,
     PartRecord,
     read_journal,
     read_journal_state,
 )
-from tplr.comms.local_store import LocalStore
+from tplr.comms.download.sidecar import DestinationError, sidecar_paths
+from tplr.comms.errors import AccessDenied
 from tplr.comms.manifest import build_manifest
-from tplr.comms.s3_store import S3Store
+from tplr.comms.stores.local import LocalStore
+from tplr.comms.stores.s3 import S3Store
 from tplr.comms.transfer_config import TransferConfig
 
 MiB = 1024 * 1024
@@ -205,7 +205,7 @@ def test_crafted_journal_lines_are_discarded_with_a_log_line(tmp_path, caplog, b
     path.write_bytes(
         path.read_bytes() + crc_line(body) + PartRecord(2, "ab" * 16).to_line().encode()
     )
-    with caplog.at_level(logging.INFO, logger="tplr.comms.journal"):
+    with caplog.at_level(logging.INFO, logger="tplr.comms.download.journal"):
         assert sorted(read_journal(path, header)) == [2]
     assert "ignoring line 2" in caplog.text
 
@@ -310,8 +310,8 @@ async def test_a_partial_swapped_during_the_download_is_not_published(s3_object,
 RSS_SCRIPT = """
 import asyncio, sys
 from pathlib import Path
-from tplr.comms.download import download
-from tplr.comms.local_store import LocalStore
+from tplr.comms.download.engine import download
+from tplr.comms.stores.local import LocalStore
 from tplr.comms.transfer_config import TransferConfig
 
 async def main():

@@ -15,17 +15,17 @@ from fault_proxy import Fault, FaultProxy
 from prometheus_client import CollectorRegistry
 
 from tplr.comms.buffers import BufferPool, TransferSlots
-from tplr.comms.download_http import PresignedRangeReader
-from tplr.comms.download_parts import PartFetcher, Request, Run, Verification
-from tplr.comms.download_plan import MiB, plan_download
-from tplr.comms.download_sidecar import Resumed, Sidecar
-from tplr.comms.download_source import RangeSource, range_source
-from tplr.comms.download_streams import AdaptiveStreams
-from tplr.comms.journal import JournalHeader
-from tplr.comms.local_store import LocalStore
+from tplr.comms.download.http import PresignedRangeReader
+from tplr.comms.download.journal import JournalHeader
+from tplr.comms.download.parts import PartFetcher, Request, Run, Verification
+from tplr.comms.download.plan import MiB, plan_download
+from tplr.comms.download.sidecar import Resumed, Sidecar
+from tplr.comms.download.source import RangeSource, range_source
+from tplr.comms.download.streams import AdaptiveStreams
 from tplr.comms.progress import NoProgress
 from tplr.comms.retry import RetryPolicy
-from tplr.comms.s3_store import S3Store
+from tplr.comms.stores.local import LocalStore
+from tplr.comms.stores.s3 import S3Store
 from tplr.comms.transfer_config import TransferConfig
 from tplr.comms.transfer_metrics import TransferMetrics
 

@@ -9,13 +9,13 @@ import logging
 import pytest
 
 from tplr.comms.diskspace import check_free_space
-from tplr.comms.download_etag import (
+from tplr.comms.download.etag import (
     file_matches_etag,
     multipart_etag_of,
     parse_md5_etag,
     part_size_candidates,
 )
-from tplr.comms.download_plan import MiB, auto_part_size, plan_download
+from tplr.comms.download.plan import MiB, auto_part_size, plan_download
 from tplr.comms.errors import InsufficientSpace
 from tplr.comms.progress import LogProgress, NoProgress, make_progress
 

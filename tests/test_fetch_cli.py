@@ -16,10 +16,10 @@ from conftest import TEST_ACCESS_KEY, TEST_SECRET_KEY
 from fault_proxy import FaultProxy
 from test_download import PART, payload
 
-from tplr.comms.download_sidecar import sidecar_paths
-from tplr.comms.journal import JournalHeader, read_journal
-from tplr.comms.local_store import LocalStore
+from tplr.comms.download.journal import JournalHeader, read_journal
+from tplr.comms.download.sidecar import sidecar_paths
 from tplr.comms.manifest import build_manifest, write_manifest_atomic
+from tplr.comms.stores.local import LocalStore
 
 
 def env_with(**extra: str) -> dict[str, str]:

@@ -30,19 +30,19 @@ from fault_proxy import Fault, FaultProxy, Response
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from tplr.comms.download_http import PresignedRangeReader
-from tplr.comms.download_sidecar import Sidecar, sidecar_paths
-from tplr.comms.errors import MalformedResponse, StoreError
-from tplr.comms.http_blocking import content_length, parse_response_head
-from tplr.comms.journal import (
+from tplr.comms.download.blocking import content_length, parse_response_head
+from tplr.comms.download.http import PresignedRangeReader
+from tplr.comms.download.journal import (
     JournalHeader,
     PartRecord,
     header_line,
     parse_record,
     read_journal_state,
 )
-from tplr.comms.s3_store import S3Store
-from tplr.comms.store_url import parse_store_url
+from tplr.comms.download.sidecar import Sidecar, sidecar_paths
+from tplr.comms.errors import MalformedResponse, StoreError
+from tplr.comms.stores.s3 import S3Store
+from tplr.comms.stores.url import parse_store_url
 from tplr.errors import TplrError
 from tplr.untrusted import MalformedInput
 

@@ -23,7 +23,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tplr.comms.manifest import Manifest, ManifestError
-from tplr.comms.store import ObjectInfo
+from tplr.comms.stores.base import ObjectInfo
 from tplr.comms.transfer_config import TransferConfig
 from tplr.data import manager_markers as markers
 from tplr.data.dataset_manifest import dataset_info

@@ -11,10 +11,10 @@ import pytest
 from fault_proxy import Fault, FaultProxy, Response
 from test_download import PART, bucket_config, payload
 
-from tplr.comms.download import download
+from tplr.comms.download.engine import download
 from tplr.comms.errors import MalformedResponse, StoreError
-from tplr.comms.s3_store import S3Store
-from tplr.comms.store import CompletedPart
+from tplr.comms.stores.base import CompletedPart
+from tplr.comms.stores.s3 import S3Store
 from tplr.comms.transfer_config import TransferConfig
 
 Rewrite = Callable[[Response], Response]

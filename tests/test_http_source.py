@@ -22,10 +22,10 @@ from shard_fixtures import write_llmc_dataset
 from test_shard_manager import PREFIX, TOKENS, first_token, make_manager, wait_state
 
 from tplr.comms.config import DatasetBucketSettings, GradientsBucketSettings
-from tplr.comms.download import download
+from tplr.comms.download.engine import download
 from tplr.comms.errors import AccessDenied, InvalidRequest, NotFound
-from tplr.comms.http_store import HttpStore
-from tplr.comms.store_url import http_store_for, parse_store_url
+from tplr.comms.stores.http import HttpStore
+from tplr.comms.stores.url import http_store_for, parse_store_url
 from tplr.comms.transfer_config import TransferConfig
 from tplr.data.shard_state import ShardState
 from tplr.node.settings import NodeConfig
@@ -141,7 +141,7 @@ async def test_an_etag_change_mid_download_starts_over_and_never_mixes(origin, t
         await asyncio.to_thread(tmp.write_bytes, new)
         await asyncio.to_thread(tmp.replace, path)
 
-    with caplog.at_level(logging.WARNING, logger="tplr.comms.download"):
+    with caplog.at_level(logging.WARNING, logger="tplr.comms.download.engine"):
         async with asyncio.timeout(60), asyncio.TaskGroup() as group:
             group.create_task(replace_once_bytes_flow())
             await download(store, key, dest, config=SMALL_PARTS, progress=False)

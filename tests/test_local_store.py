@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from tplr.comms.errors import InsufficientSpace, InvalidRequest, NotFound
-from tplr.comms.local_store import INTERNAL_DIR, LocalStore, multipart_etag
-from tplr.comms.store import CompletedPart
+from tplr.comms.stores.base import CompletedPart
+from tplr.comms.stores.local import INTERNAL_DIR, LocalStore, multipart_etag
 
 BAD_KEYS = [
     "../x",

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save as safetensors_save
 
 from tplr.comms.errors import InsufficientSpace, NotFound
-from tplr.comms.local_store import LocalStore
+from tplr.comms.stores.local import LocalStore
 from tplr.comms.transfer_config import TransferConfig
 from tplr.errors import ConfigError
 from tplr.node.checkpoints import (

@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load as safetensors_load
 
-from tplr.comms.local_store import LocalStore
 from tplr.comms.retry import RetryPolicy
+from tplr.comms.stores.local import LocalStore
 from tplr.node.directory import UnknownPeer
 from tplr.node.gather import PayloadFetcher, check_reveals, validate_all
 from tplr.node.prefixed_store import PrefixedStore

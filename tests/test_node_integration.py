@@ -46,7 +46,7 @@ from node_harness import (
 from node_harness import s3_settings as make_settings
 
 from tplr.comms.config import BucketConfig
-from tplr.comms.s3_store import S3Store
+from tplr.comms.stores.s3 import S3Store
 from tplr.data.loader import BatchLoader, LoaderConfig
 from tplr.data.manager import dataset_opener
 from tplr.node.approvals import read_approval

@@ -10,7 +10,7 @@ import uuid
 from node_harness import PREFIX, TEST_RUN, FakeNetwork, NetworkLayout, publish_folder
 from node_harness import s3_settings as make_settings
 
-from tplr.comms.s3_store import S3Store
+from tplr.comms.stores.s3 import S3Store
 from tplr.node.approvals import read_approval
 from tplr.node.miner import Miner
 from tplr.node.validator import Validator

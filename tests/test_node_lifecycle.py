@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from node_harness import build_dataset
 
-from tplr.comms.local_store import LocalStore
+from tplr.comms.stores.local import LocalStore
 from tplr.errors import ConfigError
 from tplr.node.directory import embedded_prefix
 from tplr.node.lifecycle import EXIT_CONFIG, EXIT_OK, NodeStopped, Shutdown, run_node, supervise
@@ -230,7 +230,7 @@ WIRE_PROBE = """
 import asyncio, sys
 from pydantic import SecretStr
 from tplr.comms.config import BucketConfig
-from tplr.comms.s3_store import S3Store
+from tplr.comms.stores.s3 import S3Store
 from tplr.comms.transfer_config import TransferConfig
 from tplr.node.lifecycle import configure_process
 

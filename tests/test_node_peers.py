@@ -11,8 +11,8 @@ import yaml
 from conftest import moto_bucket_config
 
 from tplr.comms.errors import AccessDenied, NotFound
-from tplr.comms.local_store import LocalStore
-from tplr.comms.s3_store import S3Store
+from tplr.comms.stores.local import LocalStore
+from tplr.comms.stores.s3 import S3Store
 from tplr.comms.transfer_config import TransferConfig
 from tplr.node.directory import PeersFileDirectory
 from tplr.node.peers import (

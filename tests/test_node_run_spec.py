@@ -9,8 +9,8 @@ import pytest
 from conftest import moto_bucket_config
 
 from tplr.comms.errors import AlreadyExists, NotFound
-from tplr.comms.local_store import LocalStore
-from tplr.comms.s3_store import S3Store
+from tplr.comms.stores.local import LocalStore
+from tplr.comms.stores.s3 import S3Store
 from tplr.data.dataset_check import DatasetCheckError
 from tplr.errors import ConfigError
 from tplr.node.run_spec import publish_run_spec, read_run_spec

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tplr.comms.local_store import LocalStore
+from tplr.comms.stores.local import LocalStore
 from tplr.node.scoring import MinerVerdict, ScoreBoard, publish_scores, read_scores, scores_key
 from tplr.protocol.reasons import RejectReason
 from tplr.protocol.scoring import GateResult, ScoringConfig, ScoringError

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from node_harness import TEST_RUN, build_dataset
 
-from tplr.comms.local_store import LocalStore
+from tplr.comms.stores.local import LocalStore
 from tplr.comms.transfer_config import TransferConfig
 from tplr.errors import ConfigError
 from tplr.node.env_check import check_names, known_env_names, tplr_settings_classes

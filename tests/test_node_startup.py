@@ -19,7 +19,7 @@ from fault_proxy import FaultProxy
 from node_harness import PREFIX, build_dataset, publish_folder
 from prometheus_client.parser import text_string_to_metric_families
 
-from tplr.comms.s3_store import S3Store
+from tplr.comms.stores.s3 import S3Store
 from tplr.comms.transfer_config import TransferConfig
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,7 +13,7 @@ from pydantic import SecretStr
 
 from tplr.comms.config import DatasetBucketSettings, GradientsBucketSettings
 from tplr.comms.errors import AlreadyExists, InvalidRequest, NotFound
-from tplr.comms.local_store import LocalStore
+from tplr.comms.stores.local import LocalStore
 from tplr.comms.transfer_config import TransferConfig
 from tplr.comms.upload import upload_file
 from tplr.errors import ConfigError

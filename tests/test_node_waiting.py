@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from tplr.comms.local_store import LocalStore
+from tplr.comms.stores.local import LocalStore
 from tplr.node import waiting
 from tplr.node.lifecycle import NodeStopped, Shutdown
 from tplr.node.run_spec import read_run_spec

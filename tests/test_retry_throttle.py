@@ -18,7 +18,7 @@ from tplr.comms.errors import (
     TransientError,
 )
 from tplr.comms.retry import RetryPolicy, reason_of, retry
-from tplr.comms.throttle import AdaptiveThrottle
+from tplr.comms.stores.throttle import AdaptiveThrottle
 
 FAST = RetryPolicy(max_attempts=5, base_delay_s=0.001, max_delay_s=0.004, total_timeout_s=5)
 

@@ -23,10 +23,10 @@ from tplr.comms.errors import (
     Throttled,
     TransientError,
 )
-from tplr.comms.local_store import LocalStore, multipart_etag
-from tplr.comms.s3_store import S3Store
-from tplr.comms.store import CompletedPart, ObjectStore
-from tplr.comms.store_url import bucket_config_for, open_store_for_url, parse_store_url
+from tplr.comms.stores.base import CompletedPart, ObjectStore
+from tplr.comms.stores.local import LocalStore, multipart_etag
+from tplr.comms.stores.s3 import S3Store
+from tplr.comms.stores.url import bucket_config_for, open_store_for_url, parse_store_url
 from tplr.comms.transfer_config import TransferConfig
 from tplr.errors import ConfigError
 

@@ -12,8 +12,8 @@ from prometheus_client import CollectorRegistry
 from shard_fixtures import CountingStore, publish_folder, write_llmc_dataset
 
 from tplr.comms.errors import IntegrityError
-from tplr.comms.local_store import LocalStore
 from tplr.comms.manifest import MANIFEST_NAME
+from tplr.comms.stores.local import LocalStore
 from tplr.comms.transfer_config import TransferConfig
 from tplr.data.layout import DatasetLayoutError
 from tplr.data.manager import ShardUnavailable, SharedShardedDatasetManager, dataset_opener
@@ -200,7 +200,7 @@ async def test_missing_dataset_prefix_is_a_clear_error(tmp_path):
 
 
 async def test_with_the_s3_server(s3_server, bucket, tmp_path, monkeypatch):
-    from tplr.comms.s3_store import S3Store
+    from tplr.comms.stores.s3 import S3Store
 
     write_llmc_dataset(tmp_path / "src", 3, TOKENS, part_size=16 * 1024)
     config = moto_bucket_config(s3_server, bucket)

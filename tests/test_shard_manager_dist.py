@@ -12,7 +12,7 @@ from pathlib import Path
 
 from shard_fixtures import publish_folder, write_llmc_dataset
 
-from tplr.comms.local_store import LocalStore
+from tplr.comms.stores.local import LocalStore
 
 HERE = Path(__file__).parent
 

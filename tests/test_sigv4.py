@@ -11,7 +11,7 @@ import pytest
 from botocore.config import Config
 from pydantic import SecretStr
 
-from tplr.comms.sigv4 import object_url, presign_url
+from tplr.comms.stores.sigv4 import object_url, presign_url
 
 
 @pytest.mark.parametrize("key", ["a.bin", "dir/a b+c~.bin", "ünï/cödé=1&x?.bin", "a//b"])

@@ -25,10 +25,10 @@ from pydantic import SecretStr
 
 from tplr.comms.config import BucketConfig
 from tplr.comms.errors import AccessDenied, IntegrityError, InvalidRequest, NotFound, TransientError
-from tplr.comms.local_store import LocalStore, multipart_etag
 from tplr.comms.retry import RetryPolicy
-from tplr.comms.s3_store import S3Store
-from tplr.comms.store import ObjectStore
+from tplr.comms.stores.base import ObjectStore
+from tplr.comms.stores.local import LocalStore, multipart_etag
+from tplr.comms.stores.s3 import S3Store
 from tplr.comms.transfer_config import TransferConfig
 from tplr.comms.upload import MAX_PARTS, plan_part_size, upload_bytes, upload_file
 

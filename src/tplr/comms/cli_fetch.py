@@ -1,6 +1,6 @@
 """``tplr fetch URL DEST``: download one object with the transfer engine.
 
-Credentials come from the environment (see :mod:`tplr.comms.store_url`); ``file://``
+Credentials come from the environment (see :mod:`tplr.comms.stores.url`); ``file://``
 URLs and plain paths read a local store, ``https://`` and ``hf://`` URLs a web server or
 the dataset hub. Tuning comes from ``DOWNLOAD_MAX_WORKERS`` /
 ``DOWNLOAD_PART_SIZE`` and the ``TRANSFER_*`` variables, overridden by the flags.
@@ -24,7 +24,9 @@ from tplr.errors import ConfigError
 from tplr.units import format_size, parse_size
 
 EXIT_TERMINATED = 143
-DEFAULT_CHECKPOINT_INTERVAL_S = 5.0  # as in tplr.comms.download, not imported for --help speed
+DEFAULT_CHECKPOINT_INTERVAL_S = (
+    5.0  # as in tplr.comms.download.engine, not imported for --help speed
+)
 _FLAG_FOR_FIELD = {"download_max_workers": "--workers", "download_part_size": "--part-size"}
 
 
@@ -148,7 +150,7 @@ def _read_local_manifest(source: str, read_manifest):
 
 async def _load_manifest(source: str, endpoint_url: str | None, config):
     from tplr.comms.manifest import Manifest, read_manifest
-    from tplr.comms.store_url import open_store_for_url
+    from tplr.comms.stores.url import open_store_for_url
 
     if "://" not in source or source.startswith("file:"):
         return await asyncio.to_thread(_read_local_manifest, source, read_manifest)
@@ -160,9 +162,9 @@ async def _load_manifest(source: str, endpoint_url: str | None, config):
 
 
 async def _fetch(args: argparse.Namespace, config) -> int:
-    from tplr.comms.download import download
-    from tplr.comms.download_plan import MAX_AUTO_WORKERS
-    from tplr.comms.store_url import open_store_for_url
+    from tplr.comms.download.engine import download
+    from tplr.comms.download.plan import MAX_AUTO_WORKERS
+    from tplr.comms.stores.url import open_store_for_url
 
     dest = Path(args.dest)
     if args.dest.endswith(("/", os.sep)):

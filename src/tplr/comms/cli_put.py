@@ -112,7 +112,7 @@ async def _put(
     args: argparse.Namespace, config: TransferConfig, url: str, size: int
 ) -> UploadResult:
     from tplr.comms.progress import make_progress
-    from tplr.comms.store_url import open_store_for_url
+    from tplr.comms.stores.url import open_store_for_url
 
     async with open_store_for_url(
         url,

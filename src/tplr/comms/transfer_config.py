@@ -4,7 +4,7 @@ Env names: ``DOWNLOAD_MAX_WORKERS``, ``DOWNLOAD_PART_SIZE``, ``UPLOAD_MAX_WORKER
 ``UPLOAD_PART_SIZE``, ``UPLOAD_MULTIPART_THRESHOLD``, ``TRANSFER_CONNECT_TIMEOUT_S``,
 ``TRANSFER_READ_TIMEOUT_S``, ``TRANSFER_MAX_ATTEMPTS``, ``TRANSFER_RETRY_TOTAL_S``.
 Sizes accept units (``64MiB``). ``None`` for workers/part size means "derive from the
-object size" (see :mod:`tplr.comms.download`).
+object size" (see :mod:`tplr.comms.download.engine`).
 """
 
 from __future__ import annotations

@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import Protocol, TypeVar
 
 from tplr.comms.errors import IntegrityError, InvalidRequest, NotFound, StoreError
-from tplr.comms.local_store import multipart_etag
 from tplr.comms.retry import RetryPolicy, reason_of, retry
-from tplr.comms.store import CompletedPart, ObjectInfo, ObjectStore
+from tplr.comms.stores.base import CompletedPart, ObjectInfo, ObjectStore
+from tplr.comms.stores.local import multipart_etag
 from tplr.comms.transfer_config import TransferConfig
 
 T = TypeVar("T")

@@ -22,7 +22,7 @@ import asyncio
 from dataclasses import dataclass
 
 from tplr.comms.manifest import Manifest
-from tplr.comms.store import ObjectStore
+from tplr.comms.stores.base import ObjectStore
 from tplr.data.dataset_manifest import dataset_info, entry_metadata
 from tplr.data.formats import (
     LLMC_HEADER_BYTES,

@@ -30,7 +30,7 @@ from tplr.comms.manifest import (
     build_manifest,
     describe_validation_error,
 )
-from tplr.comms.store import ObjectStore
+from tplr.comms.stores.base import ObjectStore
 from tplr.data.writers import FileSpaceProbe, write_bytes_atomic
 
 SAMPLE_IDS_FORMAT = "sample-ids"

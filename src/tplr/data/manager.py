@@ -25,7 +25,7 @@ from typing import Any
 
 from tplr.comms.errors import InsufficientSpace, StoreError, TransientError
 from tplr.comms.retry import reason_of
-from tplr.comms.store import ObjectStore
+from tplr.comms.stores.base import ObjectStore
 from tplr.comms.transfer_config import TransferConfig
 from tplr.data import manager_markers as markers
 from tplr.data.manager_catalog import (

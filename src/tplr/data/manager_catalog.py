@@ -15,7 +15,7 @@ from typing import Protocol
 
 from tplr.comms.errors import NotFound
 from tplr.comms.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest
-from tplr.comms.store import ObjectStore
+from tplr.comms.stores.base import ObjectStore
 from tplr.data.dataset_manifest import fetch_manifest
 from tplr.data.layout import (
     DatasetLayoutError,

@@ -16,9 +16,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from tplr.comms.download_sidecar import sidecar_paths
+from tplr.comms.download.sidecar import sidecar_paths
 from tplr.comms.manifest import Manifest, hash_file_parts
-from tplr.comms.store import ObjectStore
+from tplr.comms.stores.base import ObjectStore
 from tplr.comms.transfer_config import TransferConfig
 from tplr.data.layout import DatasetLayoutError
 from tplr.data.manager_catalog import ShardSpec
@@ -92,7 +92,7 @@ class ShardFiles:
 
     async def fetch(self, spec: ShardSpec) -> None:
         """Download every file of ``spec`` that is not already complete and verified."""
-        from tplr.comms.download import download
+        from tplr.comms.download.engine import download
 
         assert self.store is not None, "only rank 0 fetches"
         for key, size in zip(spec.keys, spec.sizes, strict=True):

@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from tplr.comms.manifest import MANIFEST_NAME, Manifest, ManifestError, read_manifest
 from tplr.comms.retry import retry
-from tplr.comms.store import ObjectStore
+from tplr.comms.stores.base import ObjectStore
 from tplr.comms.transfer_config import TransferConfig
 from tplr.comms.upload import Progress, UploadResult, upload_file
 from tplr.errors import ConfigError
@@ -139,7 +139,7 @@ async def upload_dataset(
 
 async def _upload_command(args: argparse.Namespace, config: TransferConfig) -> DatasetUpload:
     from tplr.comms.progress import make_progress
-    from tplr.comms.store_url import open_store_for_url
+    from tplr.comms.stores.url import open_store_for_url
 
     _, paths = await asyncio.to_thread(local_dataset, args.src)
     files = [*paths.values(), args.src / MANIFEST_NAME]

@@ -7,7 +7,7 @@ import asyncio
 import re
 
 from tplr.comms.errors import NotFound
-from tplr.comms.store import ObjectStore
+from tplr.comms.stores.base import ObjectStore
 from tplr.doctor.probes import gpu_summary, rough_training_memory_bytes
 from tplr.doctor.report import CheckResult, fail, ok, skip, warn
 from tplr.errors import TplrError

@@ -13,8 +13,8 @@ import aiohttp
 from tplr.comms.config import BucketConfig
 from tplr.comms.diskspace import FreeSpaceProbe, free_bytes
 from tplr.comms.errors import AccessDenied, StoreError
-from tplr.comms.s3_store import S3Store
-from tplr.comms.store import ObjectStore
+from tplr.comms.stores.base import ObjectStore
+from tplr.comms.stores.s3 import S3Store
 from tplr.comms.transfer_config import TransferConfig
 from tplr.doctor.report import CheckResult, fail, failure_of, ok, skip, warn
 from tplr.units import format_size

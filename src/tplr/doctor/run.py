@@ -6,7 +6,7 @@ import contextlib
 from dataclasses import dataclass, field
 
 from tplr.comms.diskspace import FreeSpaceProbe
-from tplr.comms.s3_store import S3Store
+from tplr.comms.stores.s3 import S3Store
 from tplr.data.manager_catalog import discover_catalog
 from tplr.doctor import node_checks
 from tplr.doctor.probes import (

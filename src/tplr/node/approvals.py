@@ -17,7 +17,7 @@ import logging
 from collections.abc import Mapping
 
 from tplr.comms.errors import NotFound, StoreError
-from tplr.comms.store import ObjectStore
+from tplr.comms.stores.base import ObjectStore
 from tplr.comms.transfer_config import TransferConfig
 from tplr.comms.transfer_metrics import TransferMetrics
 from tplr.comms.upload import upload_bytes

@@ -30,10 +30,10 @@ from safetensors.torch import load_file, save_file
 
 from tplr import __version__
 from tplr.comms.diskspace import FreeSpaceProbe, check_free_space, free_bytes
-from tplr.comms.download import download
+from tplr.comms.download.engine import download
 from tplr.comms.errors import InsufficientSpace, NotFound, StoreError
 from tplr.comms.retry import retry
-from tplr.comms.store import ObjectStore
+from tplr.comms.stores.base import ObjectStore
 from tplr.comms.transfer_config import TransferConfig
 from tplr.comms.transfer_metrics import TransferMetrics
 from tplr.comms.upload import upload_file

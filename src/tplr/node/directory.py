@@ -19,8 +19,8 @@ import logging
 from pathlib import Path
 from typing import Protocol
 
-from tplr.comms.s3_store import S3Store
-from tplr.comms.store import ObjectStore
+from tplr.comms.stores.base import ObjectStore
+from tplr.comms.stores.s3 import S3Store
 from tplr.comms.transfer_config import TransferConfig
 from tplr.errors import TplrError
 from tplr.node.peers import PeerEntry, PeersFileError, discover_nodes, load_peers_file

@@ -27,10 +27,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from tplr.comms.download_source import fetch_whole_object
+from tplr.comms.download.source import fetch_whole_object
 from tplr.comms.errors import NotFound, PreconditionFailed, StoreError
 from tplr.comms.retry import RetryPolicy, retry
-from tplr.comms.store import ObjectInfo, ObjectStore
+from tplr.comms.stores.base import ObjectInfo, ObjectStore
 from tplr.comms.transfer_metrics import TransferMetrics
 from tplr.node.directory import PeerDirectory, UnknownPeer
 from tplr.node.settings import GatherConfig

@@ -29,7 +29,7 @@ from pydantic import (
 
 from tplr.comms.config import BucketConfig
 from tplr.comms.errors import NotFound
-from tplr.comms.store import ObjectStore
+from tplr.comms.stores.base import ObjectStore
 from tplr.errors import ConfigError
 from tplr.untrusted import MalformedInput, load_model
 

@@ -1,4 +1,4 @@
-"""``PrefixedStore``: an :class:`~tplr.comms.store.ObjectStore` view of one key prefix.
+"""``PrefixedStore``: an :class:`~tplr.comms.stores.base.ObjectStore` view of one key prefix.
 
 It gives a node "its own bucket" inside a shared one: the embedded store keeps every
 node under ``uids/{uid}/``, and a peers-file entry may name a ``prefix`` in a shared
@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 
 from tplr.comms.errors import InvalidRequest
-from tplr.comms.store import CompletedPart, ObjectInfo, ObjectStore
+from tplr.comms.stores.base import CompletedPart, ObjectInfo, ObjectStore
 
 
 def normalize_prefix(prefix: str) -> str:

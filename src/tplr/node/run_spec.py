@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass
 
 from tplr.comms.errors import AlreadyExists
-from tplr.comms.store import ObjectStore
+from tplr.comms.stores.base import ObjectStore
 from tplr.protocol.run_spec import MAX_RUN_SPEC_BYTES, RUN_SPEC_KEY, RunSpec, RunSpecInvalid
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry, PlatformCollector, ProcessColle
 from tplr import __version__
 from tplr.comms.errors import NotFound
 from tplr.comms.retry import retry
-from tplr.comms.store import ObjectStore
+from tplr.comms.stores.base import ObjectStore
 from tplr.comms.transfer_config import TransferConfig
 from tplr.comms.transfer_metrics import TransferMetrics
 from tplr.data.dataset_check import check_dataset_for_run

@@ -1,7 +1,7 @@
 """The stores a node uses, built from settings: R2/S3 when keys are set, else embedded.
 
 - Dataset: ``DATASET_SOURCE_URL`` set -> that read-only HTTPS folder or hub dataset
-  (``hf://datasets/OWNER/REPO``, :class:`~tplr.comms.http_store.HttpStore`); else
+  (``hf://datasets/OWNER/REPO``, :class:`~tplr.comms.stores.http.HttpStore`); else
   ``R2_DATASET_READ_*`` keys set -> that bucket; else the embedded dataset store,
   a local folder ``{home}/dataset/`` whose ``DATASET_BINS_PATH`` prefix holds the shards.
 - Gradients: ``R2_GRADIENTS_WRITE_*`` (or ``READ_*``) keys set -> this node's bucket, peers
@@ -25,10 +25,10 @@ from pathlib import Path
 from pydantic import SecretStr
 
 from tplr.comms.config import DatasetBucketSettings, GradientsBucketSettings
-from tplr.comms.local_store import LocalStore
-from tplr.comms.s3_store import S3Store
-from tplr.comms.store import ObjectStore
-from tplr.comms.store_url import dataset_source_store
+from tplr.comms.stores.base import ObjectStore
+from tplr.comms.stores.local import LocalStore
+from tplr.comms.stores.s3 import S3Store
+from tplr.comms.stores.url import dataset_source_store
 from tplr.comms.transfer_config import TransferConfig
 from tplr.errors import ConfigError
 from tplr.node.directory import (

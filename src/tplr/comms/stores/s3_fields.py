@@ -16,7 +16,7 @@ from typing import Any
 from botocore.parsers import ResponseParserError
 
 from tplr.comms.errors import MalformedResponse
-from tplr.comms.store import ObjectInfo
+from tplr.comms.stores.base import ObjectInfo
 from tplr.untrusted import MAX_KEY_BYTES, MalformedInput, check_key
 
 MAX_OBJECT_BYTES = 1 << 50  # 1 PiB: far beyond S3's 5 TiB, far below any overflow

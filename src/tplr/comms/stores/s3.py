@@ -1,10 +1,10 @@
-"""``S3Store``: the :class:`~tplr.comms.store.ObjectStore` for R2, AWS S3, MinIO, any S3 API.
+"""``S3Store``: the :class:`~tplr.comms.stores.base.ObjectStore` for R2, AWS S3, MinIO, any S3 API.
 
 One long-lived aiobotocore client (the engine under aioboto3) per store: one credential
 set, one bucket; all stores share one botocore session, so its models load once. Opened by
 ``async with S3Store(...) as store:``. Every method makes exactly one attempt: botocore's
 own retries are off, and retries happen only in :mod:`tplr.comms.retry` (callers). Every
-request passes through the store's :class:`~tplr.comms.throttle.AdaptiveThrottle`, which
+request passes through the store's :class:`~tplr.comms.stores.throttle.AdaptiveThrottle`, which
 is told to slow down whenever the server throttles us.
 
 Failures are translated by :func:`map_s3_error` into the typed errors of
@@ -50,7 +50,8 @@ from tplr.comms.errors import (
     Throttled,
     TransientError,
 )
-from tplr.comms.s3_fields import (
+from tplr.comms.stores.base import CompletedPart, ObjectInfo
+from tplr.comms.stores.s3_fields import (
     ANSWER_PARSE_FAILURES,
     answer_etag,
     answer_size,
@@ -58,9 +59,8 @@ from tplr.comms.s3_fields import (
     answer_time,
     page_objects,
 )
-from tplr.comms.sigv4 import object_url, presign_url
-from tplr.comms.store import CompletedPart, ObjectInfo
-from tplr.comms.throttle import AdaptiveThrottle
+from tplr.comms.stores.sigv4 import object_url, presign_url
+from tplr.comms.stores.throttle import AdaptiveThrottle
 from tplr.comms.transfer_config import TransferConfig
 
 log = logging.getLogger(__name__)
@@ -447,7 +447,7 @@ class S3Store:
 
     async def presigned_get_url(self, key: str, expires_s: int) -> str:
         """A URL that GETs ``key`` without credentials for ``expires_s`` seconds (SigV4 query
-        auth, path style, as the client would sign it: :mod:`tplr.comms.sigv4`, checked
+        auth, path style, as the client would sign it: :mod:`tplr.comms.stores.sigv4`, checked
         against botocore's signatures). ``Range`` and ``If-Match`` headers may be added;
         they are not signed."""
         return presign_url(
@@ -517,7 +517,7 @@ class S3Store:
 
     async def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
         """Every object under ``prefix`` in key order. The answers are checked as they come
-        (see :func:`tplr.comms.s3_fields.page_objects`): keys under the prefix, strictly
+        (see :func:`tplr.comms.stores.s3_fields.page_objects`): keys under the prefix, strictly
         ascending across pages, no repeated continuation token, so a hostile endpoint
         cannot make a listing go round in circles."""
         token: str | None = None

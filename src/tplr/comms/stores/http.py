@@ -1,8 +1,8 @@
-"""``HttpStore``: a read-only :class:`~tplr.comms.store.ObjectStore` over HTTP(S).
+"""``HttpStore``: a read-only :class:`~tplr.comms.stores.base.ObjectStore` over HTTP(S).
 
 A base URL (``https://host/path/``) whose keys are relative paths below it: a plain web
 server, a CDN, or a dataset hub (``hf://datasets/OWNER/REPO`` resolves to
-``{HF_ENDPOINT}/datasets/OWNER/REPO/resolve/{revision}/``, see :mod:`tplr.comms.store_url`).
+``{HF_ENDPOINT}/datasets/OWNER/REPO/resolve/{revision}/``, see :mod:`tplr.comms.stores.url`).
 
 - ``head`` sends ``HEAD`` and follows redirects (at most :data:`MAX_REDIRECTS`, as the hub
   redirects a file to its CDN); the final URL is remembered and every ranged GET of the
@@ -39,6 +39,7 @@ from urllib.parse import quote, urljoin, urlsplit
 
 from pydantic import SecretStr
 
+from tplr.comms.download.blocking import content_length, parse_http_date, strong_etag
 from tplr.comms.errors import (
     AccessDenied,
     InvalidRequest,
@@ -49,8 +50,7 @@ from tplr.comms.errors import (
     Throttled,
     TransientError,
 )
-from tplr.comms.http_blocking import content_length, parse_http_date, strong_etag
-from tplr.comms.store import CompletedPart, ObjectInfo
+from tplr.comms.stores.base import CompletedPart, ObjectInfo
 from tplr.untrusted import MalformedInput, check_key, check_prefix, load_json
 
 MAX_REDIRECTS = 5
@@ -63,7 +63,8 @@ _CONTENT_RANGE_TOTAL = re.compile(r"bytes 0-0/([0-9]{1,19})")
 
 
 Signer = Callable[[str, str], str]
-"""(method, URL) -> the URL to send (an S3 bucket's presigned URL, :mod:`tplr.comms.sigv4`)."""
+"""(method, URL) -> the URL to send (an S3 bucket's presigned URL,
+:mod:`tplr.comms.stores.sigv4`)."""
 
 
 @dataclass(frozen=True)
@@ -358,7 +359,7 @@ class HttpStore:
             raise InvalidRequest(f"negative offset {offset} for {self.url(key)}")
         if not len(into):
             return
-        from tplr.comms.download_http import URL_EXPIRES_S, PresignedRangeReader
+        from tplr.comms.download.http import URL_EXPIRES_S, PresignedRangeReader
 
         await self.presigned_get_url(key, URL_EXPIRES_S)  # resolves the redirects once
         reader = PresignedRangeReader(

@@ -5,7 +5,7 @@ worker thread, never on the event loop. ``recv_into``, the hashing, ``pwritev`` 
 decryption all release the interpreter lock, so many streams use every core, and each
 thread writes what it received before it receives more: no hand-off to another thread per
 MiB, no wake-up of the event loop per MiB, one user-space copy of each byte (the kernel's).
-:class:`~tplr.comms.download_http.PresignedRangeReader` does the rest on the event loop
+:class:`~tplr.comms.download.http.PresignedRangeReader` does the rest on the event loop
 (URLs, connecting, the keep-alive pool, retries, cancellation).
 
 Answers are untrusted: the status line, every header used and the body's framing are
@@ -31,11 +31,11 @@ from typing import TYPE_CHECKING
 
 from tplr.comms.buffers import FreshBytes
 from tplr.comms.errors import MalformedResponse, TransientError
-from tplr.comms.store import ObjectInfo
+from tplr.comms.stores.base import ObjectInfo
 from tplr.untrusted import MalformedInput, parse_ascii_int
 
 if TYPE_CHECKING:
-    from tplr.comms.download_http import PresignedRangeReader
+    from tplr.comms.download.http import PresignedRangeReader
 
 # per connection (anonymous memory touched only as it fills): a receive waits in the kernel
 # until a whole batch is there, so a thread wakes once per 512 KiB (measured on 2 cores:

@@ -21,15 +21,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tplr.comms.buffers import BufferPool, TransferSlots
-from tplr.comms.download_etag import Md5Etag, file_matches_etag, multipart_etag_of
-from tplr.comms.download_plan import DownloadPlan, MiB, Part
-from tplr.comms.download_sidecar import Resumed, ResumedPrefix, Sidecar, new_hashers
-from tplr.comms.download_source import RangeSource, open_part_stream
+from tplr.comms.download.etag import Md5Etag, file_matches_etag, multipart_etag_of
+from tplr.comms.download.journal import PartRecord, PrefixRecord, Record, SpanRecord
+from tplr.comms.download.plan import DownloadPlan, MiB, Part
+from tplr.comms.download.sidecar import Resumed, ResumedPrefix, Sidecar, new_hashers
+from tplr.comms.download.source import RangeSource, open_part_stream
 from tplr.comms.errors import IntegrityError, PreconditionFailed, StoreError, TransientError
-from tplr.comms.journal import PartRecord, PrefixRecord, Record, SpanRecord
 from tplr.comms.progress import Progress
 from tplr.comms.retry import RetryHook, RetryPolicy, retry
-from tplr.comms.store import ObjectInfo, ObjectStore
+from tplr.comms.stores.base import ObjectInfo, ObjectStore
 from tplr.comms.transfer_metrics import TransferMetrics
 
 log = logging.getLogger(__name__)

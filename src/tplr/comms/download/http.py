@@ -5,7 +5,7 @@ of an object: ``Range`` and ``If-Match`` are plain headers, not part of the sign
 The event loop here does what is cheap and must be ordered: renewing the URL, the
 store's throttle, connecting (cancellable), the pool of kept-alive connections, the
 one retry of a stale kept-alive connection, cancellation. The bytes are received in
-worker threads (:mod:`tplr.comms.http_blocking`): each request runs start to end in one
+worker threads (:mod:`tplr.comms.download.blocking`): each request runs start to end in one
 thread, which hands the body to the caller's sink (a download's writer: hash, ``pwritev``,
 journal) or receives it straight into the caller's memory.
 
@@ -14,7 +14,7 @@ to a writer thread and back, and the loop thread did every ``recv`` copy (and al
 decryption) alone (figures in ``docs/transfers.md``).
 
 Answers other than 206 are read and mapped to the same typed errors as the store's
-(:func:`tplr.comms.s3_store.map_s3_error`); ``SlowDown`` also slows the store's throttle.
+(:func:`tplr.comms.stores.s3.map_s3_error`); ``SlowDown`` also slows the store's throttle.
 At most one connection per concurrent request; idle ones are reused.
 """
 
@@ -32,8 +32,7 @@ from concurrent.futures import Executor
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from tplr.comms.errors import InvalidRequest, PreconditionFailed, StoreError, TransientError
-from tplr.comms.http_blocking import (
+from tplr.comms.download.blocking import (
     Link,
     Sink,
     Stale,
@@ -41,7 +40,8 @@ from tplr.comms.http_blocking import (
     blocking_read_into,
     blocking_stream,
 )
-from tplr.comms.store import ObjectInfo
+from tplr.comms.errors import InvalidRequest, PreconditionFailed, StoreError, TransientError
+from tplr.comms.stores.base import ObjectInfo
 
 URL_EXPIRES_S = 3600  # what the URL is signed for
 URL_TTL_S = 3000.0  # when it is replaced by a fresh one

@@ -10,7 +10,7 @@ It lives next to the sidecar (``DEST.partial.journal``) and is append-only ASCII
 
 Records are appended as the bytes land (at most every few hundred KiB per stream), without
 waiting for a flush: a resumed run **re-hashes every journaled range from disk** before it
-trusts it (:mod:`tplr.comms.download_sidecar`), so a record whose data did not reach the
+trusts it (:mod:`tplr.comms.download.sidecar`), so a record whose data did not reach the
 disk (power loss) or was changed since (another local user) only costs a re-fetch. A
 periodic checkpoint still ``fdatasync``\\ s the data and the journal so progress survives
 power loss.

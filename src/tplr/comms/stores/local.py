@@ -1,4 +1,4 @@
-"""``LocalStore``: the :class:`~tplr.comms.store.ObjectStore` on a local directory.
+"""``LocalStore``: the :class:`~tplr.comms.stores.base.ObjectStore` on a local directory.
 
 It is the embedded default when no bucket keys are set, and it behaves like R2 where the
 transfer engine can tell: keys are ``/``-separated, ``put`` and ``complete_multipart``
@@ -49,7 +49,7 @@ from tplr.comms.errors import (
     StoreError,
     TransientError,
 )
-from tplr.comms.store import CompletedPart, ObjectInfo
+from tplr.comms.stores.base import CompletedPart, ObjectInfo
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)

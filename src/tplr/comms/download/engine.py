@@ -4,9 +4,9 @@
 
 1. HEAD the object for its size and ETag (retried like every request).
 2. Pick the verification (manifest part hashes, MD5 ETag, or size) and the part layout
-   (:mod:`tplr.comms.download_plan`).
+   (:mod:`tplr.comms.download.plan`).
 3. Resume from ``DEST.partial`` + its journal if they describe this object version, else
-   check the free disk space and start afresh (:mod:`tplr.comms.download_sidecar`).
+   check the free disk space and start afresh (:mod:`tplr.comms.download.sidecar`).
 4. Fetch the missing parts concurrently, each one ranged GET pinned to the ETag with
    ``If-Match``, streamed into the sidecar by positioned writes in worker threads and
    hashed as it streams. A part that fails is retried alone with the one retry policy
@@ -33,27 +33,27 @@ from typing import Literal
 
 from tplr.comms.buffers import BufferPool, TransferSlots
 from tplr.comms.diskspace import FreeSpaceProbe
-from tplr.comms.download_etag import parse_md5_etag, part_size_candidates
-from tplr.comms.download_parts import (
+from tplr.comms.download.etag import parse_md5_etag, part_size_candidates
+from tplr.comms.download.journal import JournalHeader
+from tplr.comms.download.parts import (
     ObjectIntegrityError,
     ObjectReplaced,
     PartFetcher,
     Verification,
 )
-from tplr.comms.download_plan import (
+from tplr.comms.download.plan import (
     STREAM_FALLBACK_BUFFER_BYTES,
     DownloadPlan,
     plan_download,
 )
-from tplr.comms.download_sidecar import Resumed, Sidecar
-from tplr.comms.download_source import range_source
-from tplr.comms.download_streams import AdaptiveStreams
+from tplr.comms.download.sidecar import Resumed, Sidecar
+from tplr.comms.download.source import range_source
+from tplr.comms.download.streams import AdaptiveStreams
 from tplr.comms.errors import IntegrityError, PreconditionFailed
-from tplr.comms.journal import JournalHeader
 from tplr.comms.manifest import Manifest
 from tplr.comms.progress import Progress, make_progress
 from tplr.comms.retry import reason_of, retry
-from tplr.comms.store import ObjectInfo, ObjectStore
+from tplr.comms.stores.base import ObjectInfo, ObjectStore
 from tplr.comms.transfer_config import TransferConfig
 from tplr.comms.transfer_metrics import TransferMetrics, default_transfer_metrics
 from tplr.errors import ConfigError

@@ -2,11 +2,11 @@
 
 1. A store that can presign a GET URL (``S3Store``, ``HttpStore``): ranged GETs of that
    one URL on kept-alive connections, each received by a worker thread that also writes
-   it (:mod:`tplr.comms.download_http`): one request per part, no copy in user space.
+   it (:mod:`tplr.comms.download.http`): one request per part, no copy in user space.
    Not used when ``HTTP(S)_PROXY`` routes the endpoint through a proxy.
 2. A store that streams a range (:class:`RangeStreamingStore`, ``open_range``): one
    request per part, its body in the chunks the socket delivers.
-3. Any :class:`~tplr.comms.store.ObjectStore`: ``get_range`` into a buffer lent by a
+3. Any :class:`~tplr.comms.stores.base.ObjectStore`: ``get_range`` into a buffer lent by a
    :class:`~tplr.comms.buffers.BufferPool`, one buffer-sized request at a time (the
    local store; memory stays ``slots x buffer``).
 """
@@ -23,9 +23,9 @@ from typing import Any, Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
 from tplr.comms.buffers import BufferPool, FreshBytes
-from tplr.comms.download_http import URL_EXPIRES_S, PresignedRangeReader
+from tplr.comms.download.http import URL_EXPIRES_S, PresignedRangeReader
 from tplr.comms.errors import StoreError, Throttled
-from tplr.comms.store import ObjectInfo, ObjectStore
+from tplr.comms.stores.base import ObjectInfo, ObjectStore
 from tplr.comms.transfer_config import TransferConfig
 
 Chunk = bytes | memoryview
@@ -77,7 +77,7 @@ def _s3_error_mapper(store: Any, key: str) -> Callable[[int, str, str], StoreErr
     """Map an error answer exactly as the S3 store maps its own (and slow its throttle)."""
     from botocore.exceptions import ClientError
 
-    from tplr.comms.s3_store import map_s3_error
+    from tplr.comms.stores.s3 import map_s3_error
 
     def map_error(status: int, code: str, message: str) -> StoreError:
         response = {

@@ -38,8 +38,7 @@ from typing import Any
 import xxhash
 
 from tplr.comms.diskspace import FreeSpaceProbe, check_free_space, free_bytes
-from tplr.comms.errors import InsufficientSpace, StoreError
-from tplr.comms.journal import (
+from tplr.comms.download.journal import (
     JournalHeader,
     JournalState,
     JournalWriter,
@@ -49,6 +48,7 @@ from tplr.comms.journal import (
     read_journal_state,
     unlink_entry,
 )
+from tplr.comms.errors import InsufficientSpace, StoreError
 from tplr.untrusted import open_no_follow
 
 log = logging.getLogger(__name__)

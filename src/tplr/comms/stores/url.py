@@ -5,7 +5,7 @@
 dataset on the hub: ``{HF_ENDPOINT}/datasets/OWNER/REPO/resolve/{REVISION}/PATH``
 (``HF_ENDPOINT`` defaults to ``https://huggingface.co``, revision ``main``), read with
 ``HF_TOKEN`` when set and listed through the hub's tree API. ``http(s)://`` URLs are read
-as they are (:class:`~tplr.comms.http_store.HttpStore`, read-only); ``TPLR_CA_BUNDLE``
+as they are (:class:`~tplr.comms.stores.http.HttpStore`, read-only); ``TPLR_CA_BUNDLE``
 names a CA bundle to trust for them.
 
 Credentials come from the environment, read only when :func:`open_store_for_url` is
@@ -36,7 +36,7 @@ from urllib.parse import quote, unquote, urlsplit
 from pydantic import SecretStr
 
 from tplr.comms.config import BucketConfig
-from tplr.comms.store import ObjectStore
+from tplr.comms.stores.base import ObjectStore
 from tplr.comms.transfer_config import TransferConfig
 from tplr.errors import ConfigError
 
@@ -280,7 +280,7 @@ def _missing_credentials(env: Mapping[str, str], bucket: str, access: Access) ->
 def http_store_for(location: StoreUrl, env: Mapping[str, str]) -> ObjectStore:
     """The read-only store of an ``http``/``hf`` location; ``HF_TOKEN`` (hub only) and
     ``TPLR_CA_BUNDLE`` come from ``env``."""
-    from tplr.comms.http_store import HttpSource, HttpStore
+    from tplr.comms.stores.http import HttpSource, HttpStore
 
     assert location.base_url is not None
     token = _get(env, "HF_TOKEN") if location.hub else None
@@ -339,9 +339,9 @@ def signed_bucket_reader(
     not take presigned requests)."""
     import urllib.request
 
-    from tplr.comms.download_http import URL_EXPIRES_S
-    from tplr.comms.http_store import HttpSource, HttpStore
-    from tplr.comms.sigv4 import presign_url
+    from tplr.comms.download.http import URL_EXPIRES_S
+    from tplr.comms.stores.http import HttpSource, HttpStore
+    from tplr.comms.stores.sigv4 import presign_url
 
     endpoint = config.resolved_endpoint().rstrip("/")
     host = _split(endpoint).hostname or ""
@@ -370,7 +370,7 @@ def signed_bucket_reader(
     )
 
     def s3_client_store() -> contextlib.AbstractAsyncContextManager[ObjectStore]:
-        from tplr.comms.s3_store import S3Store
+        from tplr.comms.stores.s3 import S3Store
 
         return S3Store(config, transfer, max_connections=max_connections)
 
@@ -396,7 +396,7 @@ async def open_store_for_url(
     env = os.environ if env is None else env
     location = parse_store_url(url, hf_endpoint=_get(env, "HF_ENDPOINT") or DEFAULT_HF_ENDPOINT)
     if location.scheme == "file":
-        from tplr.comms.local_store import LocalStore
+        from tplr.comms.stores.local import LocalStore
 
         assert location.root is not None
         async with LocalStore(location.root) as local:
@@ -421,7 +421,7 @@ async def open_store_for_url(
         async with reader:  # type: ignore[attr-defined]
             yield reader, location.key
         return
-    from tplr.comms.s3_store import S3Store  # botocore: imported only when S3 is used
+    from tplr.comms.stores.s3 import S3Store  # botocore: imported only when S3 is used
 
     async with S3Store(config, transfer, max_connections=max_connections) as s3:
         yield s3, location.key
