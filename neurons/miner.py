@@ -14,8 +14,8 @@ import os
 
 from tplr.errors import TplrError
 from tplr.node.launch import run_miner_process
-from tplr.node.lifecycle import EXIT_CONFIG, configure_node_process, report_error
-from tplr.node.settings_cli import load_settings
+from tplr.node.process.lifecycle import EXIT_CONFIG, configure_node_process, report_error
+from tplr.node.process.settings_cli import load_settings
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,14 +12,14 @@ from __future__ import annotations
 import os
 
 from tplr.errors import TplrError
-from tplr.node.lifecycle import (
+from tplr.node.process.lifecycle import (
     EXIT_CONFIG,
     check_single_process,
     configure_node_process,
     report_error,
     run_node,
 )
-from tplr.node.settings_cli import load_settings
+from tplr.node.process.settings_cli import load_settings
 from tplr.node.validator import run_validator
 
 

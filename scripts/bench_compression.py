@@ -33,7 +33,7 @@ from tplr.train.compression import (
     decompress_all,
 )
 from tplr.train.config import ModelConfig
-from tplr.train.model import GPT
+from tplr.train.model.gpt import GPT
 
 BENCH_SHAPE = {"n_layer": 4, "n_head": 4, "d_model": 256, "max_seq_len": 256}
 

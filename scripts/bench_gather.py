@@ -46,8 +46,8 @@ from pydantic import SecretStr
 from tplr.comms.config import BucketConfig
 from tplr.comms.retry import RetryPolicy
 from tplr.comms.stores.s3 import S3Store
-from tplr.node.gather import PayloadFetcher
-from tplr.node.settings import GatherConfig
+from tplr.node.network.gather import PayloadFetcher
+from tplr.node.process.settings import GatherConfig
 
 endpoint, peers, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 

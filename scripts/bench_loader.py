@@ -40,7 +40,7 @@ from tplr.data.dataset import SharedShardedDataset
 from tplr.data.formats import TokenFormat
 from tplr.data.loader import BatchLoader, LoaderConfig
 from tplr.data.sampler import window_sample_indices
-from tplr.data.writers import TokenShardWriter
+from tplr.data.tools.writers import TokenShardWriter
 
 GPT2_VOCAB = 50257
 

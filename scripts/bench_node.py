@@ -6,7 +6,7 @@ side by side with the straightforward alternative, in one run, with the ratio pr
    and compression in a worker thread (``asyncio.to_thread``). While a window's training
    runs, a client thread polls ``/healthz`` every few milliseconds and records each
    request's latency. Competitor: the same training called directly on the event loop.
-2. **Peers are gathered concurrently.** :class:`tplr.node.gather.PayloadFetcher` fetches
+2. **Peers are gathered concurrently.** :class:`tplr.node.network.gather.PayloadFetcher` fetches
    every peer's payload at once (bounded, each with its own deadline) from a real S3 API
    server (moto on loopback, behind a proxy that delays each request by ``--latency-ms``
    as a WAN link to R2 would). Competitor: the same fetches one peer after another.
@@ -39,10 +39,10 @@ from pydantic import SecretStr
 from tplr.comms.config import BucketConfig
 from tplr.comms.retry import RetryPolicy
 from tplr.comms.stores.s3 import S3Store
-from tplr.node.gather import PayloadFetcher
-from tplr.node.health import HealthServer, ProgressTracker
-from tplr.node.prefixed_store import PrefixedStore
-from tplr.node.settings import GatherConfig
+from tplr.node.network.gather import PayloadFetcher
+from tplr.node.network.prefixed_store import PrefixedStore
+from tplr.node.process.health import HealthServer, ProgressTracker
+from tplr.node.process.settings import GatherConfig
 from tplr.protocol.clock import FakeClock, WindowClock
 from tplr.protocol.payload import payload_key
 from tplr.train.compression import CompressionSettings, ErrorFeedbackCompressor

@@ -37,9 +37,9 @@ async def measure(endpoint: str, shapes, settings, label: str, rounds: int) -> d
     from tplr.comms.stores.s3 import S3Store
     from tplr.comms.transfer_config import TransferConfig
     from tplr.comms.upload import upload_bytes
-    from tplr.node.approvals import fetch_approved, publish_approval, read_approval
-    from tplr.node.gather import PayloadFetcher, check_reveals
-    from tplr.node.settings import GatherConfig
+    from tplr.node.network.approvals import fetch_approved, publish_approval, read_approval
+    from tplr.node.network.gather import PayloadFetcher, check_reveals
+    from tplr.node.process.settings import GatherConfig
     from tplr.protocol.approval import Candidate, build_approval
     from tplr.protocol.clock import FakeClock, WindowClock
     from tplr.protocol.commitments import commit_to, commitment_key, payload_sha256
@@ -143,7 +143,7 @@ def main() -> int:
     args = parser.parse_args()
     from tplr.train.compression import CompressionSettings
     from tplr.train.config import ModelConfig
-    from tplr.train.model import GPT
+    from tplr.train.model.gpt import GPT
 
     cases = []
     for label, preset, vocab, chunk in (("demo", "tiny", 257, 128), ("124m", "small", 50257, 4096)):

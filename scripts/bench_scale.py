@@ -118,7 +118,7 @@ class Directory:
     """Every miner's objects under ``uids/{uid}/`` of one bucket (what a peers file gives)."""
 
     def __init__(self, store, uids):
-        from tplr.node.prefixed_store import PrefixedStore
+        from tplr.node.network.prefixed_store import PrefixedStore
 
         self.stores = {uid: PrefixedStore(store, f"uids/{uid}/") for uid in uids}
 
@@ -137,8 +137,8 @@ async def one_scale(endpoint: str, miners: int, shapes, settings) -> Row:
     from tplr.comms.stores.s3 import S3Store
     from tplr.comms.transfer_config import TransferConfig
     from tplr.comms.upload import upload_bytes
-    from tplr.node.gather import PayloadFetcher, check_reveals, validate_all
-    from tplr.node.settings import GatherConfig
+    from tplr.node.network.gather import PayloadFetcher, check_reveals, validate_all
+    from tplr.node.process.settings import GatherConfig
     from tplr.protocol.clock import FakeClock, WindowClock
     from tplr.protocol.commitments import commit_to, commitment_key
     from tplr.protocol.duplicates import (
@@ -229,9 +229,9 @@ def tiny_evaluation_seconds() -> float:
     from prometheus_client import CollectorRegistry
 
     from tplr.data.dataset import SharedShardedDataset
-    from tplr.data.prepare import PrepareConfig, prepare_shards
+    from tplr.data.tools.prepare import PrepareConfig, prepare_shards
     from tplr.node.evaluation import WindowEvaluator
-    from tplr.node.settings import NodeConfig
+    from tplr.node.process.settings import NodeConfig
     from tplr.node.worker_setup import build_worker
     from tplr.protocol.assignment import assignment_for
     from tplr.protocol.run_spec import RunSpec
@@ -319,7 +319,7 @@ def main() -> int:
     torch.set_num_threads(1)
     from tplr.train.compression import CompressionSettings
     from tplr.train.config import ModelConfig
-    from tplr.train.model import GPT
+    from tplr.train.model.gpt import GPT
 
     config = ModelConfig.preset("small", vocab_size=50257)
     with torch.device("meta"):

@@ -44,7 +44,7 @@ from tplr.data.manager_config import DatasetConfig
 from tplr.data.manager_files import allocated_bytes_under
 from tplr.data.manager_metrics import DatasetMetrics
 from tplr.data.shard_state import ShardState
-from tplr.data.writers import TokenShardWriter
+from tplr.data.tools.writers import TokenShardWriter
 
 PREFIX = "bench/tokenized/"
 BUCKET = "bench-swap"

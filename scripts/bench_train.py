@@ -38,11 +38,11 @@ from prometheus_client import CollectorRegistry
 from torch.nn.parallel import DistributedDataParallel
 
 from tplr.train.config import ModelConfig, TrainConfig
-from tplr.train.distributed import LaunchEnv, distributed_context
-from tplr.train.flops import mfu
 from tplr.train.metrics import TrainMetrics
+from tplr.train.model.flops import mfu
 from tplr.train.optim import build_optimizers
-from tplr.train.sharding import build_model, fsdp_sharder
+from tplr.train.parallel.distributed import LaunchEnv, distributed_context
+from tplr.train.parallel.sharding import build_model, fsdp_sharder
 from tplr.train.worker import TrainWorker
 
 CPU_BENCH_SHAPE = {"n_layer": 4, "n_head": 4, "d_model": 192, "max_seq_len": 128}

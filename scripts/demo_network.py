@@ -37,9 +37,9 @@ from pathlib import Path
 
 from tplr.comms.errors import NotFound
 from tplr.comms.stores.local import LocalStore
-from tplr.node.directory import embedded_prefix
-from tplr.node.prefixed_store import PrefixedStore
-from tplr.node.reports import WindowReport, read_report, report_windows
+from tplr.node.network.directory import embedded_prefix
+from tplr.node.network.prefixed_store import PrefixedStore
+from tplr.node.network.reports import WindowReport, read_report, report_windows
 from tplr.node.scoring import ScoreBoard, read_scores, scores_key
 from tplr.protocol.approval import approval_key
 from tplr.untrusted import load_json
@@ -160,7 +160,7 @@ def warm_model(shard: Path, out: Path, *, steps: int = WARMUP_STEPS, seed: int =
 
     from tplr.data.dataset import SharedShardedDataset
     from tplr.data.loader import BatchLoader, LoaderConfig
-    from tplr.node.checkpoints import model_digest, write_checkpoint_file
+    from tplr.node.network.checkpoints import model_digest, write_checkpoint_file
     from tplr.train.config import ModelConfig, TrainConfig
     from tplr.train.worker import TrainWorker
 

@@ -121,9 +121,9 @@ def discover_settings_models(package: str = "tplr") -> list[type[BaseSettings]]:
 def _node_components() -> dict[str, type[BaseSettings]]:
     """The node's settings components, in the order its ``--help`` shows them ({} before
     the node layer exists, so the lower layers' settings can be documented on their own)."""
-    if importlib.util.find_spec("tplr.node.settings") is None:
+    if importlib.util.find_spec("tplr.node.process.settings") is None:
         return {}
-    from tplr.node.settings import COMPONENTS
+    from tplr.node.process.settings import COMPONENTS
 
     return dict(COMPONENTS)
 
@@ -158,7 +158,7 @@ def flags_of(model: type[BaseSettings]) -> dict[str, str]:
     """``{env name: flag}`` for the settings a node flag can set (not secrets, not others)."""
     if model not in _node_components().values():
         return {}
-    from tplr.node.settings_cli import FLAG_ALIASES, flag_name, settable_fields
+    from tplr.node.process.settings_cli import FLAG_ALIASES, flag_name, settable_fields
 
     flags = {}
     for _, _, env in settable_fields(model):

@@ -18,8 +18,8 @@ from safetensors.torch import save as safetensors_save
 
 from tplr.comms.errors import NotFound
 from tplr.comms.upload import upload_bytes
-from tplr.node.approvals import read_approval
 from tplr.node.miner import Miner
+from tplr.node.network.approvals import read_approval
 from tplr.protocol.aggregation import weighted_sum
 from tplr.protocol.approval import mirror_key
 from tplr.protocol.assignment import assignment_for

@@ -25,7 +25,7 @@ from fsdp_scenarios import (
 )
 
 from tplr.node.miner_state import MinerState, SavedState
-from tplr.train.distributed import LaunchEnv, distributed_context
+from tplr.train.parallel.distributed import LaunchEnv, distributed_context
 
 
 def main() -> None:

@@ -13,9 +13,9 @@ import torch
 
 from tplr.protocol.run_spec import RunSpec
 from tplr.train.compression import CompressionSettings, ErrorFeedbackCompressor, decompress_all
-from tplr.train.compression_dist import compress_across_ranks
 from tplr.train.config import ModelConfig, TrainConfig
-from tplr.train.distributed import DistContext
+from tplr.train.parallel.compression_dist import compress_across_ranks
+from tplr.train.parallel.distributed import DistContext
 from tplr.train.synthetic import progression_batches
 from tplr.train.worker import TrainWorker
 

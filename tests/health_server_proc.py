@@ -16,8 +16,8 @@ import sys
 
 from prometheus_client import CollectorRegistry
 
-from tplr.node.health import HealthServer, HealthStatus
-from tplr.node.lifecycle import new_event_loop
+from tplr.node.process.health import HealthServer, HealthStatus
+from tplr.node.process.lifecycle import new_event_loop
 
 
 def open_files(count: int) -> str:

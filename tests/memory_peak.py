@@ -21,7 +21,7 @@ import time
 import torch
 
 from tplr.train.config import ModelConfig, TrainConfig
-from tplr.train.memory import MemorySetup, estimate
+from tplr.train.model.memory import MemorySetup, estimate
 from tplr.train.synthetic import random_batches
 from tplr.train.worker import TrainWorker
 

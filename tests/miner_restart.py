@@ -27,12 +27,12 @@ from safetensors.torch import load_file, save_file
 from tplr.comms.manifest import read_manifest
 from tplr.data.dataset import SharedShardedDataset
 from tplr.data.dataset_manifest import dataset_info
-from tplr.node.checkpoints import model_digest
 from tplr.node.miner import train_window
 from tplr.node.miner_state import MinerState, compress_and_save, miner_compressor, resume
+from tplr.node.network.checkpoints import model_digest
+from tplr.node.network.stores import cache_dir_for
+from tplr.node.process.settings import NodeConfig
 from tplr.node.ranks import SingleProcess
-from tplr.node.settings import NodeConfig
-from tplr.node.stores import cache_dir_for
 from tplr.node.worker_setup import build_worker
 from tplr.protocol.aggregation import (
     normalisation_weights,

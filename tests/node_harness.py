@@ -20,11 +20,10 @@ from tplr.comms.config import DatasetBucketSettings, GradientsBucketSettings
 from tplr.comms.stores.base import ObjectStore
 from tplr.comms.transfer_config import TransferConfig
 from tplr.data.manager_config import DatasetConfig
-from tplr.data.prepare import PrepareConfig, prepare_shards
-from tplr.node.health import HealthConfig
-from tplr.node.lifecycle import Shutdown
-from tplr.node.runtime import NodeRuntime, open_runtime
-from tplr.node.settings import (
+from tplr.data.tools.prepare import PrepareConfig, prepare_shards
+from tplr.node.process.health import HealthConfig
+from tplr.node.process.lifecycle import Shutdown
+from tplr.node.process.settings import (
     GatherConfig,
     MinerConfig,
     NodeConfig,
@@ -32,6 +31,7 @@ from tplr.node.settings import (
     RunSettings,
     ValidatorConfig,
 )
+from tplr.node.runtime import NodeRuntime, open_runtime
 from tplr.protocol.clock import FakeClock
 
 PREFIX = "remote/tokenized/"

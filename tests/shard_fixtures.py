@@ -15,7 +15,7 @@ from tplr.data.formats import TokenFormat
 from tplr.data.manager import SharedShardedDatasetManager, dataset_opener
 from tplr.data.manager_config import DatasetConfig
 from tplr.data.manager_metrics import DatasetMetrics
-from tplr.data.writers import TokenShardWriter
+from tplr.data.tools.writers import TokenShardWriter
 
 
 def write_llmc_dataset(

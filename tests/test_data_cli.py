@@ -16,9 +16,9 @@ from test_data_helpers import ramp, write_llmc
 from tplr.comms.manifest import MANIFEST_NAME, read_manifest
 from tplr.comms.stores.url import open_store_for_url
 from tplr.comms.transfer_config import TransferConfig
-from tplr.data.convert import convert_llmc_to_templar
 from tplr.data.formats import open_shard
-from tplr.data.upload_shards import upload_dataset
+from tplr.data.tools.convert import convert_llmc_to_templar
+from tplr.data.tools.upload_shards import upload_dataset
 from tplr.errors import ConfigError
 
 

@@ -15,8 +15,8 @@ from tplr.comms.manifest import MANIFEST_NAME
 from tplr.comms.stores.s3 import S3Store
 from tplr.data.dataset_check import DatasetCheckError, check_dataset_for_run
 from tplr.data.layout import DatasetLayoutError
-from tplr.data.prepare import PrepareConfig, prepare_shards
-from tplr.data.upload_shards import upload_dataset
+from tplr.data.tools.prepare import PrepareConfig, prepare_shards
+from tplr.data.tools.upload_shards import upload_dataset
 
 PREFIX = "remote/tokenized/"
 

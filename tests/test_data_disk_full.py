@@ -17,7 +17,7 @@ from conftest import SMALL_DISK_BYTES
 
 from tplr.comms.errors import InsufficientSpace
 from tplr.comms.manifest import MANIFEST_NAME
-from tplr.data.prepare import PrepareConfig, prepare_shards
+from tplr.data.tools.prepare import PrepareConfig, prepare_shards
 
 DISK_BYTES = SMALL_DISK_BYTES
 
@@ -99,7 +99,7 @@ def test_a_full_disk_while_writing_the_manifest_keeps_no_half_manifest(tmp_path,
 def test_disk_full_during_convert_keeps_nothing(tmp_path):
     from test_data_helpers import ramp, write_llmc
 
-    from tplr.data.convert import convert_llmc_to_templar
+    from tplr.data.tools.convert import convert_llmc_to_templar
 
     sources = [
         write_llmc(tmp_path / f"edu_fineweb_train_00000{n}.bin", ramp(50_000)) for n in (1, 2)

@@ -22,8 +22,8 @@ from tplr.data.formats import (
     open_token_file,
     sample_ids_path_for,
 )
+from tplr.data.tools.writers import TokenShardWriter, derive_sample_ids, write_sample_ids
 from tplr.data.validate import check_token_ids, max_token_id, sampled_max_token_id
-from tplr.data.writers import TokenShardWriter, derive_sample_ids, write_sample_ids
 from tplr.errors import TplrError
 
 # --- round trips ---------------------------------------------------------------------

@@ -23,7 +23,7 @@ from tplr.comms.stores.local import LocalStore
 from tplr.comms.stores.s3 import S3Store
 from tplr.data.layout import DatasetLayoutError
 from tplr.data.shard_state import ShardState
-from tplr.data.upload_shards import upload_dataset
+from tplr.data.tools.upload_shards import upload_dataset
 from tplr.errors import ConfigError, TplrError
 
 PREFIX = "remote/tokenized/"

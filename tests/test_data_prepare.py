@@ -12,14 +12,14 @@ import pytest
 from test_data_helpers import LLAMA3_MAGIC, LLAMA3_VERSION, ramp, write_llmc
 
 from tplr.comms.manifest import MANIFEST_NAME, hash_file_parts, read_manifest
-from tplr.data.convert import convert_llmc_to_templar
 from tplr.data.dataset import SharedShardedDataset
 from tplr.data.dataset_manifest import dataset_info, entry_metadata
 from tplr.data.formats import ShardFormatError, open_shard, open_token_file
 from tplr.data.layout import plan_layout
-from tplr.data.prepare import PrepareConfig, prepare_shards
-from tplr.data.sources import PrepareInputError, plan_tasks, read_documents
-from tplr.data.tokenizers import BytesTokenizer, TokenizerUnavailable, get_tokenizer
+from tplr.data.tools.convert import convert_llmc_to_templar
+from tplr.data.tools.prepare import PrepareConfig, prepare_shards
+from tplr.data.tools.sources import PrepareInputError, plan_tasks, read_documents
+from tplr.data.tools.tokenizers import BytesTokenizer, TokenizerUnavailable, get_tokenizer
 from tplr.errors import ConfigError
 
 DOCS_A = [f"document {i}: " + "héllo wörld " * (i % 7) for i in range(60)]
@@ -166,7 +166,7 @@ def test_parquet_without_pyarrow_says_how_to_install(tmp_path):
     path.write_bytes(b"PAR1")
     code = (
         "import sys; sys.modules['pyarrow'] = None; sys.modules['pyarrow.parquet'] = None\n"
-        "from tplr.data.sources import plan_tasks, PrepareInputError\n"
+        "from tplr.data.tools.sources import plan_tasks, PrepareInputError\n"
         "from pathlib import Path\n"
         "try:\n"
         f"    plan_tasks([Path({str(path)!r})])\n"

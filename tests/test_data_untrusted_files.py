@@ -23,7 +23,7 @@ from tplr.data.dataset_manifest import dataset_info, fetch_manifest
 from tplr.data.formats import ShardFormatError, open_shard
 from tplr.data.layout import DatasetLayoutError
 from tplr.data.manager_catalog import ShardCatalog, ShardSpec
-from tplr.data.sources import PrepareInputError, SourceTask, read_documents
+from tplr.data.tools.sources import PrepareInputError, SourceTask, read_documents
 
 PREFIX = "remote/tokenized/"
 

@@ -163,7 +163,7 @@ def test_table_rows_show_flag_type_default_and_range():
 @pytest.mark.parametrize("role", ["miner", "validator"])
 def test_the_node_accepts_env_example_as_its_env_file(role, clean_env):
     """What an operator gets from `cp .env.example .env`, read the way the node reads it."""
-    from tplr.node.settings_cli import load_settings
+    from tplr.node.process.settings_cli import load_settings
 
     settings = load_settings(role, ["--env-file", str(REPO / ".env.example"), "--uid", "5"])
     assert settings.node.uid == 5

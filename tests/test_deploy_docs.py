@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 
 from tplr.comms.errors import InsufficientSpace, Throttled
-from tplr.node.health import ProgressTracker
+from tplr.node.process.health import ProgressTracker
 from tplr.protocol.clock import FakeClock, WindowClock
 from tplr.train.config import ModelConfig
-from tplr.train.flops import flops_per_token, peak_flops_for, tokens_per_s_at
+from tplr.train.model.flops import flops_per_token, peak_flops_for, tokens_per_s_at
 
 REPO = Path(__file__).resolve().parent.parent
 README = (REPO / "README.md").read_text()
@@ -231,14 +231,14 @@ def test_readme_links_to_docs_resolve():
 
 
 def test_the_templar_migration_guide_covers_every_name_the_node_recognises():
-    from tplr.node.env_check import (
+    from tplr.node.process.env_check import (
         TEMPLAR_ELSEWHERE,
         TEMPLAR_EQUIVALENTS,
         TEMPLAR_PREFIX_EQUIVALENTS,
         known_env_names,
         tplr_settings_classes,
     )
-    from tplr.node.settings import COMPONENTS
+    from tplr.node.process.settings import COMPONENTS
 
     guide = (REPO / "docs" / "migrating-from-templar.md").read_text()
     for name in [*TEMPLAR_EQUIVALENTS, *TEMPLAR_ELSEWHERE, *TEMPLAR_PREFIX_EQUIVALENTS]:

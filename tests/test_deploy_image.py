@@ -21,8 +21,8 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from prometheus_client import CollectorRegistry
 
-from tplr.node.health import HealthServer, ProgressTracker
-from tplr.node.node_metrics import NodeMetrics
+from tplr.node.process.health import HealthServer, ProgressTracker
+from tplr.node.process.metrics import NodeMetrics
 from tplr.protocol.clock import FakeClock, WindowClock
 
 REPO = Path(__file__).resolve().parent.parent

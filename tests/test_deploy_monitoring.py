@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 
 from tplr.comms.transfer_metrics import TransferMetrics
 from tplr.data.manager_metrics import DatasetMetrics
-from tplr.node.node_metrics import NodeMetrics
+from tplr.node.process.metrics import NodeMetrics
 from tplr.protocol.clock import FakeClock
 from tplr.train.metrics import TrainMetrics
 

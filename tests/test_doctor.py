@@ -21,10 +21,10 @@ from tplr.comms.stores.s3 import S3Store
 from tplr.comms.transfer_config import TransferConfig
 from tplr.doctor.report import CheckResult
 from tplr.doctor.run import DoctorOptions, run_doctor
-from tplr.node.peers import PeerList, publish_peer_list
-from tplr.node.run_spec import publish_run_spec
+from tplr.node.network.peers import PeerList, publish_peer_list
+from tplr.node.network.run_spec import publish_run_spec
+from tplr.node.process.settings import NodeSettings
 from tplr.node.scoring import MinerVerdict, ScoreBoard, publish_scores
-from tplr.node.settings import NodeSettings
 from tplr.protocol.run_spec import RunSpec
 from tplr.protocol.scoring import ScoringConfig
 

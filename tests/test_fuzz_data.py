@@ -31,7 +31,7 @@ from tplr.data.formats import ShardFormatError, open_shard
 from tplr.data.layout import DatasetLayoutError, plan_layout
 from tplr.data.manager_catalog import listed_sizes
 from tplr.data.manager_files import ShardFiles
-from tplr.data.sources import PrepareInputError, SourceTask, read_documents
+from tplr.data.tools.sources import PrepareInputError, SourceTask, read_documents
 
 HEADER_MEMORY_BOUND = 1 << 20  # bytes a header parse may allocate, whatever the header says
 

@@ -14,9 +14,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tplr.errors import ConfigError
-from tplr.node.checkpoints import GlobalCheckpointError, parse_pointer
-from tplr.node.peers import PeersFileError, parse_announcement, parse_peer_list, parse_peers
-from tplr.node.reports import ReportError, parse_report
+from tplr.node.network.checkpoints import GlobalCheckpointError, parse_pointer
+from tplr.node.network.peers import PeersFileError, parse_announcement, parse_peer_list, parse_peers
+from tplr.node.network.reports import ReportError, parse_report
 from tplr.protocol.approval import ApprovalInvalid, parse_approval
 from tplr.protocol.commitments import CommitmentInvalid, commit_to, parse_commitment
 from tplr.protocol.payload import (

@@ -1,5 +1,5 @@
 """Property-based tests of the training state files a local user could swap: a piece file's
-header (``tplr.train.sharded_state``) and a miner state's ``latest.json`` / ``state.json``
+header (``tplr.train.parallel.sharded_state``) and a miner state's ``latest.json`` / ``state.json``
 (``tplr.node.miner_state``). Only typed errors, or a state ignored, never a crash."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from tplr.train.sharded_state import HEADER_KEY, PieceIndex, StateFileError
+from tplr.train.parallel.sharded_state import HEADER_KEY, PieceIndex, StateFileError
 
 json_leaf = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.text(max_size=8)
 json_values = st.recursive(
@@ -68,7 +68,7 @@ def test_miner_state_pointers_and_manifests_are_ignored_when_wrong(pointer, mani
     from fsdp_scenarios import make_worker, run_spec
 
     from tplr.node.miner_state import MinerState
-    from tplr.train.distributed import DistContext
+    from tplr.train.parallel.distributed import DistContext
 
     worker = _worker(make_worker, DistContext)
     with tempfile.TemporaryDirectory() as folder:

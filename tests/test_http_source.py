@@ -28,8 +28,8 @@ from tplr.comms.stores.http import HttpStore
 from tplr.comms.stores.url import http_store_for, parse_store_url
 from tplr.comms.transfer_config import TransferConfig
 from tplr.data.shard_state import ShardState
-from tplr.node.settings import NodeConfig
-from tplr.node.stores import open_node_stores
+from tplr.node.network.stores import open_node_stores
+from tplr.node.process.settings import NodeConfig
 
 KiB = 1024
 SMALL_PARTS = TransferConfig(download_part_size=256 * KiB, download_max_workers=4)

@@ -14,7 +14,7 @@ from tplr.comms.errors import InsufficientSpace, NotFound
 from tplr.comms.stores.local import LocalStore
 from tplr.comms.transfer_config import TransferConfig
 from tplr.errors import ConfigError
-from tplr.node.checkpoints import (
+from tplr.node.network.checkpoints import (
     LATEST_KEY,
     CheckpointPublisher,
     GlobalCheckpointError,

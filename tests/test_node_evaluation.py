@@ -11,10 +11,10 @@ from node_harness import SEQ_LEN, TEST_RUN
 from prometheus_client import CollectorRegistry
 
 from tplr.data.dataset import SharedShardedDataset
-from tplr.node.checkpoints import load_init_model
 from tplr.node.evaluation import WindowEvaluator
 from tplr.node.miner import train_window
-from tplr.node.settings import NodeConfig
+from tplr.node.network.checkpoints import load_init_model
+from tplr.node.process.settings import NodeConfig
 from tplr.node.worker_setup import build_worker
 from tplr.protocol.assignment import assignment_for
 from tplr.protocol.payload import GradientPayload, PayloadMeta

@@ -13,10 +13,10 @@ from safetensors.torch import load as safetensors_load
 
 from tplr.comms.retry import RetryPolicy
 from tplr.comms.stores.local import LocalStore
-from tplr.node.directory import UnknownPeer
-from tplr.node.gather import PayloadFetcher, check_reveals, validate_all
-from tplr.node.prefixed_store import PrefixedStore
-from tplr.node.settings import GatherConfig
+from tplr.node.network.directory import UnknownPeer
+from tplr.node.network.gather import PayloadFetcher, check_reveals, validate_all
+from tplr.node.network.prefixed_store import PrefixedStore
+from tplr.node.process.settings import GatherConfig
 from tplr.protocol.clock import FakeClock, WindowClock
 from tplr.protocol.commitments import commit_to, commitment_key
 from tplr.protocol.payload import (

@@ -18,8 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tplr import __version__
 from tplr.errors import ConfigError
-from tplr.node.gpu_metrics import GpuReading
-from tplr.node.health import (
+from tplr.node.process.gpu_metrics import GpuReading
+from tplr.node.process.health import (
     DEFAULT_HEADER_TIMEOUT_S,
     DEFAULT_MAX_CONNECTIONS,
     HealthConfig,
@@ -28,7 +28,7 @@ from tplr.node.health import (
     NodeHealth,
     ProgressTracker,
 )
-from tplr.node.node_metrics import METRIC_NAMES, NodeMetrics, NodeState, PeerOutcome
+from tplr.node.process.metrics import METRIC_NAMES, NodeMetrics, NodeState, PeerOutcome
 from tplr.protocol.clock import FakeClock, WindowClock
 from tplr.protocol.reasons import RejectReason
 

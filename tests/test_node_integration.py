@@ -49,9 +49,9 @@ from tplr.comms.config import BucketConfig
 from tplr.comms.stores.s3 import S3Store
 from tplr.data.loader import BatchLoader, LoaderConfig
 from tplr.data.manager import dataset_opener
-from tplr.node.approvals import read_approval
 from tplr.node.miner import Miner
-from tplr.node.peers import read_peer_list
+from tplr.node.network.approvals import read_approval
+from tplr.node.network.peers import read_peer_list
 from tplr.node.scoring import scores_key
 from tplr.node.validator import Validator
 from tplr.protocol.clock import FakeClock

@@ -11,8 +11,8 @@ from node_harness import PREFIX, TEST_RUN, FakeNetwork, NetworkLayout, publish_f
 from node_harness import s3_settings as make_settings
 
 from tplr.comms.stores.s3 import S3Store
-from tplr.node.approvals import read_approval
 from tplr.node.miner import Miner
+from tplr.node.network.approvals import read_approval
 from tplr.node.validator import Validator
 from tplr.protocol.clock import FakeClock
 

@@ -20,11 +20,18 @@ from node_harness import build_dataset
 
 from tplr.comms.stores.local import LocalStore
 from tplr.errors import ConfigError
-from tplr.node.directory import embedded_prefix
-from tplr.node.lifecycle import EXIT_CONFIG, EXIT_OK, NodeStopped, Shutdown, run_node, supervise
-from tplr.node.log_setup import LogContext, configure_logging
-from tplr.node.prefixed_store import PrefixedStore
-from tplr.node.reports import read_report, report_windows
+from tplr.node.network.directory import embedded_prefix
+from tplr.node.network.prefixed_store import PrefixedStore
+from tplr.node.network.reports import read_report, report_windows
+from tplr.node.process.lifecycle import (
+    EXIT_CONFIG,
+    EXIT_OK,
+    NodeStopped,
+    Shutdown,
+    run_node,
+    supervise,
+)
+from tplr.node.process.log_setup import LogContext, configure_logging
 from tplr.protocol.payload import read_safetensors_header
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -232,7 +239,7 @@ from pydantic import SecretStr
 from tplr.comms.config import BucketConfig
 from tplr.comms.stores.s3 import S3Store
 from tplr.comms.transfer_config import TransferConfig
-from tplr.node.lifecycle import configure_process
+from tplr.node.process.lifecycle import configure_process
 
 endpoint, bucket, key_id, wire = sys.argv[1:5]
 configure_process(log_level="DEBUG", torch_threads=None, debug_wire=wire == "1")

@@ -83,7 +83,7 @@ def trained():
     """A worker with AdamW moments and a compressor with error feedback (one process)."""
     from fsdp_scenarios import make_worker, miner_windows, new_compressor
 
-    from tplr.train.distributed import DistContext
+    from tplr.train.parallel.distributed import DistContext
 
     torch.set_num_threads(1)
     context = DistContext(0, 1, 0, torch.device("cpu"))
@@ -95,7 +95,7 @@ def trained():
 def fresh_pair():
     from fsdp_scenarios import make_worker, new_compressor
 
-    from tplr.train.distributed import DistContext
+    from tplr.train.parallel.distributed import DistContext
 
     context = DistContext(0, 1, 0, torch.device("cpu"))
     return make_worker(context, "adamw"), new_compressor(context)

@@ -14,8 +14,8 @@ from tplr.comms.errors import AccessDenied, NotFound
 from tplr.comms.stores.local import LocalStore
 from tplr.comms.stores.s3 import S3Store
 from tplr.comms.transfer_config import TransferConfig
-from tplr.node.directory import PeersFileDirectory
-from tplr.node.peers import (
+from tplr.node.network.directory import PeersFileDirectory
+from tplr.node.network.peers import (
     NodeAnnouncement,
     PeerList,
     PeersFileError,

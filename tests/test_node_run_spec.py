@@ -13,7 +13,7 @@ from tplr.comms.stores.local import LocalStore
 from tplr.comms.stores.s3 import S3Store
 from tplr.data.dataset_check import DatasetCheckError
 from tplr.errors import ConfigError
-from tplr.node.run_spec import publish_run_spec, read_run_spec
+from tplr.node.network.run_spec import publish_run_spec, read_run_spec
 from tplr.protocol.clock import FakeClock
 from tplr.protocol.run_spec import (
     RUN_SPEC_KEY,
@@ -186,7 +186,7 @@ async def test_the_lead_checks_the_run_before_it_creates_run_json(
     run.json stuck. Now nothing is written until every check passed."""
     from node_harness import PREFIX, NetworkLayout, publish_folder, s3_settings
 
-    from tplr.node.lifecycle import Shutdown
+    from tplr.node.process.lifecycle import Shutdown
     from tplr.node.runtime import open_runtime
 
     tag = uuid.uuid4().hex[:8]

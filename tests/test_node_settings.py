@@ -15,19 +15,19 @@ from node_harness import TEST_RUN, build_dataset
 from tplr.comms.stores.local import LocalStore
 from tplr.comms.transfer_config import TransferConfig
 from tplr.errors import ConfigError
-from tplr.node.env_check import check_names, known_env_names, tplr_settings_classes
-from tplr.node.lifecycle import Shutdown
-from tplr.node.run_spec import publish_run_spec
-from tplr.node.runtime import open_runtime
-from tplr.node.settings import (
+from tplr.node.network.run_spec import publish_run_spec
+from tplr.node.network.stores import open_node_stores
+from tplr.node.process.env_check import check_names, known_env_names, tplr_settings_classes
+from tplr.node.process.lifecycle import Shutdown
+from tplr.node.process.settings import (
     COMPONENTS,
     NodeConfig,
     RunSettings,
     build_settings,
     components_for,
 )
-from tplr.node.settings_cli import build_parser, load_settings, settable_fields
-from tplr.node.stores import open_node_stores
+from tplr.node.process.settings_cli import build_parser, load_settings, settable_fields
+from tplr.node.runtime import open_runtime
 from tplr.protocol.clock import FakeClock
 from tplr.protocol.run_spec import RunSpec, RunSpecConflict
 

@@ -17,11 +17,11 @@ from tplr.comms.stores.local import LocalStore
 from tplr.comms.transfer_config import TransferConfig
 from tplr.comms.upload import upload_file
 from tplr.errors import ConfigError
-from tplr.node.directory import EmbeddedDirectory, PeersFileDirectory, UnknownPeer
-from tplr.node.peers import NodeAnnouncement, announce_node
-from tplr.node.prefixed_store import PrefixedStore, normalize_prefix
-from tplr.node.settings import NodeConfig
-from tplr.node.stores import open_node_stores
+from tplr.node.network.directory import EmbeddedDirectory, PeersFileDirectory, UnknownPeer
+from tplr.node.network.peers import NodeAnnouncement, announce_node
+from tplr.node.network.prefixed_store import PrefixedStore, normalize_prefix
+from tplr.node.network.stores import open_node_stores
+from tplr.node.process.settings import NodeConfig
 
 MiB = 1024 * 1024
 

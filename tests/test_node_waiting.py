@@ -8,9 +8,9 @@ import logging
 import pytest
 
 from tplr.comms.stores.local import LocalStore
-from tplr.node import waiting
-from tplr.node.lifecycle import NodeStopped, Shutdown
-from tplr.node.run_spec import read_run_spec
+from tplr.node.network import waiting
+from tplr.node.network.run_spec import read_run_spec
+from tplr.node.process.lifecycle import NodeStopped, Shutdown
 from tplr.protocol.clock import FakeClock
 from tplr.protocol.run_spec import RUN_SPEC_KEY, RunSpec
 

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from tplr.train.config import ModelConfig, TrainConfig
-from tplr.train.distributed import LaunchEnv
 from tplr.train.errors import DistributedError
-from tplr.train.model import GPT
-from tplr.train.sharding import build_model
+from tplr.train.model.gpt import GPT
+from tplr.train.parallel.distributed import LaunchEnv
+from tplr.train.parallel.sharding import build_model
 from tplr.train.synthetic import progression_batches
 from tplr.train.worker import TrainWorker
 
@@ -30,7 +30,7 @@ DDP_SCRIPT = textwrap.dedent(
     import itertools, json, os, sys
     import torch
     from tplr.train.config import ModelConfig, TrainConfig
-    from tplr.train.distributed import LaunchEnv, distributed_context
+    from tplr.train.parallel.distributed import LaunchEnv, distributed_context
     from tplr.train.synthetic import progression_batches
     from tplr.train.worker import TrainWorker
 

@@ -26,7 +26,7 @@ from fsdp_scenarios import (
 )
 
 from tplr.node.miner_state import MinerState, SavedState
-from tplr.train.distributed import DistContext
+from tplr.train.parallel.distributed import DistContext
 
 HERE = Path(__file__).parent
 SINGLE = DistContext(0, 1, 0, torch.device("cpu"))

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from tplr.train.config import ModelConfig
-from tplr.train.loss import IGNORE_INDEX, auto_chunk_tokens, head_cross_entropy
-from tplr.train.model import GPT, count_parameters
+from tplr.train.model.gpt import GPT, count_parameters
+from tplr.train.model.loss import IGNORE_INDEX, auto_chunk_tokens, head_cross_entropy
 
 VOCAB = 200
 

@@ -15,16 +15,16 @@ import torch
 
 from tplr.errors import ConfigError
 from tplr.train.config import ModelConfig, TrainConfig
-from tplr.train.distributed import DistContext
 from tplr.train.entry import main
-from tplr.train.memory import (
+from tplr.train.model.gpt import GPT
+from tplr.train.model.memory import (
     GIB,
     MemorySetup,
     block_activation_bytes,
     estimate,
     fitting_alternatives,
 )
-from tplr.train.model import GPT
+from tplr.train.parallel.distributed import DistContext
 
 HERE = Path(__file__).parent
 REPO = HERE.parent

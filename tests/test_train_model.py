@@ -9,9 +9,9 @@ from tplr.comms.manifest import Manifest, ManifestEntry
 from tplr.errors import ConfigError
 from tplr.train.config import ModelConfig, TrainConfig, build_config
 from tplr.train.errors import TrainConfigError, VocabMismatchError
-from tplr.train.flops import flops_per_token, matmul_parameters, mfu, peak_flops_for
-from tplr.train.model import GPT, count_parameters
-from tplr.train.vocab import DataVocab, check_vocab, vocab_from_manifest
+from tplr.train.model.flops import flops_per_token, matmul_parameters, mfu, peak_flops_for
+from tplr.train.model.gpt import GPT, count_parameters
+from tplr.train.model.vocab import DataVocab, check_vocab, vocab_from_manifest
 
 
 @pytest.fixture(autouse=True)

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from tplr import __version__
 from tplr.errors import ConfigError, TplrError
-from tplr.node.log_setup import configure_logging, parse_level
+from tplr.node.process.log_setup import configure_logging, parse_level
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -34,7 +34,7 @@ def _log_level(text: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from tplr.comms import cli as comms_cli
-    from tplr.data import cli as data_cli
+    from tplr.data.tools import cli as data_cli
     from tplr.doctor import cli as doctor_cli
 
     parser = argparse.ArgumentParser(

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from tplr.data.formats import ShardFormatError, TokenShard, open_shard, shard_number_from_name
+from tplr.data.tools.writers import derive_sample_ids
 from tplr.data.validate import check_token_ids
-from tplr.data.writers import derive_sample_ids
 from tplr.errors import TplrError
 
 

@@ -31,7 +31,7 @@ from tplr.comms.manifest import (
     describe_validation_error,
 )
 from tplr.comms.stores.base import ObjectStore
-from tplr.data.writers import FileSpaceProbe, write_bytes_atomic
+from tplr.data.tools.writers import FileSpaceProbe, write_bytes_atomic
 
 SAMPLE_IDS_FORMAT = "sample-ids"
 

@@ -44,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from tplr.doctor.run import DEFAULT_MAX_CLOCK_SKEW_S, DoctorOptions, run_doctor
-    from tplr.node.settings_cli import load_settings
+    from tplr.node.process.settings_cli import load_settings
 
     settings = load_settings(args.role, args.node_args)  # a ConfigError exits 2
     for notice in settings.notices:

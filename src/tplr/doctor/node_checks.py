@@ -11,10 +11,10 @@ from tplr.comms.stores.base import ObjectStore
 from tplr.doctor.probes import gpu_summary, rough_training_memory_bytes
 from tplr.doctor.report import CheckResult, fail, ok, skip, warn
 from tplr.errors import TplrError
-from tplr.node.peers import read_latest_peer_list
-from tplr.node.run_spec import read_run_spec
+from tplr.node.network.peers import read_latest_peer_list
+from tplr.node.network.run_spec import read_run_spec
+from tplr.node.process.settings import NodeSettings
 from tplr.node.scoring import read_scores
-from tplr.node.settings import NodeSettings
 from tplr.protocol.clock import Clock
 from tplr.protocol.run_spec import RUN_SPEC_KEY, RunSpec, RunSpecConflict, check_local_overrides
 from tplr.units import format_size
@@ -70,7 +70,7 @@ def model_memory_estimate(spec: RunSpec) -> int:
     import torch
 
     from tplr.train.config import ModelConfig
-    from tplr.train.model import GPT, count_parameters
+    from tplr.train.model.gpt import GPT, count_parameters
 
     config = ModelConfig.preset(spec.model, vocab_size=spec.vocab_size)
     with torch.device("meta"):

@@ -19,10 +19,10 @@ from tplr.doctor.probes import (
 )
 from tplr.doctor.report import CheckResult, fail, failure_of, guarded, ok, skip, warn
 from tplr.errors import TplrError
-from tplr.node.peers import load_peers_file_async
+from tplr.node.network.peers import load_peers_file_async
+from tplr.node.network.stores import NodeStores, dataset_uses_r2, gradients_use_r2, open_node_stores
+from tplr.node.process.settings import NodeSettings
 from tplr.node.runtime import manager_config
-from tplr.node.settings import NodeSettings
-from tplr.node.stores import NodeStores, dataset_uses_r2, gradients_use_r2, open_node_stores
 from tplr.protocol.clock import Clock, SystemClock
 
 DEFAULT_MAX_CLOCK_SKEW_S = 10.0

@@ -19,13 +19,13 @@ from prometheus_client import CollectorRegistry
 from tplr.data.manager import SharedShardedDatasetManager, dataset_opener
 from tplr.data.manager_metrics import DatasetMetrics
 from tplr.data.sampler import rank_share
-from tplr.node.lifecycle import Shutdown
 from tplr.node.miner import train_window
 from tplr.node.miner_state import MinerState, SavedState, compress_and_save, miner_compressor
+from tplr.node.network.stores import cache_dir_for, dataset_uses_r2, embedded_dataset_root
+from tplr.node.process.lifecycle import Shutdown
+from tplr.node.process.settings import MinerConfig, NodeSettings
 from tplr.node.ranks import Apply, Command, Gather, LoadState, Ranks, Restore, Start, Stop, Train
 from tplr.node.runtime import manager_config
-from tplr.node.settings import MinerConfig, NodeSettings
-from tplr.node.stores import cache_dir_for, dataset_uses_r2, embedded_dataset_root
 from tplr.node.worker_setup import first_shard_and_worker
 from tplr.protocol.run_spec import RunSpec
 from tplr.train.compression import ErrorFeedbackCompressor

@@ -24,17 +24,17 @@ import torch
 
 from tplr.comms.errors import NotFound, StoreError
 from tplr.errors import TplrError
-from tplr.node.approvals import ApprovalUnavailable, fetch_approved, wait_for_approval
-from tplr.node.checkpoints import (
+from tplr.node.network.approvals import ApprovalUnavailable, fetch_approved, wait_for_approval
+from tplr.node.network.checkpoints import (
     GlobalCheckpointError,
     fetch_checkpoint,
     model_digest,
     read_latest_pointer,
 )
-from tplr.node.lifecycle import NodeStopped
+from tplr.node.network.waiting import poll_until_found
+from tplr.node.process.lifecycle import NodeStopped
 from tplr.node.ranks import Apply, Ranks, Restore, gather_full_parameters
 from tplr.node.runtime import NodeRuntime
-from tplr.node.waiting import poll_until_found
 from tplr.protocol.aggregation import AggregationStats, weighted_sum
 from tplr.protocol.approval import Approval, ApprovalInvalid
 from tplr.protocol.payload import GradientPayload

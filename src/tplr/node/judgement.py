@@ -24,10 +24,10 @@ import numpy as np
 
 from tplr.data.dataset import SharedShardedDataset
 from tplr.node.evaluation import Measurement, WindowEvaluator, measure_all
-from tplr.node.gather import check_reveals, validate_all
+from tplr.node.network.gather import check_reveals, validate_all
+from tplr.node.process.settings import ValidatorConfig
 from tplr.node.runtime import NodeRuntime
 from tplr.node.scoring import MinerVerdict, ScoreBoard
-from tplr.node.settings import ValidatorConfig
 from tplr.protocol.aggregation import normalisation_weights, reference_norm
 from tplr.protocol.approval import Candidate, decide_approvals
 from tplr.protocol.assignment import Assignment, assignment_for, recently_assigned

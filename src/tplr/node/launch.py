@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from tplr.errors import TplrError
-from tplr.node.lifecycle import exit_code_for, report_error, run_node
-from tplr.node.settings import NodeSettings
+from tplr.node.process.lifecycle import exit_code_for, report_error, run_node
+from tplr.node.process.settings import NodeSettings
 
 
 def run_miner_process(settings: NodeSettings, environ: Mapping[str, str]) -> int:
@@ -15,7 +15,7 @@ def run_miner_process(settings: NodeSettings, environ: Mapping[str, str]) -> int
     from tplr.node.miner import run_miner
     from tplr.node.ranks import ranks_for
     from tplr.node.runtime import resolve_node_device
-    from tplr.train.distributed import LaunchEnv, distributed_context
+    from tplr.train.parallel.distributed import LaunchEnv, distributed_context
 
     try:
         launch = LaunchEnv.from_environ(environ)

@@ -34,13 +34,13 @@ from tplr.data.dataset import SharedShardedDataset
 from tplr.data.loader import BatchLoader, LoaderConfig
 from tplr.data.sampler import rank_share
 from tplr.node.global_model import GlobalModel, StepResult
-from tplr.node.housekeeping import Housekeeper, run_with_housekeeping
-from tplr.node.lifecycle import NodeStopped, Shutdown
 from tplr.node.miner_state import MinerState, compress_and_save, miner_compressor, resume
+from tplr.node.network.reports import REPORTS_PREFIX, WindowReport, publish_report
+from tplr.node.process.housekeeping import Housekeeper, run_with_housekeeping
+from tplr.node.process.lifecycle import NodeStopped, Shutdown
+from tplr.node.process.settings import MinerConfig, NodeSettings
 from tplr.node.ranks import Ranks, Stop, Train
-from tplr.node.reports import REPORTS_PREFIX, WindowReport, publish_report
 from tplr.node.runtime import NodeRuntime, check_retention, open_runtime
-from tplr.node.settings import MinerConfig, NodeSettings
 from tplr.protocol.assignment import Assignment, assignment_for
 from tplr.protocol.commitments import COMMITMENTS_PREFIX, Commitment, commit_to, commitment_key
 from tplr.protocol.payload import PayloadMeta, encode_payload, payload_key

@@ -1,7 +1,7 @@
 """Durable miner state: error feedback and the inner optimizer survive a restart.
 
 After a window's payload is computed, every rank writes its own rows of the error-feedback
-buffers and of the optimizer state (``tplr.train.sharded_state``) into
+buffers and of the optimizer state (``tplr.train.parallel.sharded_state``) into
 ``<home>/cache/<uid>/miner-state/w<window>.tmp/`` (the node's local folder). Once every
 rank has written, rank 0 adds ``state.json`` (run, window, the model digest the window
 started from, world size, model and compression settings), renames the folder to
@@ -39,11 +39,11 @@ from tplr.node.ranks import LoadState, Ranks
 from tplr.protocol.run_spec import RunSpec
 from tplr.train.checkpoint import fsync_path
 from tplr.train.compression import CompressedTensor, CompressionError, ErrorFeedbackCompressor
-from tplr.train.compression_dist import compress_across_ranks
-from tplr.train.distributed import DistContext
 from tplr.train.errors import CheckpointError
 from tplr.train.optim import optimizer_names
-from tplr.train.sharded_state import (
+from tplr.train.parallel.compression_dist import compress_across_ranks
+from tplr.train.parallel.distributed import DistContext
+from tplr.train.parallel.sharded_state import (
     PieceIndex,
     StateFileError,
     compressor_pieces,

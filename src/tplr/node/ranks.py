@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from tplr.data.manager_catalog import RankChannel, SingleRank, TorchDistChannel
-from tplr.train.distributed import DistContext
-from tplr.train.sharding import is_sharded, local_rows
+from tplr.train.parallel.distributed import DistContext
+from tplr.train.parallel.sharding import is_sharded, local_rows
 from tplr.train.worker import TrainWorker
 
 

@@ -34,25 +34,25 @@ from tplr.data.manager import SharedShardedDatasetManager, dataset_opener
 from tplr.data.manager_config import DatasetConfig
 from tplr.data.manager_metrics import DatasetMetrics
 from tplr.errors import ConfigError
-from tplr.node.gather import PayloadFetcher
-from tplr.node.health import HealthServer, NodeHealth, ProgressTracker
-from tplr.node.lifecycle import Shutdown
-from tplr.node.log_setup import CONTEXT as LOG_CONTEXT
-from tplr.node.node_metrics import NodeMetrics
-from tplr.node.node_state import NodeState
-from tplr.node.peers import NodeAnnouncement, announce_node
+from tplr.node.network.gather import PayloadFetcher
+from tplr.node.network.peers import NodeAnnouncement, announce_node
+from tplr.node.network.run_spec import publish_run_spec, read_run_spec
+from tplr.node.network.stores import NodeStores, open_node_stores
+from tplr.node.network.waiting import poll_until_found
+from tplr.node.process.health import HealthServer, NodeHealth, ProgressTracker
+from tplr.node.process.lifecycle import Shutdown
+from tplr.node.process.log_setup import CONTEXT as LOG_CONTEXT
+from tplr.node.process.metrics import NodeMetrics
+from tplr.node.process.settings import GatherConfig, NodeSettings
+from tplr.node.process.state import NodeState
 from tplr.node.ranks import Ranks, SingleProcess, Start
-from tplr.node.run_spec import publish_run_spec, read_run_spec
-from tplr.node.settings import GatherConfig, NodeSettings
-from tplr.node.stores import NodeStores, open_node_stores
-from tplr.node.waiting import poll_until_found
 from tplr.node.worker_setup import first_shard_and_worker
 from tplr.protocol.clock import Clock, SystemClock, WindowClock
 from tplr.protocol.payload import PayloadSchema
 from tplr.protocol.run_spec import RUN_SPEC_KEY, RunSpec, check_local_overrides
 from tplr.train.config import ModelConfig
-from tplr.train.distributed import DistContext, resolve_device
 from tplr.train.errors import TrainConfigError
+from tplr.train.parallel.distributed import DistContext, resolve_device
 from tplr.train.worker import TrainWorker
 
 log = logging.getLogger(__name__)
@@ -269,7 +269,7 @@ def check_retention(rt: NodeRuntime, retention_windows: int, variable: str) -> N
 async def _announce(settings: NodeSettings, stores: NodeStores, clock: Clock) -> None:
     if stores.shared is None:
         return
-    from tplr.node.directory import embedded_prefix
+    from tplr.node.network.directory import embedded_prefix
 
     announcement = NodeAnnouncement(
         uid=settings.node.uid,

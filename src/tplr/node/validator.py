@@ -27,22 +27,22 @@ import time
 from tplr.comms.errors import NotFound
 from tplr.data.dataset import SharedShardedDataset
 from tplr.data.manager import dataset_opener
-from tplr.node.approvals import publish_approval, read_approval
-from tplr.node.checkpoints import (
+from tplr.node.global_model import GlobalModel, StepResult, apply_weighted, restore_everywhere
+from tplr.node.judgement import Judgement, WindowJudge
+from tplr.node.network.approvals import publish_approval, read_approval
+from tplr.node.network.checkpoints import (
     CheckpointPublisher,
     load_init_model,
     read_latest_pointer,
 )
-from tplr.node.global_model import GlobalModel, StepResult, apply_weighted, restore_everywhere
-from tplr.node.housekeeping import Housekeeper, run_with_housekeeping
-from tplr.node.judgement import Judgement, WindowJudge
-from tplr.node.lifecycle import Shutdown
-from tplr.node.node_metrics import PeerOutcome
-from tplr.node.peers import PEER_LISTS_PREFIX, PeerList, publish_peer_list
-from tplr.node.reports import REPORTS_PREFIX, WindowReport, publish_report
+from tplr.node.network.peers import PEER_LISTS_PREFIX, PeerList, publish_peer_list
+from tplr.node.network.reports import REPORTS_PREFIX, WindowReport, publish_report
+from tplr.node.process.housekeeping import Housekeeper, run_with_housekeeping
+from tplr.node.process.lifecycle import Shutdown
+from tplr.node.process.metrics import PeerOutcome
+from tplr.node.process.settings import NodeSettings, ValidatorConfig
 from tplr.node.runtime import NodeRuntime, check_retention, open_runtime
 from tplr.node.scoring import ScoreBoard, ScoringError, publish_scores, read_scores
-from tplr.node.settings import NodeSettings, ValidatorConfig
 from tplr.protocol.approval import (
     APPROVALS_PREFIX,
     MIRROR_PREFIX,

@@ -12,18 +12,18 @@ from prometheus_client import CollectorRegistry
 
 from tplr.data.manager import SharedShardedDatasetManager
 from tplr.errors import ConfigError
-from tplr.node.settings import NodeConfig
+from tplr.node.process.settings import NodeConfig
 from tplr.protocol.run_spec import RunSpec
 from tplr.train.config import ModelConfig, TrainConfig, build_config
-from tplr.train.distributed import DistContext, resolve_device
-from tplr.train.memory import (
+from tplr.train.metrics import TrainMetrics
+from tplr.train.model.memory import (
     GIB,
     MemorySetup,
     device_capacity_bytes,
     estimate,
     fitting_alternatives,
 )
-from tplr.train.metrics import TrainMetrics
+from tplr.train.parallel.distributed import DistContext, resolve_device
 from tplr.train.worker import TrainWorker
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ def check_memory(
 ) -> MemorySetup:
     """Refuse, naming settings that would fit, when the estimated peak exceeds the device
     (``capacity_bytes``: default, the GPU's memory or the host's available memory)."""
-    from tplr.train.memory import choose_parallel
+    from tplr.train.model.memory import choose_parallel
 
     cuda = context.device.type == "cuda"
     setup = MemorySetup.for_training(

@@ -7,7 +7,7 @@ of another version is refused with a message that says how to upgrade. A node st
 with a local setting that disagrees with the run refuses to start
 (:class:`RunSpecConflict` names the field, the run's value and the local value).
 
-Publishing and reading run.json is I/O and lives in :mod:`tplr.node.run_spec`.
+Publishing and reading run.json is I/O and lives in :mod:`tplr.node.network.run_spec`.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from tplr.errors import ConfigError, TplrError
-from tplr.train.sharding import shard_rows
+from tplr.train.parallel.sharding import shard_rows
 
 VALUE_DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 """Value dtypes a run may choose (``compression_value_dtype`` in run.json)."""
@@ -195,8 +195,8 @@ class ErrorFeedbackCompressor:
     """Keeps one float32 error buffer per parameter and compresses with error feedback.
 
     With ``world_size`` > 1 (torchrun), rank ``r`` owns the error of a contiguous range of
-    every parameter's chunks (:func:`~tplr.train.sharding.shard_rows` of the chunk count)
-    and :meth:`compress` returns that range only; :func:`tplr.train.compression_dist.
+    every parameter's chunks (:func:`~tplr.train.parallel.sharding.shard_rows` of the chunk count)
+    and :meth:`compress` returns that range only; :func:`tplr.train.parallel.compression_dist.
     compress_across_ranks` joins the ranges into the whole payload. Chunks are independent,
     so the joined payload and the errors are bit-identical to one process doing it all.
 

@@ -161,7 +161,7 @@ class TrainConfig(_TypedErrors):
     compile: bool | None = None
     compile_backend: str = "inductor"
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"
-    # auto: DDP when a full replica fits the device, else FSDP2 (see tplr.train.memory)
+    # auto: DDP when a full replica fits the device, else FSDP2 (see tplr.train.model.memory)
     parallel: Literal["auto", "ddp", "fsdp"] = "auto"
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
     # None: chunk the loss when one micro-batch's logits would be large; 0: never

@@ -20,7 +20,6 @@ from pathlib import Path
 
 from tplr.errors import TplrError
 from tplr.train.config import ModelConfig, TrainConfig, build_config, flag_for
-from tplr.train.distributed import LaunchEnv, distributed_context
 from tplr.train.entry_memory import add_estimate_flags, print_estimate
 from tplr.train.errors import TrainConfigError
 from tplr.train.local_data import (
@@ -34,7 +33,8 @@ from tplr.train.local_data import (
     train_batches,
     validation_batches,
 )
-from tplr.train.vocab import check_vocab
+from tplr.train.model.vocab import check_vocab
+from tplr.train.parallel.distributed import LaunchEnv, distributed_context
 from tplr.train.worker import TrainStats, TrainWorker
 
 log = logging.getLogger("tplr.train")

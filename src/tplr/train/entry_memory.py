@@ -3,7 +3,7 @@
     python -m tplr.train --estimate-memory --model llama-8b --micro-batch-size 1 \\
         --seq-len 8192 --parallel fsdp --world-size 8 --activation-checkpointing full
 
-Prints each component of the estimate (:mod:`tplr.train.memory`), whether it fits
+Prints each component of the estimate (:mod:`tplr.train.model.memory`), whether it fits
 ``--device-memory-gib`` (default 80, an H100), and, when it does not, settings that do.
 No data and no GPU are needed; nothing is allocated.
 """
@@ -15,7 +15,7 @@ import os
 from collections.abc import Callable
 
 from tplr.train.config import TrainConfig, build_config
-from tplr.train.memory import (
+from tplr.train.model.memory import (
     GIB,
     MemorySetup,
     estimate,

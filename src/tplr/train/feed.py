@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from tplr.train.errors import BatchError, BatchesExhaustedError
-from tplr.train.loss import IGNORE_INDEX
+from tplr.train.model.loss import IGNORE_INDEX
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 HOST_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint16, torch.uint8)

@@ -24,7 +24,7 @@ from tplr.data.formats import open_shard
 from tplr.data.layout import ShardGroup, plan_layout
 from tplr.data.loader import BatchLoader, LoaderConfig
 from tplr.data.sampler import rank_share, window_sample_indices
-from tplr.train.vocab import DataVocab, vocab_from_manifest
+from tplr.train.model.vocab import DataVocab, vocab_from_manifest
 
 # Loader threads keep this many batches in flight; BatchFeed holds up to its depth + 2.
 _LOADER_PREFETCH = 2

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 
 import torch
 
-from tplr.train.sharding import as_sharded_like, full_tensor, local_rows
+from tplr.train.parallel.sharding import as_sharded_like, full_tensor, local_rows
 
 _NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 

@@ -27,18 +27,18 @@ from torch.nn.parallel import DistributedDataParallel
 
 from tplr.comms.diskspace import FreeSpaceProbe
 from tplr.train import checkpoint as ckpt
-from tplr.train import params as param_ops
-from tplr.train import worker_state
 from tplr.train.config import ModelConfig, TrainConfig
-from tplr.train.distributed import DistContext, resolve_device
 from tplr.train.errors import BatchError, TrainConfigError, TrainingDivergedError
 from tplr.train.feed import Batch, BatchFeed, BatchSpec, check_batch, fixed_shape_pieces, to_device
-from tplr.train.flops import flops_per_token, mfu, peak_flops_for
-from tplr.train.loss import IGNORE_INDEX, auto_chunk_tokens
-from tplr.train.memory import choose_parallel
 from tplr.train.metrics import TrainMetrics
+from tplr.train.model.flops import flops_per_token, mfu, peak_flops_for
+from tplr.train.model.loss import IGNORE_INDEX, auto_chunk_tokens
+from tplr.train.model.memory import choose_parallel
 from tplr.train.optim import WarmupCosineSchedule, build_optimizers
-from tplr.train.sharding import build_model, fsdp_sharder, full_tensor
+from tplr.train.parallel import params as param_ops
+from tplr.train.parallel import worker_state
+from tplr.train.parallel.distributed import DistContext, resolve_device
+from tplr.train.parallel.sharding import build_model, fsdp_sharder, full_tensor
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from torch.utils.checkpoint import (
 )
 
 from tplr.train.config import ModelConfig
-from tplr.train.loss import Reduction, head_cross_entropy
+from tplr.train.model.loss import Reduction, head_cross_entropy
 
 Checkpointing = Literal["none", "full", "selective"]
 
@@ -149,7 +149,7 @@ class GPT(nn.Module):
     """``forward(idx, targets)`` returns the mean cross-entropy; ``logits(idx)`` the logits.
 
     ``loss_chunk_tokens`` (set by the worker; None = one plain loss over full logits) makes
-    the loss run in chunks of that many tokens (:mod:`tplr.train.loss`).
+    the loss run in chunks of that many tokens (:mod:`tplr.train.model.loss`).
     """
 
     def __init__(self, config: ModelConfig) -> None:

@@ -5,7 +5,7 @@ sequences of ``seq_len``; fewer than ``seq_len`` tokens left at the end of a fil
 dropped (reported). A conversion that fails (a full disk: InsufficientSpace) removes
 every file it wrote. Shard numbers come from the source names
 (``edu_fineweb_train_000007.bin`` -> ``train_000007.npy``); ids are derived
-(``shard << 40 | offset``, see :mod:`tplr.data.writers`).
+(``shard << 40 | offset``, see :mod:`tplr.data.tools.writers`).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from tplr.data.formats import (
     open_token_file,
 )
 from tplr.data.formats import shard_number_from_name as number_of
-from tplr.data.packer import ShardPacker, ensure_empty_dir, shard_file_names
-from tplr.data.writers import FileSpaceProbe, free_bytes_for
+from tplr.data.tools.packer import ShardPacker, ensure_empty_dir, shard_file_names
+from tplr.data.tools.writers import FileSpaceProbe, free_bytes_for
 from tplr.errors import ConfigError
 
 log = logging.getLogger(__name__)

@@ -29,7 +29,7 @@ from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tplr.errors import ConfigError
-from tplr.node.node_state import NodeState
+from tplr.node.process.state import NodeState
 from tplr.protocol.clock import WindowClock
 
 log = logging.getLogger(__name__)

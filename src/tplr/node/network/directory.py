@@ -23,8 +23,8 @@ from tplr.comms.stores.base import ObjectStore
 from tplr.comms.stores.s3 import S3Store
 from tplr.comms.transfer_config import TransferConfig
 from tplr.errors import TplrError
-from tplr.node.peers import PeerEntry, PeersFileError, discover_nodes, load_peers_file
-from tplr.node.prefixed_store import PrefixedStore
+from tplr.node.network.peers import PeerEntry, PeersFileError, discover_nodes, load_peers_file
+from tplr.node.network.prefixed_store import PrefixedStore
 
 log = logging.getLogger(__name__)
 

@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from tplr.train import checkpoint as ckpt
-from tplr.train import params as param_ops
 from tplr.train.errors import CheckpointError, UpdateError
 from tplr.train.optim import optimizer_names, refresh_hyperparameters
-from tplr.train.sharding import as_sharded_like, full_tensor, is_sharded, local_rows
+from tplr.train.parallel import params as param_ops
+from tplr.train.parallel.sharding import as_sharded_like, full_tensor, is_sharded, local_rows
 
 if TYPE_CHECKING:
     from tplr.train.worker import TrainWorker

@@ -31,8 +31,8 @@ from tplr.comms.errors import InsufficientSpace
 from tplr.errors import TplrError
 from tplr.train.checkpoint import fsync_path
 from tplr.train.optim import optimizer_names
-from tplr.train.sharding import as_sharded_like, is_sharded, local_part, shard_rows
-from tplr.train.worker_state import load_optimizer_state, optimizer_params
+from tplr.train.parallel.sharding import as_sharded_like, is_sharded, local_part, shard_rows
+from tplr.train.parallel.worker_state import load_optimizer_state, optimizer_params
 from tplr.untrusted import MalformedInput, load_json
 
 if TYPE_CHECKING:

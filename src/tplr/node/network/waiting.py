@@ -8,7 +8,7 @@ from typing import TypeVar
 
 from tplr.comms.errors import NotFound, StoreError
 from tplr.errors import TplrError
-from tplr.node.lifecycle import NodeStopped, Shutdown
+from tplr.node.process.lifecycle import NodeStopped, Shutdown
 from tplr.protocol.clock import Clock
 
 log = logging.getLogger(__name__)

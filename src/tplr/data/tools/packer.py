@@ -14,7 +14,7 @@ import numpy as np
 
 from tplr.data.dataset_manifest import ShardRecord
 from tplr.data.formats import TokenFormat
-from tplr.data.writers import FileSpaceProbe, TokenShardWriter, write_derived_sample_ids
+from tplr.data.tools.writers import FileSpaceProbe, TokenShardWriter, write_derived_sample_ids
 from tplr.errors import ConfigError
 
 

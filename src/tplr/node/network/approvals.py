@@ -22,7 +22,7 @@ from tplr.comms.transfer_config import TransferConfig
 from tplr.comms.transfer_metrics import TransferMetrics
 from tplr.comms.upload import upload_bytes
 from tplr.errors import TplrError
-from tplr.node.gather import PayloadFetcher
+from tplr.node.network.gather import PayloadFetcher
 from tplr.protocol.approval import (
     MAX_APPROVAL_BYTES,
     Approval,

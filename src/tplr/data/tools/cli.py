@@ -1,8 +1,8 @@
 """``tplr shards ...``: prepare, convert, inspect, upload.
 
-Arguments are parsed here; the work lives in :mod:`tplr.data.prepare`,
-:mod:`tplr.data.convert`, :mod:`tplr.data.inspect_shards` and
-:mod:`tplr.data.upload_shards` (imported when their command runs).
+Arguments are parsed here; the work lives in :mod:`tplr.data.tools.prepare`,
+:mod:`tplr.data.tools.convert`, :mod:`tplr.data.tools.inspect_shards` and
+:mod:`tplr.data.tools.upload_shards` (imported when their command runs).
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def _register_prepare(commands: argparse._SubParsersAction) -> None:
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from tplr.comms.manifest import DEFAULT_PART_SIZE
-    from tplr.data.prepare import PrepareConfig, prepare_shards
+    from tplr.data.tools.prepare import PrepareConfig, prepare_shards
 
     config = PrepareConfig.from_values(
         inputs=args.inputs,
@@ -128,7 +128,7 @@ def _register_convert(commands: argparse._SubParsersAction) -> None:
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     from tplr.comms.manifest import DEFAULT_PART_SIZE
-    from tplr.data.convert import convert_llmc_to_templar
+    from tplr.data.tools.convert import convert_llmc_to_templar
 
     result = convert_llmc_to_templar(
         args.sources,
@@ -177,7 +177,7 @@ def _register_inspect(commands: argparse._SubParsersAction) -> None:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from tplr.data.inspect_shards import inspect_paths
+    from tplr.data.tools.inspect_shards import inspect_paths
 
     reports, all_ok = inspect_paths(
         args.paths,
@@ -215,6 +215,6 @@ def _register_upload(commands: argparse._SubParsersAction) -> None:
 
 
 def _cmd_upload(args: argparse.Namespace) -> int:
-    from tplr.data.upload_shards import run_upload_command
+    from tplr.data.tools.upload_shards import run_upload_command
 
     return run_upload_command(args)

@@ -1,7 +1,7 @@
 """Node settings: one pydantic-settings model per component, nested into :class:`NodeSettings`.
 
 Every setting has an environment variable and a command-line flag (see
-:mod:`tplr.node.settings_cli`); flags win over the environment, the environment wins over
+:mod:`tplr.node.process.settings_cli`); flags win over the environment, the environment wins over
 ``.env``. Secrets (bucket keys) are read from the environment or ``.env`` only, never from
 flags (they would show in ``ps``).
 
@@ -38,7 +38,7 @@ from tplr.comms.config import DatasetBucketSettings, GradientsBucketSettings
 from tplr.comms.transfer_config import TransferConfig
 from tplr.data.manager_config import DatasetConfig
 from tplr.errors import ConfigError
-from tplr.node.health import HealthConfig
+from tplr.node.process.health import HealthConfig
 from tplr.protocol.run_spec import RunSpec
 
 Role = Literal["miner", "validator"]

@@ -20,10 +20,10 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, TypeVar
 
 from tplr.errors import ConfigError, TplrError
-from tplr.node.log_setup import CONTEXT, LogFormat, configure_logging, json_logging
+from tplr.node.process.log_setup import CONTEXT, LogFormat, configure_logging, json_logging
 
 if TYPE_CHECKING:
-    from tplr.node.settings import NodeSettings
+    from tplr.node.process.settings import NodeSettings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -175,7 +175,7 @@ def report_error(exc: TplrError) -> None:
 
 def check_single_process(environ: Mapping[str, str]) -> None:
     """Nodes run as one process per host for now; refuse a torchrun launch clearly."""
-    from tplr.train.distributed import LaunchEnv
+    from tplr.train.parallel.distributed import LaunchEnv
 
     launch = LaunchEnv.from_environ(environ)
     if launch.world_size > 1:

@@ -1,4 +1,4 @@
-"""Command line and environment for :class:`~tplr.node.settings.NodeSettings`.
+"""Command line and environment for :class:`~tplr.node.process.settings.NodeSettings`.
 
 One rule names everything: a setting's environment variable is its component's prefix plus
 the field name (``TPLR_RUN_WINDOW_SECONDS``, ``DATASET_KEEP_SHARDS``, ``METRICS_PORT``), and
@@ -21,7 +21,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings
 
 from tplr.errors import ConfigError
-from tplr.node.env_check import (
+from tplr.node.process.env_check import (
     aliased_env_names,
     check_endpoint_url,
     check_names,
@@ -29,7 +29,7 @@ from tplr.node.env_check import (
     raise_for_errors,
     tplr_settings_classes,
 )
-from tplr.node.settings import COMPONENTS, LEAD_DEFAULTS, NodeSettings, Role, components_for
+from tplr.node.process.settings import COMPONENTS, LEAD_DEFAULTS, NodeSettings, Role, components_for
 from tplr.protocol.run_spec import RunSpec
 
 DEFAULT_ENV_FILE = ".env"
@@ -210,7 +210,7 @@ def load_settings(
     """Parse flags, read the environment and .env, validate every component.
 
     Raises one :class:`ConfigError` listing every bad or missing setting, or every unknown
-    variable (:mod:`tplr.node.env_check`).
+    variable (:mod:`tplr.node.process.env_check`).
     """
     args = build_parser(role).parse_args(argv)
     env_file = _resolve_env_file(args.env_file)

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from tplr.train.compression import CompressedTensor, CompressionError, ErrorFeedbackCompressor
-from tplr.train.sharding import full_tensor, local_part, shard_rows
+from tplr.train.parallel.sharding import full_tensor, local_part, shard_rows
 
 
 @torch.no_grad()

@@ -32,8 +32,8 @@ from tplr.comms.errors import NotFound, PreconditionFailed, StoreError
 from tplr.comms.retry import RetryPolicy, retry
 from tplr.comms.stores.base import ObjectInfo, ObjectStore
 from tplr.comms.transfer_metrics import TransferMetrics
-from tplr.node.directory import PeerDirectory, UnknownPeer
-from tplr.node.settings import GatherConfig
+from tplr.node.network.directory import PeerDirectory, UnknownPeer
+from tplr.node.process.settings import GatherConfig
 from tplr.protocol.clock import WindowClock
 from tplr.protocol.commitments import (
     MAX_COMMITMENT_BYTES,

@@ -2,7 +2,7 @@
 pseudo-gradient ``Δ = θ_start − θ_end`` and the outer update ``θ ← θ − lr·Δ``.
 
 Tensors are keyed by the unwrapped model's parameter names (no ``module.`` / ``_orig_mod.``).
-Under FSDP2 each rank works on its own rows (:mod:`tplr.train.sharding`): a snapshot holds
+Under FSDP2 each rank works on its own rows (:mod:`tplr.train.parallel.sharding`): a snapshot holds
 this rank's rows, the pseudo-gradient is a sharded ``DTensor`` per parameter, and restore and
 the outer update take either full tensors (every rank slices its rows) or this rank's rows.
 """
@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from tplr.train.errors import UpdateError
-from tplr.train.sharding import as_sharded_like, is_sharded, local_part, local_rows
+from tplr.train.parallel.sharding import as_sharded_like, is_sharded, local_part, local_rows
 
 ParameterDict = dict[str, torch.Tensor]
 

@@ -23,7 +23,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from tplr.train.config import ModelConfig
-from tplr.train.model import GPT, Checkpointing, init_parameter_
+from tplr.train.model.gpt import GPT, Checkpointing, init_parameter_
 
 
 def shard_rows(rows: int, rank: int, world_size: int) -> tuple[int, int]:

@@ -16,7 +16,7 @@ backward pass of a micro-step after the first, when gradients already exist):
   the model's shape (see :func:`block_activation_bytes`), for ``none``, ``selective`` (the
   block input plus the matmul and attention outputs) or ``full`` (the block input only)
   activation checkpointing, plus one block recomputed in the backward pass;
-- the loss: full logits and their fp32 copies, or one chunk of them (``tplr.train.loss``);
+- the loss: full logits and their fp32 copies, or one chunk of them (``tplr.train.model.loss``);
 - on CUDA, the context, cuBLAS/cuDNN workspaces and allocator slack (a flat 1.5 GiB).
 
 Tests compare the sum with measured CPU peaks (RSS); GPU figures are arithmetic.
@@ -29,7 +29,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Literal
 
 from tplr.train.config import ModelConfig, TrainConfig
-from tplr.train.loss import auto_chunk_tokens
+from tplr.train.model.loss import auto_chunk_tokens
 
 GIB = 1 << 30
 CUDA_OVERHEAD_BYTES = 3 * GIB // 2

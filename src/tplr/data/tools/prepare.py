@@ -2,9 +2,9 @@
 
 Documents are tokenized in worker processes (spawned, so safe from threaded
 parents); results come back in task order, so the shards are the same bytes for any
-worker count and any input order (see :mod:`tplr.data.sources`). Each document is
+worker count and any input order (see :mod:`tplr.data.tools.sources`). Each document is
 ``[eot] + tokens``; the stream is packed into rows and shards by
-:class:`~tplr.data.packer.ShardPacker`; the manifest is written last.
+:class:`~tplr.data.tools.packer.ShardPacker`; the manifest is written last.
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ from tqdm import tqdm
 from tplr.comms.manifest import DEFAULT_PART_SIZE, Manifest
 from tplr.data.dataset_manifest import DatasetInfo, ShardRecord, write_dataset_manifest
 from tplr.data.formats import TokenFormat
-from tplr.data.packer import ShardPacker, ensure_empty_dir
-from tplr.data.sources import SourceTask, discover_inputs, plan_tasks, read_documents
-from tplr.data.tokenizers import Tokenizer, get_tokenizer, token_dtype_for
-from tplr.data.writers import FileSpaceProbe, free_bytes_for
+from tplr.data.tools.packer import ShardPacker, ensure_empty_dir
+from tplr.data.tools.sources import SourceTask, discover_inputs, plan_tasks, read_documents
+from tplr.data.tools.tokenizers import Tokenizer, get_tokenizer, token_dtype_for
+from tplr.data.tools.writers import FileSpaceProbe, free_bytes_for
 from tplr.errors import ConfigError, TplrError
 
 log = logging.getLogger(__name__)

@@ -23,8 +23,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from tplr import __version__
-from tplr.node.gpu_metrics import GpuCollector, GpuProbe
-from tplr.node.node_state import NodeState
+from tplr.node.process.gpu_metrics import GpuCollector, GpuProbe
+from tplr.node.process.state import NodeState
 from tplr.protocol.clock import Clock, SystemClock
 from tplr.protocol.reasons import RejectReason
 

@@ -31,14 +31,14 @@ from tplr.comms.stores.s3 import S3Store
 from tplr.comms.stores.url import dataset_source_store
 from tplr.comms.transfer_config import TransferConfig
 from tplr.errors import ConfigError
-from tplr.node.directory import (
+from tplr.node.network.directory import (
     EmbeddedDirectory,
     PeerDirectory,
     PeersFileDirectory,
     embedded_prefix,
 )
-from tplr.node.prefixed_store import PrefixedStore
-from tplr.node.settings import NodeConfig
+from tplr.node.network.prefixed_store import PrefixedStore
+from tplr.node.process.settings import NodeConfig
 
 log = logging.getLogger(__name__)
 
