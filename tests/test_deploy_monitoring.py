@@ -332,7 +332,7 @@ def test_dashboards_show_what_operators_watch():
     assert used(boards["tplr-node.json"]) >= NODE_DASHBOARD_METRICS
     assert used(boards["tplr-validator.json"]) >= VALIDATOR_DASHBOARD_METRICS
     assert used(boards["tplr-network.json"]) >= NETWORK_DASHBOARD_METRICS
-    for name, board in boards.items():  # they start at 0, not absent: a placeholder line
+    for name, board in boards.items():  # per training process; the node's gauges are per node
         assert not used(board) & TRAIN_WORKER_GAUGES, name
 
 

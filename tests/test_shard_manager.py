@@ -94,6 +94,16 @@ async def test_first_blocks_next_prefetched_swap_is_instant_old_deleted(dataset_
         assert shard_files(tmp_path) == {"fineweb_train_000001.bin", "fineweb_train_000002.bin"}
         assert manager.metrics.swaps._value.get() == 1
         assert manager.metrics.stalls._value.get() == 0
+        assert manager.metrics.bytes_on_disk.value() > 0
+        assert manager.metrics.free_bytes.value() > 0
+
+
+def test_disk_gauges_are_absent_until_measured():
+    registry = CollectorRegistry()
+    DatasetMetrics(registry)
+    assert registry.get_sample_value("tplr_dataset_disk_free_bytes") is None  # not "0 free"
+    assert registry.get_sample_value("tplr_dataset_bytes_on_disk") is None
+    assert registry.get_sample_value("tplr_dataset_active_shard") == -1  # documented sentinel
 
 
 async def test_keep_flag_keeps_shards_and_second_pass_reuses_them(dataset_store, tmp_path):

@@ -59,6 +59,8 @@ def test_loss_falls_well_below_start(optimizer):
 def test_stats_account_tokens_and_metrics():
     registry = CollectorRegistry()
     worker = make_worker(metrics=TrainMetrics(registry), grad_clip_norm=1.0)
+    for gauge in ("tplr_train_loss", "tplr_train_tokens_per_second", "tplr_train_eval_loss"):
+        assert registry.get_sample_value(gauge) is None  # absent, not a loss of 0
     stats = worker.train_steps(random_batches(VOCAB, MICRO, SEQ), 3)
     assert stats.steps == 3 and stats.step == 3
     assert stats.tokens == 3 * 2 * MICRO * SEQ == stats.global_tokens
@@ -68,6 +70,8 @@ def test_stats_account_tokens_and_metrics():
     assert registry.get_sample_value("tplr_train_tokens_total") == stats.tokens
     assert registry.get_sample_value("tplr_train_optimizer_steps_total") == 3
     assert registry.get_sample_value("tplr_train_loss") == pytest.approx(stats.loss)
+    assert registry.get_sample_value("tplr_train_tokens_per_second") > 0
+    assert registry.get_sample_value("tplr_train_mfu_ratio") is None  # CPU: unknown, absent
     assert registry.get_sample_value("tplr_train_steps_duration_seconds_count") == 1
 
 

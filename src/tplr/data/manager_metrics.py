@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 from tplr.data.shard_state import STATE_CODES, ShardState
+from tplr.optional_gauge import OptionalGauge
 
 _SWAP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1, 5, 30, 120)
 _LEAD_BUCKETS = (0, 1, 10, 60, 300, 900, 1800, 3600, 7200, 14400, 43200)
@@ -26,15 +27,15 @@ class DatasetMetrics:
             ["shard"],
             registry=registry,
         )
-        self.bytes_on_disk = Gauge(
+        self.bytes_on_disk = OptionalGauge(
             "tplr_dataset_bytes_on_disk",
             "Bytes of shard files (complete or partial) in the local dataset folder.",
-            registry=registry,
+            registry,
         )
-        self.free_bytes = Gauge(
+        self.free_bytes = OptionalGauge(
             "tplr_dataset_disk_free_bytes",
             "Free bytes on the filesystem holding the dataset folder.",
-            registry=registry,
+            registry,
         )
         self.next_shard_bytes = Gauge(
             "tplr_dataset_next_shard_bytes",

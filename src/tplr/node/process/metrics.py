@@ -14,7 +14,6 @@ and is read at scrape time from the node's health. GPU gauges come from ``torch.
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -25,6 +24,7 @@ from prometheus_client.registry import Collector
 from tplr import __version__
 from tplr.node.process.gpu_metrics import GpuCollector, GpuProbe
 from tplr.node.process.state import NodeState
+from tplr.optional_gauge import OptionalGauge
 from tplr.protocol.clock import Clock, SystemClock
 from tplr.protocol.reasons import RejectReason
 
@@ -76,47 +76,6 @@ class PeerOutcome:
     approved: bool  # its payload went into this window's aggregate
     gate_passed: bool | None  # it passed the score gate (None: not evaluated)
     reward: float  # what it earned this window
-
-
-class OptionalGauge(Collector):
-    """An unlabelled gauge that is absent until set (and after :meth:`clear`); a NaN that
-    was measured (a diverged loss) is exported as NaN."""
-
-    def __init__(self, name: str, documentation: str, registry: CollectorRegistry) -> None:
-        self.name = name
-        self.documentation = documentation
-        self._value: float | None = None
-        self._function: Callable[[], float | None] | None = None
-        self._lock = threading.Lock()
-        registry.register(self)
-
-    def set(self, value: float) -> None:
-        with self._lock:
-            self._value = float(value)
-
-    def set_function(self, function: Callable[[], float | None]) -> None:
-        """Computed at scrape time; ``None`` or NaN means absent."""
-        self._function = function
-
-    def clear(self) -> None:
-        with self._lock:
-            self._value = None
-
-    def value(self) -> float | None:
-        if self._function is not None:
-            return self._function()
-        with self._lock:
-            return self._value
-
-    def describe(self) -> Iterator[GaugeMetricFamily]:
-        yield GaugeMetricFamily(self.name, self.documentation)
-
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        family = GaugeMetricFamily(self.name, self.documentation)
-        value = self.value()
-        if value is not None:
-            family.add_metric([], value)
-        yield family
 
 
 class _StateCollector(Collector):
