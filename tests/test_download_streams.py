@@ -65,21 +65,26 @@ class Origin:
     def cpu_seconds(self) -> float:
         return (self.loop.time() - self.started) * self.busy * 2  # on 2 cores
 
+    def streams(self, items: int, *, interval_s: float = 0.1, **options: float) -> AdaptiveStreams:
+        """Streams over ``items`` work items of this origin: 4 to start, at most 64."""
+        return AdaptiveStreams(
+            deque(range(items)),
+            self.run,
+            take=self.take,
+            max_streams=64,
+            bytes_done=lambda: self.done_bytes,
+            initial_streams=4,
+            interval_s=interval_s,
+            cpu_seconds=self.cpu_seconds,
+            cores=2,
+            **options,
+        )
+
 
 async def test_a_per_connection_limit_gets_every_stream_one_request_each():
     origin = Origin(seconds=0.01)
-    streams = AdaptiveStreams(
-        deque(range(1500)),
-        origin.run,
-        take=origin.take,
-        max_streams=64,
-        bytes_done=lambda: origin.done_bytes,
-        initial_streams=4,
-        interval_s=0.1,
-        min_gain=1.1,  # a loaded test machine's timers jitter; the origin is linear
-        cpu_seconds=origin.cpu_seconds,
-        cores=2,
-    )
+    # min_gain 1.1: a loaded test machine's timers jitter; the origin is linear
+    streams = origin.streams(1500, min_gain=1.1)
     await streams.run()
     assert streams.peak_streams == 64 and not streams.settled
     assert all(len(unit) == 1 for unit in origin.taken)  # capped, not settled: no runs
@@ -89,34 +94,14 @@ async def test_streams_slow_to_start_get_one_more_interval_to_show_their_gain():
     # the first streams are connected at once, later ones take 1.5 intervals: the
     # interval right after a growth shows no gain, the next one the whole of it
     origin = Origin(seconds=0.01, warmup_s=0.15, prompt=4)
-    streams = AdaptiveStreams(
-        deque(range(2500)),
-        origin.run,
-        take=origin.take,
-        max_streams=64,
-        bytes_done=lambda: origin.done_bytes,
-        initial_streams=4,
-        interval_s=0.1,
-        cpu_seconds=origin.cpu_seconds,
-        cores=2,
-    )
+    streams = origin.streams(2500)
     await streams.run()
     assert streams.peak_streams == 64 and not streams.settled
 
 
 async def test_busy_cores_stop_the_growth_and_streams_then_take_more_at_once():
     origin = Origin(seconds=0.02, busy=0.9)
-    streams = AdaptiveStreams(
-        deque(range(100)),
-        origin.run,
-        take=origin.take,
-        max_streams=64,
-        bytes_done=lambda: origin.done_bytes,
-        initial_streams=4,
-        interval_s=0.05,
-        cpu_seconds=origin.cpu_seconds,
-        cores=2,
-    )
+    streams = origin.streams(100, interval_s=0.05)
     await streams.run()
     assert streams.peak_streams == 4 and streams.settled
     assert max(len(unit) for unit in origin.taken) > 1
