@@ -160,6 +160,11 @@ class FaultProxy:
         self.faults.append(fault)
         return fault
 
+    @property
+    def open_connections(self) -> int:
+        """Client connections still being served."""
+        return len(self._handlers)
+
     async def __aenter__(self) -> FaultProxy:
         self._server = await asyncio.start_server(self._on_connect, "127.0.0.1", 0)
         port = self._server.sockets[0].getsockname()[1]

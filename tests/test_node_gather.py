@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 
 import pytest
 import torch
+from conftest import moto_bucket_config
+from fault_proxy import FaultProxy
 from safetensors.torch import load as safetensors_load
 
 from tplr.comms.retry import RetryPolicy
 from tplr.comms.stores.local import LocalStore
+from tplr.comms.stores.s3 import S3Store
 from tplr.node.network.directory import UnknownPeer
 from tplr.node.network.gather import PayloadFetcher, check_reveals, validate_all
 from tplr.node.network.prefixed_store import PrefixedStore
@@ -154,6 +158,35 @@ async def test_any_failure_on_one_peer_is_that_peers_rejection(tmp_path):
     # validation: an expectation missing for a payload (a bug of ours) is its rejection too
     validated = validate_all(outcome.fetched, SCHEMA, {})
     assert validated.rejected == {1: "internal_error"} and not validated.valid
+
+
+async def test_a_peer_that_trickles_its_payload_is_cut_at_the_deadline(s3_server, bucket):
+    """A hostile peer's bucket sends its payload at 64 KiB/s (1 MiB: 16 s), never slow
+    enough for a read timeout. The peer deadline cuts it: the receiving thread is woken by
+    the aborted socket, its connection closes, and the honest peer is fetched meanwhile."""
+    config = moto_bucket_config(s3_server, bucket)
+    async with (
+        FaultProxy(s3_server, rate_bytes_per_s=64 * 1024) as trickle,
+        S3Store(config, max_connections=4) as honest,
+        S3Store(config.model_copy(update={"endpoint_url": trickle.url})) as hostile,
+    ):
+        await honest.put(payload_key(WINDOW, 1), os.urandom(1024 * 1024))
+        await honest.put(payload_key(WINDOW, 2), payload_bytes(2))
+        fetcher = PayloadFetcher(
+            MapDirectory({1: hostile, 2: honest}),
+            GatherConfig(timeout_s=1.0),
+            RetryPolicy(max_attempts=2, base_delay_s=0.01),
+        )
+        started = time.monotonic()
+        outcome = await fetcher.fetch(WINDOW, [1, 2], max_bytes=2 * 1024 * 1024)
+        assert time.monotonic() - started < 3.0
+        assert sorted(outcome.fetched) == [2] and outcome.failures == {1: "timeout"}
+        assert trickle.stats.gets()  # it did go through the trickling bucket
+        deadline = time.monotonic() + 3.0
+        while trickle.open_connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert trickle.open_connections == 0  # nothing keeps receiving after the deadline
+        assert trickle.stats.body_bytes_sent < 512 * 1024
 
 
 def windows_at(now_s: float) -> WindowClock:
