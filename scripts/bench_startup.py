@@ -18,8 +18,8 @@ prints the medians and tplr / s5cmd:
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -55,9 +55,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/tplr-bench-startup"))
     args = parser.parse_args()
-    for tool in (S5CMD, NGINX, "curl"):
-        if subprocess.run(["which", tool], capture_output=True).returncode != 0:
-            raise SystemExit(f"the benchmark needs {tool} (see scripts/bench_download.py)")
+    missing = [tool for tool in (S5CMD, NGINX, "curl") if shutil.which(tool) is None]
+    if missing:
+        raise SystemExit(f"the benchmark needs {', '.join(missing)} (see bench_download.py)")
     www = args.workdir / "www"
     source = www / BUCKET / KEY
     source.parent.mkdir(parents=True, exist_ok=True)
@@ -68,12 +68,13 @@ def main() -> int:
     env = child_env()
     times: dict[str, list[float]] = {}
     with nginx(www, args.workdir / "nginx", 1 << 20) as (port, _):
-        names = list(commands(port, dest))
+        contenders = commands(port, dest)
+        names = list(contenders)
         for round_no in range(args.rounds):
             shift = round_no % len(names)
             for name in names[shift:] + names[:shift]:
                 dest.unlink(missing_ok=True)
-                seconds, _ = run_child(commands(port, dest)[name], env)
+                seconds, _ = run_child(contenders[name], env)
                 if name != "python" and dest.read_bytes() != b"x":
                     raise SystemExit(f"{name} fetched the wrong bytes")
                 times.setdefault(name, []).append(seconds)
